@@ -1,0 +1,3 @@
+"""flaxtune: Transformers in JAX/Flax, fine-tuned fully or parameter-efficiently."""
+
+__version__ = "0.1.0"
