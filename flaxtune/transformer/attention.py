@@ -1,0 +1,195 @@
+"""Multi-head attention: self, causal and cross, with grouped-query heads and a KV cache.
+
+Masks and position biases are built once per stack (see ``models.py``) and
+passed in: this module only projects, rotates, caches and mixes. That keeps
+one attention implementation for the encoder, the decoder, cross-attention,
+packed batches and cached decoding.
+
+Shapes: queries ``[b, l, h, d]``, keys/values ``[b, s, kv, d]`` with ``h`` a
+multiple of ``kv``; query head ``i`` reads key/value head ``i // (h // kv)``
+(the grouping Hugging Face's ``repeat_kv`` uses, so GQA checkpoints load as
+they are). ``mask`` is boolean ``[b, 1 | h, l, s]`` (True = may attend) and
+``bias`` float ``[b | 1, h, l, s]``.
+
+**The KV cache** (flax ``cache`` collection, ``decode=True``)::
+
+    self-attention: cached_key, cached_value  [b, max_len, kv, d]
+    cross-attention: cached_key, cached_value [b, src_len, kv, d]
+
+Self-attention writes the current chunk (one token, or a whole prompt when
+prefilling) at ``cache_slot`` and attends over the whole buffer; the stack's
+mask hides unwritten and padded slots. Cross-attention projects the encoder
+output once, on the first decode call that receives it, and later calls pass
+``kv=None`` to reuse the cached projections. A call that finds no cache yet
+only creates it (zeros, sized by its inputs): that is how
+``decoding.init_cache`` obtains the cache's shapes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from flaxtune.transformer.config import TransformerConfig
+from flaxtune.transformer.layers import Dense, _kernel_fan_in_init
+from flaxtune.transformer.positions import apply_rope
+
+Array = jax.Array
+
+
+def dot_product_attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    *,
+    mask: Array | None,
+    bias: Array | None,
+    dtype: Any,
+    float32_logits: bool,
+    dropout: nn.Module | None = None,
+    deterministic: bool = True,
+) -> tuple[Array, Array]:
+    """Returns ``(output [b, l, h, d], weights [b, h, l, s])``."""
+    b, q_len, h, d = q.shape
+    kv = k.shape[2]
+    q = q.reshape(b, q_len, kv, h // kv, d)
+    logit_dtype = jnp.float32 if float32_logits else dtype
+    logits = jnp.einsum("blkgd,bskd->bkgls", q, k, preferred_element_type=logit_dtype).reshape(
+        b, h, l, k.shape[1]
+    )
+    if bias is not None:
+        logits = logits + bias.astype(logits.dtype)
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
+    weights = jax.nn.softmax(logits.astype(logit_dtype), axis=-1)
+    if dropout is not None:
+        weights = dropout(weights, deterministic=deterministic)
+    probs = weights.astype(dtype).reshape(b, kv, h // kv, q_len, k.shape[1])
+    out = jnp.einsum(
+        "bkgls,bskd->blkgd", probs, v.astype(dtype), preferred_element_type=jnp.float32
+    )
+    return out.reshape(b, q_len, h, d).astype(dtype), weights
+
+
+class MultiHeadAttention(nn.Module):
+    """Projections, optional RoPE, optional KV cache, then attention.
+
+    Attributes:
+      config: the model config.
+      is_cross: keys and values come from the encoder output.
+    """
+
+    config: TransformerConfig
+    is_cross: bool = False
+
+    def _dense(self, features: Any, axes: tuple[str, ...], name: str, **kw: Any) -> Dense:
+        cfg = self.config
+        return Dense(
+            features=features,
+            kernel_axes=axes,
+            use_bias=cfg.use_bias,
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
+            peft=cfg.peft,
+            name=name,
+            **kw,
+        )
+
+    @nn.compact
+    def __call__(
+        self,
+        x: Array,
+        kv_input: Array | None = None,
+        *,
+        mask: Array | None = None,
+        bias: Array | None = None,
+        rope: tuple[Array, Array] | None = None,
+        decode: bool = False,
+        cache_slot: Array | None = None,
+        deterministic: bool = True,
+    ) -> Array:
+        cfg = self.config
+        h, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        # T5 folds 1/sqrt(d) into the query initialization instead of the logits.
+        q_scale = 1.0 if cfg.scale_attention_logits else 1.0 / d
+        query = self._dense(
+            (h, d), ("embed", "heads", "kv"), "query", kernel_init=_kernel_fan_in_init(q_scale)
+        )
+        key = self._dense((kv, d), ("embed", "heads", "kv"), "key")
+        value = self._dense((kv, d), ("embed", "heads", "kv"), "value")
+
+        q = query(x, deterministic=deterministic)
+        if self.is_cross:
+            k, v = self._cross_keys_values(key, value, kv_input, decode, deterministic)
+        else:
+            k = key(x, deterministic=deterministic)
+            v = value(x, deterministic=deterministic)
+            if rope is not None:
+                q = apply_rope(q, *rope)
+                k = apply_rope(k, *rope)
+            if decode:
+                k, v = self._update_self_cache(k, v, cache_slot)
+        if cfg.scale_attention_logits:
+            q = q * jnp.asarray(d**-0.5, q.dtype)
+        q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
+        dropout = (
+            nn.Dropout(rate=cfg.attention_dropout_rate) if cfg.attention_dropout_rate else None
+        )
+        out, weights = dot_product_attention(
+            q,
+            k,
+            v,
+            mask=mask,
+            bias=bias,
+            dtype=cfg.dtype,
+            float32_logits=cfg.float32_attention_logits,
+            dropout=dropout,
+            deterministic=deterministic,
+        )
+        # Kept for inspection (attention heatmaps): capture with
+        # ``mutable=["intermediates"]``; costs nothing otherwise.
+        self.sow("intermediates", "attention_weights", weights)
+        out_proj = self._dense(cfg.d_model, ("heads", "kv", "embed"), "out", in_features=2)
+        return out_proj(out, deterministic=deterministic)
+
+    def _update_self_cache(self, k: Array, v: Array, slot: Array | None) -> tuple[Array, Array]:
+        """Writes this chunk's keys/values at ``slot``; returns the whole buffer."""
+        initialized = self.has_variable("cache", "cached_key")
+        cached_k = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
+        cached_v = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+        if not initialized:
+            return k, v
+        if slot is None:
+            raise ValueError("decode=True self-attention needs the cache slot to write to.")
+        zero = jnp.zeros((), jnp.int32)
+        start = (zero, slot.astype(jnp.int32), zero, zero)
+        cached_k.value = jax.lax.dynamic_update_slice(
+            cached_k.value, k.astype(cached_k.value.dtype), start
+        )
+        cached_v.value = jax.lax.dynamic_update_slice(
+            cached_v.value, v.astype(cached_v.value.dtype), start
+        )
+        return cached_k.value, cached_v.value
+
+    def _cross_keys_values(
+        self, key: Dense, value: Dense, kv_input: Array | None, decode: bool, deterministic: bool
+    ) -> tuple[Array, Array]:
+        if kv_input is not None:
+            k = key(kv_input, deterministic=deterministic)
+            v = value(kv_input, deterministic=deterministic)
+            if decode:
+                self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype).value = k
+                self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype).value = v
+            return k, v
+        if not (decode and self.has_variable("cache", "cached_key")):
+            raise ValueError(
+                "cross-attention got no encoder output: pass it, or decode=True after a "
+                "first decode call that filled the cross-attention cache."
+            )
+        return (
+            self.get_variable("cache", "cached_key"),
+            self.get_variable("cache", "cached_value"),
+        )

@@ -1,0 +1,432 @@
+"""Autoregressive decoding with the KV cache: greedy, sampling, top-k, top-p, beam search.
+
+Every method is one jit-compiled program: a prefill call (encode the source,
+or run the whole prompt through the decoder) followed by a ``lax.while_loop``
+of single-token steps that stops as soon as every sequence has produced EOS
+(or ``max_new_tokens`` is reached). The model-specific part is two functions,
+``prefill`` and ``step``, built by :func:`_runner` for either model kind::
+
+    prefill(params, inputs)        -> (logits of the first new token [b, vocab], cache)
+    step(params, cache, token, t)  -> (logits of the token after it, cache)
+
+Decoder-only prompts arrive right-padded (the natural batch layout) with their
+lengths; they are moved to the left so that every row's next token goes to the
+same cache slot, with each row's positions starting at 0 at its first real
+token and the padding hidden by the decoder's ``input_mask``.
+
+Scores: greedy and sampling return the model's log-probability of the chosen
+tokens (of the raw distribution, before temperature/top-k/top-p); beam search
+returns the length-normalized score ``log p / ((5 + n) / 6) ** alpha`` (Wu et
+al., 2016, GNMT), where ``n`` counts generated tokens including EOS. After a
+sequence ends, its remaining tokens are ``pad_id``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from flaxtune.transformer.models import DecoderOnly, EncoderDecoder
+
+Array = jax.Array
+METHODS = ("greedy", "sample", "beam")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DecodeConfig:
+    """How to pick output tokens.
+
+    Attributes:
+      method: ``greedy``, ``sample`` (temperature / top-k / top-p) or ``beam``.
+      max_new_tokens: generated tokens per sequence, EOS included.
+      temperature: logits are divided by it before sampling.
+      top_k: sample among the k most likely tokens (0 = no limit).
+      top_p: sample from the smallest set of tokens whose probability reaches
+        top_p (nucleus sampling; 1.0 = no limit).
+      num_beams: beam width.
+      length_penalty: GNMT alpha; 0 ranks beams by plain log-probability.
+    """
+
+    method: str = "greedy"
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    num_beams: int = 4
+    length_penalty: float = 0.6
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method={self.method!r} is not one of {list(METHODS)}.")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}.")
+        if self.temperature <= 0:
+            raise ValueError(
+                f"temperature must be > 0, got {self.temperature}; use method='greedy' "
+                "for deterministic decoding."
+            )
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}.")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
+        if self.num_beams < 1:
+            raise ValueError(f"num_beams must be >= 1, got {self.num_beams}.")
+
+
+@flax.struct.dataclass
+class GenerationOutput:
+    """``tokens [b, max_new_tokens]``, ``lengths [b]`` (EOS included), ``scores [b]``;
+    beam search also fills ``beams [b, k, max_new_tokens]`` and ``beam_scores [b, k]``."""
+
+    tokens: Array
+    lengths: Array
+    scores: Array
+    beams: Array | None = None
+    beam_scores: Array | None = None
+
+
+# --------------------------------------------------------------------------
+# Model adapters
+# --------------------------------------------------------------------------
+def _zeros_cache(fn: Callable[[], Any]) -> Any:
+    """A cache of zeros with the shapes that the creating call ``fn`` declares."""
+    shapes = jax.eval_shape(fn)
+    return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def _runner(model: nn.Module, max_new_tokens: int):
+    cfg = model.config
+
+    if isinstance(model, EncoderDecoder):
+
+        def prefill(params, inputs, prompt_lengths):
+            del prompt_lengths
+            encoded = model.apply({"params": params}, inputs, method=model.encode)
+            mask = inputs != cfg.pad_id
+            batch = inputs.shape[0]
+            start = jnp.full((batch, 1), cfg.decoder_start_id, jnp.int32)
+            dummy = jnp.zeros((batch, max_new_tokens), jnp.int32)
+            cache = _zeros_cache(
+                lambda: model.apply(
+                    {"params": params},
+                    encoded,
+                    mask,
+                    dummy,
+                    decode=True,
+                    method=model.decode,
+                    mutable=["cache"],
+                )[1]["cache"]
+            )
+            logits, new_vars = model.apply(
+                {"params": params, "cache": cache},
+                encoded,
+                mask,
+                start,
+                decode=True,
+                method=model.decode,
+                mutable=["cache"],
+            )
+            return logits[:, -1], new_vars["cache"], None
+
+        def step(params, cache, token, t, offsets):
+            del t, offsets
+            logits, new_vars = model.apply(
+                {"params": params, "cache": cache},
+                None,
+                None,
+                token[:, None],
+                decode=True,
+                method=model.decode,
+                mutable=["cache"],
+            )
+            return logits[:, -1], new_vars["cache"]
+
+    elif isinstance(model, DecoderOnly):
+
+        def prefill(params, inputs, prompt_lengths):
+            batch, length = inputs.shape
+            if prompt_lengths is None:
+                prompt_lengths = jnp.full((batch,), length, jnp.int32)
+            shift = length - prompt_lengths
+            source = jnp.arange(length)[None, :] - shift[:, None]
+            valid = source >= 0
+            tokens = jnp.where(
+                valid, jnp.take_along_axis(inputs, jnp.maximum(source, 0), axis=1), cfg.pad_id
+            )
+            positions = jnp.maximum(source, 0).astype(jnp.int32)
+            dummy = jnp.zeros((batch, length + max_new_tokens), jnp.int32)
+            cache = _zeros_cache(
+                lambda: model.apply({"params": params}, dummy, decode=True, mutable=["cache"])[1][
+                    "cache"
+                ]
+            )
+            logits, new_vars = model.apply(
+                {"params": params, "cache": cache},
+                tokens,
+                decoder_positions=positions,
+                input_mask=valid,
+                decode=True,
+                mutable=["cache"],
+            )
+            return logits[:, -1], new_vars["cache"], prompt_lengths
+
+        def step(params, cache, token, t, offsets):
+            positions = (offsets + t)[:, None].astype(jnp.int32)
+            logits, new_vars = model.apply(
+                {"params": params, "cache": cache},
+                token[:, None],
+                decoder_positions=positions,
+                decode=True,
+                mutable=["cache"],
+            )
+            return logits[:, -1], new_vars["cache"]
+
+    else:
+        raise TypeError(f"cannot decode with a {type(model).__name__}; expected a flaxtune model.")
+    return prefill, step
+
+
+# --------------------------------------------------------------------------
+# Token choice
+# --------------------------------------------------------------------------
+def filter_logits(logits: Array, *, temperature: float, top_k: int, top_p: float) -> Array:
+    """Temperature, then top-k, then top-p; removed tokens get ``-inf``."""
+    logits = logits.astype(jnp.float32) / temperature
+    neg_inf = jnp.asarray(-jnp.inf, logits.dtype)
+    if top_k > 0:
+        kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][..., -1:]
+        logits = jnp.where(logits < kth, neg_inf, logits)
+    if top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        kept = jnp.sum(mass_before < top_p, axis=-1, keepdims=True)  # >= 1
+        cutoff = jnp.take_along_axis(sorted_logits, kept - 1, axis=-1)
+        logits = jnp.where(logits < cutoff, neg_inf, logits)
+    return logits
+
+
+def _choose(logits: Array, rng: Array, config: DecodeConfig) -> tuple[Array, Array]:
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    if config.method == "greedy":
+        token = jnp.argmax(logits, axis=-1)
+    else:
+        filtered = filter_logits(
+            logits, temperature=config.temperature, top_k=config.top_k, top_p=config.top_p
+        )
+        token = jax.random.categorical(rng, filtered, axis=-1)
+    token = token.astype(jnp.int32)
+    return token, jnp.take_along_axis(log_probs, token[:, None], axis=-1)[:, 0]
+
+
+def _sample_loop(prefill, step, params, inputs, prompt_lengths, rng, config, pad_id, eos_id):
+    logits, cache, offsets = prefill(params, inputs, prompt_lengths)
+    batch = logits.shape[0]
+    total = config.max_new_tokens
+
+    def emit(state, logits):
+        t, out, lengths, scores, done, rng = state
+        rng, sub = jax.random.split(rng)
+        token, logp = _choose(logits, sub, config)
+        token = jnp.where(done, pad_id, token)
+        out = out.at[:, t].set(token)
+        scores = scores + jnp.where(done, 0.0, logp)
+        lengths = jnp.where(done, lengths, t + 1)
+        done = done | (token == eos_id)
+        return (t + 1, out, lengths, scores, done, rng), token
+
+    init = (
+        jnp.zeros((), jnp.int32),
+        jnp.full((batch, total), pad_id, jnp.int32),
+        jnp.zeros((batch,), jnp.int32),
+        jnp.zeros((batch,), jnp.float32),
+        jnp.zeros((batch,), bool),
+        rng,
+    )
+    state, token = emit(init, logits)
+
+    def cond(carry):
+        state, _, _ = carry
+        return (state[0] < total) & ~jnp.all(state[4])
+
+    def body(carry):
+        state, token, cache = carry
+        # ``token`` was emitted at step t-1; feed it to get the logits of step t.
+        logits, cache = step(params, cache, token, state[0] - 1, offsets)
+        state, token = emit(state, logits)
+        return state, token, cache
+
+    state, _, _ = jax.lax.while_loop(cond, body, (state, token, cache))
+    _, out, lengths, scores, _, _ = state
+    return GenerationOutput(tokens=out, lengths=lengths, scores=scores)
+
+
+# --------------------------------------------------------------------------
+# Beam search
+# --------------------------------------------------------------------------
+def _length_penalty(length: Array, alpha: float) -> Array:
+    return ((5.0 + length.astype(jnp.float32)) / 6.0) ** alpha
+
+
+def _gather_beams(tree: Any, flat_index: Array, batch_beams: int) -> Any:
+    """Reorders every cache array whose leading axis is batch*beams."""
+
+    def gather(x):
+        if x.ndim and x.shape[0] == batch_beams:
+            return jnp.take(x, flat_index, axis=0)
+        return x
+
+    return jax.tree_util.tree_map(gather, tree)
+
+
+def _beam_search(prefill, step, params, inputs, prompt_lengths, config, pad_id, eos_id):
+    k = config.num_beams
+    total = config.max_new_tokens
+    alpha = config.length_penalty
+    logits, cache, offsets = prefill(params, inputs, prompt_lengths)
+    batch, vocab = logits.shape
+    repeat = lambda x: jnp.repeat(x, k, axis=0) if x.ndim and x.shape[0] == batch else x
+    cache = jax.tree_util.tree_map(repeat, cache)
+    offsets = None if offsets is None else repeat(offsets)
+    logits = repeat(logits)
+    neg_inf = jnp.float32(-jnp.inf)
+
+    state = dict(
+        t=jnp.zeros((), jnp.int32),
+        alive_seq=jnp.full((batch, k, total), pad_id, jnp.int32),
+        # Only beam 0 is live at the start, so the first expansion is not k copies.
+        alive_logp=jnp.tile(jnp.array([0.0] + [-jnp.inf] * (k - 1), jnp.float32), (batch, 1)),
+        fin_seq=jnp.full((batch, k, total), pad_id, jnp.int32),
+        fin_score=jnp.full((batch, k), neg_inf),
+        fin_len=jnp.zeros((batch, k), jnp.int32),
+        done=jnp.zeros((batch,), bool),
+        logits=logits,
+        cache=cache,
+    )
+
+    def cond(s):
+        return (s["t"] < total) & ~jnp.all(s["done"])
+
+    def body(s):
+        t = s["t"]
+        last = t == total - 1
+        log_probs = jax.nn.log_softmax(s["logits"].astype(jnp.float32), axis=-1)
+        cand = s["alive_logp"][:, :, None] + log_probs.reshape(batch, k, vocab)
+        scores, flat = jax.lax.top_k(cand.reshape(batch, k * vocab), 2 * k)
+        beam, token = flat // vocab, (flat % vocab).astype(jnp.int32)
+        seqs = jnp.take_along_axis(s["alive_seq"], beam[:, :, None], axis=1)
+        seqs = seqs.at[:, :, t].set(token)
+        is_eos = token == eos_id
+
+        # Alive: the best k candidates that did not end.
+        alive_scores = jnp.where(is_eos, neg_inf, scores)
+        alive_logp, pick = jax.lax.top_k(alive_scores, k)
+        alive_seq = jnp.take_along_axis(seqs, pick[:, :, None], axis=1)
+        alive_beam = jnp.take_along_axis(beam, pick, axis=1)
+        alive_token = jnp.take_along_axis(token, pick, axis=1)
+
+        # Finished: candidates that emitted EOS while ranked among the top k
+        # (as Hugging Face's beam scorer does; this keeps beam 1 == greedy), and
+        # every candidate at the last step; merged with those finished earlier.
+        in_top_k = jnp.arange(2 * k)[None, :] < k
+        ends = (is_eos & in_top_k) | last
+        fin_new = jnp.where(ends, scores / _length_penalty(t + 1, alpha), neg_inf)
+        all_score = jnp.concatenate([s["fin_score"], fin_new], axis=1)
+        all_seq = jnp.concatenate([s["fin_seq"], seqs], axis=1)
+        all_len = jnp.concatenate([s["fin_len"], jnp.full((batch, 2 * k), t + 1)], axis=1)
+        fin_score, keep = jax.lax.top_k(all_score, k)
+        fin_seq = jnp.take_along_axis(all_seq, keep[:, :, None], axis=1)
+        fin_len = jnp.take_along_axis(all_len, keep, axis=1)
+
+        # A batch row is done when its k finished beams all beat the best score
+        # any alive beam could still reach (at most its current log-probability,
+        # normalized by the largest length penalty it could get).
+        best_possible = alive_logp[:, 0] / _length_penalty(jnp.asarray(total), max(alpha, 0.0))
+        if alpha < 0:
+            best_possible = alive_logp[:, 0]
+        done = s["done"] | (
+            jnp.all(fin_score > neg_inf, axis=1) & (fin_score[:, -1] >= best_possible)
+        )
+
+        flat_index = (jnp.arange(batch)[:, None] * k + alive_beam).reshape(-1)
+        cache = _gather_beams(s["cache"], flat_index, batch * k)
+        logits, cache = step(params, cache, alive_token.reshape(-1), t, offsets)
+        return dict(
+            t=t + 1,
+            alive_seq=alive_seq,
+            alive_logp=alive_logp,
+            fin_seq=fin_seq,
+            fin_score=fin_score,
+            fin_len=fin_len,
+            done=done,
+            logits=logits,
+            cache=cache,
+        )
+
+    s = jax.lax.while_loop(cond, body, state)
+    return GenerationOutput(
+        tokens=s["fin_seq"][:, 0],
+        lengths=s["fin_len"][:, 0],
+        scores=s["fin_score"][:, 0],
+        beams=s["fin_seq"],
+        beam_scores=s["fin_score"],
+    )
+
+
+# --------------------------------------------------------------------------
+# Public entry points
+# --------------------------------------------------------------------------
+@functools.lru_cache(maxsize=64)
+def _compiled(model: nn.Module, config: DecodeConfig):
+    prefill, step = _runner(model, config.max_new_tokens)
+    cfg = model.config
+
+    def run(params, inputs, prompt_lengths, rng):
+        if config.method == "beam":
+            return _beam_search(
+                prefill, step, params, inputs, prompt_lengths, config, cfg.pad_id, cfg.eos_id
+            )
+        return _sample_loop(
+            prefill, step, params, inputs, prompt_lengths, rng, config, cfg.pad_id, cfg.eos_id
+        )
+
+    return jax.jit(run)
+
+
+def generate(
+    model: nn.Module,
+    params: Any,
+    inputs: Array,
+    config: DecodeConfig = DecodeConfig(),
+    *,
+    prompt_lengths: Array | None = None,
+    rng: Array | None = None,
+) -> GenerationOutput:
+    """Generates up to ``config.max_new_tokens`` tokens per row of ``inputs``.
+
+    Args:
+      model: an ``EncoderDecoder`` (``inputs`` = encoder tokens, padded with
+        ``pad_id``) or a ``DecoderOnly`` (``inputs`` = right-padded prompts).
+      params: the model's parameters (the ``params`` collection).
+      inputs: int ``[batch, length]``.
+      config: the decoding method and its settings.
+      prompt_lengths: decoder-only only: real length of each prompt (default:
+        the full width).
+      rng: PRNG key, required for ``method="sample"``.
+    """
+    if config.method == "sample" and rng is None:
+        raise ValueError("method='sample' needs an rng key: pass rng=jax.random.key(seed).")
+    if prompt_lengths is not None and isinstance(model, EncoderDecoder):
+        raise ValueError("prompt_lengths is for decoder-only prompts; encoder inputs use pad_id.")
+    rng = jax.random.key(0) if rng is None else rng
+    inputs = jnp.asarray(inputs, jnp.int32)
+    if prompt_lengths is not None:
+        prompt_lengths = jnp.asarray(prompt_lengths, jnp.int32)
+    return _compiled(model, config)(nn.meta.unbox(params), inputs, prompt_lengths, rng)

@@ -1,0 +1,274 @@
+"""The building blocks: one Dense for every matmul, embeddings, norms, MLPs.
+
+Every matrix multiplication in flaxtune's models goes through :class:`Dense`.
+That single choke point is what makes the rest of the library simple:
+
+* **quantization** swaps the ``kernel`` leaf of the parameter tree for a
+  ``QArray``; Dense sees it and multiplies with the quantized weight, so the
+  module tree is unchanged;
+* **LoRA** (configured through ``TransformerConfig.peft``) adds sibling
+  parameters ``lora_a`` / ``lora_b`` next to ``kernel``: base parameter names
+  never change and pretrained checkpoints load as they are::
+
+      before                       after (LoRA on this Dense)
+      query/kernel [d, h, k]       query/kernel [d, h, k]      (frozen)
+                                   query/lora_a [d, r]         (trainable)
+                                   query/lora_b [r, h, k]      (trainable)
+
+Dense kernels have shape ``in_shape + out_shape`` and contract the trailing
+``len(in_shape)`` axes of the input: ``[d_model] -> [heads, head_dim]`` for a
+query projection, ``[heads, head_dim] -> [d_model]`` for the output one.
+
+Numerics follow the DESIGN contract: parameters are stored in
+``param_dtype``, cast to the compute ``dtype`` at use, and matmuls under a
+16-bit compute dtype accumulate in float32 (``preferred_element_type``), which
+on CPU is also twice as fast as a bf16-accumulating dot. Norms always compute
+in float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from flaxtune.transformer.config import TransformerConfig
+
+Array = jax.Array
+Initializer = Callable[..., Array]
+
+
+def _is_half(dtype: Any) -> bool:
+    return jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def matmul(x: Array, kernel: Array, n_in: int, dtype: Any) -> Array:
+    """``x`` contracted over its last ``n_in`` axes with ``kernel``'s first ones.
+
+    Runs in ``dtype``; 16-bit inputs accumulate in float32 and the result is
+    cast back to ``dtype``.
+    """
+    x = x.astype(dtype)
+    kernel = kernel.astype(dtype)
+    contract_x = tuple(range(x.ndim - n_in, x.ndim))
+    contract_k = tuple(range(n_in))
+    preferred = jnp.float32 if _is_half(dtype) else None
+    y = jax.lax.dot_general(
+        x, kernel, ((contract_x, contract_k), ((), ())), preferred_element_type=preferred
+    )
+    return y.astype(dtype)
+
+
+def _kernel_fan_in_init(scale: float = 1.0, n_in: int = 1) -> Initializer:
+    """Variance scaling over the (possibly several) contraction axes."""
+    return nn.initializers.variance_scaling(
+        scale, "fan_in", "truncated_normal", in_axis=tuple(range(n_in)), out_axis=-1
+    )
+
+
+class Dense(nn.Module):
+    """``y = x @ kernel (+ bias) (+ LoRA delta)`` over trailing input axes.
+
+    Attributes:
+      features: output shape (an int or a tuple for multi-head projections).
+      in_features: number of trailing input axes to contract (1 or 2).
+      kernel_axes: logical axis names of the kernel, ``in_axes + out_axes``.
+      use_bias: add a bias of shape ``features``.
+      dtype / param_dtype: compute and storage dtypes.
+      kernel_init: initializer of the float kernel.
+      peft: the model's PEFT config, or None (LoRA hooks in here).
+    """
+
+    features: int | Sequence[int]
+    kernel_axes: tuple[str, ...]
+    in_features: int = 1
+    use_bias: bool = False
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    kernel_init: Initializer | None = None
+    peft: Any = None
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        return (self.features,) if isinstance(self.features, int) else tuple(self.features)
+
+    def _kernel(self, in_shape: tuple[int, ...]) -> Any:
+        """The kernel parameter: a float array, or a quantized one if stored so.
+
+        A ``QArray`` in the parameter tree replaces the float kernel (its leaf
+        shapes differ from the float kernel's, so it is read directly rather
+        than through ``self.param``'s shape check).
+        """
+        if self.has_variable("params", "kernel"):
+            stored = self.get_variable("params", "kernel")
+            stored = nn.meta.unbox(stored)
+            if _is_qarray(stored):
+                return stored
+        init = self.kernel_init or _kernel_fan_in_init(1.0, len(in_shape))
+        return self.param(
+            "kernel",
+            nn.with_logical_partitioning(init, self.kernel_axes),
+            in_shape + self.out_shape,
+            self.param_dtype,
+        )
+
+    @nn.compact
+    def __call__(self, x: Array, *, deterministic: bool = True) -> Array:
+        n_in = self.in_features
+        in_shape = tuple(x.shape[-n_in:])
+        kernel = self._kernel(in_shape)
+        if _is_qarray(kernel):
+            from flaxtune.quant.qdot import qdot  # quant builds on transformer
+
+            y = qdot(x, kernel, n_in=n_in, compute_dtype=self.dtype)
+        else:
+            y = matmul(x, kernel, n_in, self.dtype)
+        if self.use_bias:
+            bias = self.param(
+                "bias",
+                nn.with_logical_partitioning(nn.initializers.zeros_init(), self.kernel_axes[n_in:]),
+                self.out_shape,
+                self.param_dtype,
+            )
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+def _is_qarray(value: Any) -> bool:
+    # Duck-typed so that this module does not import flaxtune.quant.
+    return hasattr(value, "qtype") and hasattr(value, "scale")
+
+
+class Embed(nn.Module):
+    """Token embedding; ``attend`` reuses it as a tied output projection."""
+
+    num_embeddings: int
+    features: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    embedding_init: Initializer = nn.initializers.normal(stddev=1.0)
+
+    def setup(self) -> None:
+        self.embedding = self.param(
+            "embedding",
+            nn.with_logical_partitioning(self.embedding_init, ("vocab", "embed")),
+            (self.num_embeddings, self.features),
+            self.param_dtype,
+        )
+
+    def __call__(self, ids: Array) -> Array:
+        if not jnp.issubdtype(ids.dtype, jnp.integer):
+            raise TypeError(f"Embed expects integer token ids, got dtype {ids.dtype}.")
+        return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
+
+    def attend(self, x: Array) -> Array:
+        """``x @ embedding.T``: logits over the vocabulary."""
+        return matmul(x, self.embedding.T, 1, self.dtype)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (T5's "LayerNorm", LLaMA's RMSNorm), in float32."""
+
+    eps: float = 1e-6
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        features = x.shape[-1]
+        scale = self.param(
+            "scale",
+            nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+            (features,),
+            self.param_dtype,
+        )
+        x32 = x.astype(jnp.float32)
+        var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+        y = x32 * jax.lax.rsqrt(var + self.eps) * scale.astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+    """Mean-and-variance norm with scale and bias, in float32."""
+
+    eps: float = 1e-6
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        features = x.shape[-1]
+        scale = self.param(
+            "scale",
+            nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+            (features,),
+            self.param_dtype,
+        )
+        bias = self.param(
+            "bias",
+            nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
+            (features,),
+            self.param_dtype,
+        )
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+def make_norm(config: TransformerConfig, name: str) -> nn.Module:
+    cls = RMSNorm if config.norm == "rmsnorm" else LayerNorm
+    return cls(eps=config.norm_eps, dtype=config.dtype, param_dtype=config.param_dtype, name=name)
+
+
+def activation_fn(name: str) -> Callable[[Array], Array]:
+    """The nonlinearity of the feed-forward layer.
+
+    ``gelu`` is the exact (erf) GELU; ``gated-gelu`` uses the tanh
+    approximation, as T5 v1.1 and Flan-T5 were trained with ("gelu_new").
+    """
+    return {
+        "relu": jax.nn.relu,
+        "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+        "gated-gelu": lambda x: jax.nn.gelu(x, approximate=True),
+        "swiglu": jax.nn.silu,
+    }[name]
+
+
+class MLP(nn.Module):
+    """Feed-forward block: ``wo(act(wi(x)))`` or gated ``wo(act(wi_0 x) * wi_1 x)``.
+
+    Gated variants (gated-GELU, SwiGLU) name the activated projection ``wi_0``
+    and the linear one ``wi_1``, as T5 v1.1 does.
+    """
+
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x: Array, *, deterministic: bool = True) -> Array:
+        cfg = self.config
+        dense = lambda features, axes, name: Dense(
+            features=features,
+            kernel_axes=axes,
+            use_bias=cfg.use_bias,
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
+            kernel_init=_kernel_fan_in_init(1.0),
+            peft=cfg.peft,
+            name=name,
+        )
+        act = activation_fn(cfg.activation)
+        if cfg.gated:
+            gate = dense(cfg.d_ff, ("embed", "mlp"), "wi_0")(x, deterministic=deterministic)
+            linear = dense(cfg.d_ff, ("embed", "mlp"), "wi_1")(x, deterministic=deterministic)
+            h = act(gate) * linear
+        else:
+            h = act(dense(cfg.d_ff, ("embed", "mlp"), "wi")(x, deterministic=deterministic))
+        h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
+        h = nn.Dropout(rate=cfg.dropout_rate)(h, deterministic=deterministic)
+        return dense(cfg.d_model, ("mlp", "embed"), "wo")(h, deterministic=deterministic)

@@ -1,0 +1,253 @@
+"""KV-cached decoding: it must equal the full forward pass, and the decoding
+methods must agree where they coincide (beam 1 = greedy = top-k 1)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flaxtune.transformer import DecodeConfig, generate
+from flaxtune.transformer.decoding import _zeros_cache, filter_logits
+from tests.transformer.util import random_tokens, tiny_model
+
+POSITION_VARIANTS = [
+    ("tiny-t5", dict(position_encoding="relative")),
+    ("tiny-t5", dict(position_encoding="sinusoidal", head_dim=8)),
+    ("tiny-t5", dict(position_encoding="learned")),
+    ("tiny-t5", dict(position_encoding="rope", head_dim=6)),
+    ("tiny-llama", dict(position_encoding="rope")),
+    ("tiny-llama", dict(position_encoding="relative")),
+    ("tiny-llama", dict(position_encoding="sinusoidal")),
+    ("tiny-llama", dict(position_encoding="learned")),
+]
+
+
+def cached_logits(config, model, params, enc, dec, chunks):
+    """Runs ``dec`` through the decoder with the KV cache, chunk by chunk."""
+    length = dec.shape[1]
+    if config.is_encoder_decoder:
+        encoded = model.apply({"params": params}, enc, method=model.encode)
+        mask = enc != config.pad_id
+        cache = _zeros_cache(
+            lambda: model.apply(
+                {"params": params},
+                encoded,
+                mask,
+                dec,
+                decode=True,
+                method=model.decode,
+                mutable=["cache"],
+            )[1]["cache"]
+        )
+    else:
+        cache = _zeros_cache(
+            lambda: model.apply({"params": params}, dec, decode=True, mutable=["cache"])[1]["cache"]
+        )
+    outputs, start = [], 0
+    for i, size in enumerate(chunks):
+        piece = dec[:, start : start + size]
+        if config.is_encoder_decoder:
+            first = i == 0
+            logits, state = model.apply(
+                {"params": params, "cache": cache},
+                encoded if first else None,
+                mask if first else None,
+                piece,
+                decode=True,
+                method=model.decode,
+                mutable=["cache"],
+            )
+        else:
+            logits, state = model.apply(
+                {"params": params, "cache": cache}, piece, decode=True, mutable=["cache"]
+            )
+        cache = state["cache"]
+        outputs.append(logits)
+        start += size
+    assert start == length
+    return jnp.concatenate(outputs, axis=1)
+
+
+@pytest.mark.parametrize("name, overrides", POSITION_VARIANTS)
+@pytest.mark.parametrize("chunks", [(1,) * 7, (3, 1, 1, 2)])
+def test_cached_decoding_equals_full_forward(name, overrides, chunks):
+    config, model, params = tiny_model(name, **overrides)
+    rng = np.random.RandomState(0)
+    enc = random_tokens(rng, (2, 6), config.vocab_size).at[1, 4:].set(config.pad_id)
+    dec = random_tokens(rng, (2, 7), config.vocab_size)
+    if config.is_encoder_decoder:
+        full = model.apply({"params": params}, enc, dec)
+    else:
+        full = model.apply({"params": params}, dec)
+    cached = cached_logits(config, model, params, enc, dec, chunks)
+    np.testing.assert_allclose(cached, full, rtol=1e-5, atol=2e-5)
+
+
+def teacher_forced_argmax(config, model, params, inputs, generated, prompt_lengths=None):
+    """Argmax of the full forward pass over the generated sequence."""
+    if config.is_encoder_decoder:
+        start = jnp.full((inputs.shape[0], 1), config.decoder_start_id, jnp.int32)
+        dec = jnp.concatenate([start, generated[:, :-1]], axis=1)
+        return jnp.argmax(model.apply({"params": params}, inputs, dec), -1)
+    rows = []
+    for row in range(inputs.shape[0]):
+        n = int(prompt_lengths[row]) if prompt_lengths is not None else inputs.shape[1]
+        seq = jnp.concatenate([inputs[row : row + 1, :n], generated[row : row + 1]], axis=1)
+        logits = model.apply({"params": params}, seq)[:, n - 1 : -1]
+        rows.append(jnp.argmax(logits, -1))
+    return jnp.concatenate(rows, axis=0)
+
+
+@pytest.mark.parametrize("name, overrides", POSITION_VARIANTS)
+def test_greedy_generation_equals_full_forward_argmax(name, overrides):
+    config, model, params = tiny_model(name, **overrides)
+    rng = np.random.RandomState(1)
+    inputs = random_tokens(rng, (3, 6), config.vocab_size)
+    lengths = None
+    if config.is_encoder_decoder:
+        inputs = inputs.at[2, 3:].set(config.pad_id)
+    else:  # ragged prompts: generation left-aligns them internally
+        lengths = jnp.asarray([6, 2, 4])
+    out = generate(model, params, inputs, DecodeConfig(max_new_tokens=8), prompt_lengths=lengths)
+    assert out.tokens.shape == (3, 8)
+    expected = teacher_forced_argmax(config, model, params, inputs, out.tokens, lengths)
+    generated = np.arange(8)[None] < np.asarray(out.lengths)[:, None]
+    np.testing.assert_array_equal(
+        np.where(generated, out.tokens, -1), np.where(generated, expected, -1)
+    )
+    # After EOS every token is padding.
+    np.testing.assert_array_equal(np.where(generated, 0, out.tokens), 0)
+
+
+@pytest.mark.parametrize("name", ["tiny-t5", "tiny-llama"])
+def test_beam_one_and_top_k_one_equal_greedy(name):
+    config, model, params = tiny_model(name)
+    inputs = random_tokens(np.random.RandomState(2), (4, 5), config.vocab_size)
+    greedy = generate(model, params, inputs, DecodeConfig(max_new_tokens=7))
+    beam = generate(
+        model,
+        params,
+        inputs,
+        DecodeConfig(method="beam", num_beams=1, length_penalty=0.0, max_new_tokens=7),
+    )
+    top1 = generate(
+        model,
+        params,
+        inputs,
+        DecodeConfig(method="sample", top_k=1, max_new_tokens=7),
+        rng=jax.random.key(3),
+    )
+    np.testing.assert_array_equal(beam.tokens, greedy.tokens)
+    np.testing.assert_allclose(beam.scores, greedy.scores, rtol=1e-5)
+    np.testing.assert_array_equal(top1.tokens, greedy.tokens)
+
+
+@pytest.mark.parametrize("name", ["tiny-t5", "tiny-llama"])
+def test_beam_search_finds_sequences_at_least_as_likely_as_greedy(name):
+    config, model, params = tiny_model(name)
+    inputs = random_tokens(np.random.RandomState(4), (3, 5), config.vocab_size)
+    greedy = generate(model, params, inputs, DecodeConfig(max_new_tokens=6))
+    beam = generate(
+        model,
+        params,
+        inputs,
+        DecodeConfig(method="beam", num_beams=4, length_penalty=0.0, max_new_tokens=6),
+    )
+    # With no length penalty, the beam score is the sequence log-probability.
+    assert np.all(np.asarray(beam.scores) >= np.asarray(greedy.scores) - 1e-5)
+    assert beam.beams.shape == (3, 4, 6)
+    assert np.all(np.diff(np.asarray(beam.beam_scores), axis=1) <= 1e-6)  # sorted best first
+    # The returned score is the model's log-probability of the returned tokens.
+    tokens = beam.tokens
+    if config.is_encoder_decoder:
+        start = jnp.zeros((3, 1), jnp.int32)
+        logits = model.apply(
+            {"params": params}, inputs, jnp.concatenate([start, tokens[:, :-1]], 1)
+        )
+    else:
+        logits = model.apply({"params": params}, jnp.concatenate([inputs, tokens], 1))[:, 4:-1]
+    logp = jax.nn.log_softmax(logits, -1)
+    chosen = jnp.take_along_axis(logp, tokens[..., None], -1)[..., 0]
+    valid = jnp.arange(6)[None] < beam.lengths[:, None]
+    np.testing.assert_allclose(jnp.sum(chosen * valid, 1), beam.scores, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["greedy", "sample", "beam"])
+def test_eos_ends_sequences_and_pads_the_rest(method):
+    """A model that always prefers EOS stops after one token, for every method."""
+    config, model, params = tiny_model("tiny-llama")
+    head = params["decoder"]["logits_dense"]["kernel"]
+    params["decoder"]["logits_dense"]["kernel"] = head.at[:, config.eos_id].add(50.0)
+    inputs = random_tokens(np.random.RandomState(5), (2, 4), config.vocab_size)
+    out = generate(
+        model, params, inputs, DecodeConfig(method=method, max_new_tokens=5), rng=jax.random.key(0)
+    )
+    np.testing.assert_array_equal(out.lengths, [1, 1])
+    np.testing.assert_array_equal(out.tokens[:, 0], [config.eos_id] * 2)
+    np.testing.assert_array_equal(out.tokens[:, 1:], config.pad_id)
+
+
+def test_filter_logits_top_k_and_top_p_exact():
+    probs = jnp.asarray([[0.05, 0.5, 0.15, 0.3]])
+    logits = jnp.log(probs)
+    kept = lambda x: np.isfinite(np.asarray(x))[0].tolist()
+    assert kept(filter_logits(logits, temperature=1.0, top_k=2, top_p=1.0)) == [
+        False,
+        True,
+        False,
+        True,
+    ]
+    # Mass before each token in sorted order: 0, .5, .8, .95 -> keep while < 0.8.
+    assert kept(filter_logits(logits, temperature=1.0, top_k=0, top_p=0.8)) == [
+        False,
+        True,
+        False,
+        True,
+    ]
+    assert kept(filter_logits(logits, temperature=1.0, top_k=0, top_p=0.81)) == [
+        False,
+        True,
+        True,
+        True,
+    ]
+    # The most likely token always survives, however small top_p is.
+    assert kept(filter_logits(logits, temperature=1.0, top_k=0, top_p=1e-6)) == [
+        False,
+        True,
+        False,
+        False,
+    ]
+    np.testing.assert_allclose(
+        filter_logits(logits, temperature=2.0, top_k=0, top_p=1.0), logits / 2.0, rtol=1e-6
+    )
+
+
+def test_sampling_follows_the_filtered_distribution():
+    config, model, params = tiny_model("tiny-llama")
+    inputs = jnp.tile(random_tokens(np.random.RandomState(6), (1, 4), config.vocab_size), (512, 1))
+    cfg = DecodeConfig(method="sample", top_k=3, max_new_tokens=1)
+    out = generate(model, params, inputs, cfg, rng=jax.random.key(7))
+    logits = model.apply({"params": params}, inputs[:1])[0, -1]
+    top3 = set(np.argsort(-np.asarray(logits))[:3].tolist())
+    assert set(np.asarray(out.tokens[:, 0]).tolist()) <= top3
+    probs = jax.nn.softmax(filter_logits(logits[None], temperature=1.0, top_k=3, top_p=1.0))[0]
+    best = int(jnp.argmax(logits))
+    freq = float(np.mean(np.asarray(out.tokens[:, 0]) == best))
+    # Binomial(512, p): 5 standard deviations.
+    p = float(probs[best])
+    assert abs(freq - p) < 5 * np.sqrt(p * (1 - p) / 512)
+
+
+def test_decoding_errors_are_clear():
+    _, model, params = tiny_model("tiny-t5")
+    inputs = jnp.ones((1, 3), jnp.int32)
+    with pytest.raises(ValueError, match="needs an rng key"):
+        generate(model, params, inputs, DecodeConfig(method="sample"))
+    with pytest.raises(ValueError, match="prompt_lengths is for decoder-only"):
+        generate(model, params, inputs, prompt_lengths=jnp.ones((1,), jnp.int32))
+    with pytest.raises(ValueError, match="method='nucleus' is not one of"):
+        DecodeConfig(method="nucleus")
+    with pytest.raises(ValueError, match="top_p must be in"):
+        DecodeConfig(top_p=0.0)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        DecodeConfig(method="sample", temperature=0.0)
