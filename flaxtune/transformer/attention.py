@@ -58,7 +58,7 @@ def dot_product_attention(
     q = q.reshape(b, q_len, kv, h // kv, d)
     logit_dtype = jnp.float32 if float32_logits else dtype
     logits = jnp.einsum("blkgd,bskd->bkgls", q, k, preferred_element_type=logit_dtype).reshape(
-        b, h, l, k.shape[1]
+        b, h, q_len, k.shape[1]
     )
     if bias is not None:
         logits = logits + bias.astype(logits.dtype)
