@@ -46,6 +46,8 @@ class DecodeConfig:
     Attributes:
       method: ``greedy``, ``sample`` (temperature / top-k / top-p) or ``beam``.
       max_new_tokens: generated tokens per sequence, EOS included.
+      min_new_tokens: EOS is suppressed before this many tokens (as Hugging
+        Face's ``min_new_tokens``); benchmarks use it to generate fixed lengths.
       temperature: logits are divided by it before sampling.
       top_k: sample among the k most likely tokens (0 = no limit).
       top_p: sample from the smallest set of tokens whose probability reaches
@@ -56,6 +58,7 @@ class DecodeConfig:
 
     method: str = "greedy"
     max_new_tokens: int = 32
+    min_new_tokens: int = 0
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
@@ -67,6 +70,11 @@ class DecodeConfig:
             raise ValueError(f"method={self.method!r} is not one of {list(METHODS)}.")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}.")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(
+                f"min_new_tokens must be in [0, max_new_tokens={self.max_new_tokens}], "
+                f"got {self.min_new_tokens}."
+            )
         if self.temperature <= 0:
             raise ValueError(
                 f"temperature must be > 0, got {self.temperature}; use method='greedy' "
@@ -213,6 +221,14 @@ def filter_logits(logits: Array, *, temperature: float, top_k: int, top_p: float
     return logits
 
 
+def _suppress_eos(logits: Array, t: Array, config: DecodeConfig, eos_id: int) -> Array:
+    """Forbids EOS at step ``t`` while fewer than ``min_new_tokens`` were generated."""
+    if config.min_new_tokens == 0:
+        return logits
+    early = t < config.min_new_tokens
+    return logits.at[..., eos_id].set(jnp.where(early, -jnp.inf, logits[..., eos_id]))
+
+
 def _choose(logits: Array, rng: Array, config: DecodeConfig) -> tuple[Array, Array]:
     log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     if config.method == "greedy":
@@ -234,7 +250,7 @@ def _sample_loop(prefill, step, params, inputs, prompt_lengths, rng, config, pad
     def emit(state, logits):
         t, out, lengths, scores, done, rng = state
         rng, sub = jax.random.split(rng)
-        token, logp = _choose(logits, sub, config)
+        token, logp = _choose(_suppress_eos(logits, t, config, eos_id), sub, config)
         token = jnp.where(done, pad_id, token)
         out = out.at[:, t].set(token)
         scores = scores + jnp.where(done, 0.0, logp)
@@ -317,7 +333,8 @@ def _beam_search(prefill, step, params, inputs, prompt_lengths, config, pad_id, 
     def body(s):
         t = s["t"]
         last = t == total - 1
-        log_probs = jax.nn.log_softmax(s["logits"].astype(jnp.float32), axis=-1)
+        logits = _suppress_eos(s["logits"].astype(jnp.float32), t, config, eos_id)
+        log_probs = jax.nn.log_softmax(logits, axis=-1)
         cand = s["alive_logp"][:, :, None] + log_probs.reshape(batch, k, vocab)
         scores, flat = jax.lax.top_k(cand.reshape(batch, k * vocab), 2 * k)
         beam, token = flat // vocab, (flat % vocab).astype(jnp.int32)

@@ -251,3 +251,20 @@ def test_decoding_errors_are_clear():
         DecodeConfig(top_p=0.0)
     with pytest.raises(ValueError, match="temperature must be > 0"):
         DecodeConfig(method="sample", temperature=0.0)
+
+
+@pytest.mark.parametrize("method", ["greedy", "beam"])
+def test_min_new_tokens_suppresses_early_eos(method):
+    config, model, params = tiny_model("tiny-llama")
+    head = params["decoder"]["logits_dense"]["kernel"]
+    params["decoder"]["logits_dense"]["kernel"] = head.at[:, config.eos_id].add(50.0)
+    inputs = random_tokens(np.random.RandomState(5), (2, 4), config.vocab_size)
+    out = generate(
+        model,
+        params,
+        inputs,
+        DecodeConfig(method=method, max_new_tokens=6, min_new_tokens=3, num_beams=2),
+    )
+    np.testing.assert_array_equal(out.lengths, [4, 4])
+    assert not np.any(np.asarray(out.tokens[:, :3]) == config.eos_id)
+    np.testing.assert_array_equal(out.tokens[:, 3], config.eos_id)

@@ -1,0 +1,109 @@
+"""Timing helpers shared by the benchmark scripts.
+
+Every benchmark prints one JSON object per measurement. Times are wall-clock
+medians over repeated runs after warm-up (compilation excluded), each run
+ending with ``jax.block_until_ready``. Alongside each figure we record how
+busy the rest of the machine was (``other_cores``): on a shared 2-core
+machine a busy neighbour can slow a step several times, so a figure is only
+trusted when ``other_cores`` is small. Ratios against the Hugging Face peer
+(``../shared/bench/peer_hf.py``) are taken from runs made back to back in the
+same invocation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PEER_PYTHON = Path(os.environ.get("FLAXTUNE_PEER_PYTHON", Path.home() / ".venvs/peer/bin/python"))
+PEER_SCRIPT = Path(
+    os.environ.get(
+        "FLAXTUNE_PEER_SCRIPT", Path(__file__).resolve().parents[2] / "shared/bench/peer_hf.py"
+    )
+)
+
+
+def _cpu_snapshot() -> tuple[float, float, float]:
+    with open("/proc/stat") as f:
+        vals = [int(x) for x in f.readline().split()[1:8]]
+    busy = (sum(vals) - vals[3] - vals[4]) / CLK_TCK
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return time.perf_counter(), busy, ru.ru_utime + ru.ru_stime
+
+
+def time_fn(fn: Callable[[], Any], *, warmup: int, steps: int) -> dict[str, Any]:
+    """Median/min wall time of ``fn`` (which must block until its result is ready)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    start = _cpu_snapshot()
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    end = _cpu_snapshot()
+    wall = max(end[0] - start[0], 1e-9)
+    own = end[2] - start[2]
+    return {
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "n_timed": steps,
+        "times_s": [round(t, 5) for t in times],
+        "self_cores": round(own / wall, 3),
+        "other_cores": round(max(0.0, (end[1] - start[1]) - own) / wall, 3),
+    }
+
+
+def environment() -> dict[str, Any]:
+    return {
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "devices": [d.device_kind for d in jax.devices()],
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES", ""),
+    }
+
+
+def emit(record: dict[str, Any]) -> None:
+    print(json.dumps(record, sort_keys=True), flush=True)
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def run_peer(names: list[str], extra_args: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    """Runs the Hugging Face peer benchmark for ``names``; {} if it is not set up.
+
+    The peer needs its own virtual environment (see ``../shared/bench/README.md``);
+    its path can be set with ``FLAXTUNE_PEER_PYTHON``.
+    """
+    if not PEER_PYTHON.exists() or not PEER_SCRIPT.exists():
+        print(
+            f"# peer benchmark skipped: {PEER_PYTHON} or {PEER_SCRIPT} is missing",
+            file=sys.stderr,
+        )
+        return {}
+    out = Path(os.environ.get("TMPDIR", "/tmp")) / f"peer_{os.getpid()}.jsonl"
+    out.unlink(missing_ok=True)
+    cmd = [str(PEER_PYTHON), str(PEER_SCRIPT), "--only", *names, "--out", str(out)]
+    cmd += extra_args or []
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    records = {}
+    for line in out.read_text().splitlines():
+        rec = json.loads(line)
+        records[rec["measurement"]] = rec
+    return records
