@@ -1,0 +1,56 @@
+"""Parameter-efficient fine-tuning: selective, reparameterization and additive methods.
+
+The methods live in the model definition (``TransformerConfig.peft``); this
+package holds their configs, the computations the layers call, and the pure
+functions around them (merge, PiSSA, prompt init, prefix folding, adapter
+I/O, trainability rules).
+"""
+
+from flaxtune.peft.config import (
+    TARGET_PRESETS,
+    AdapterConfig,
+    IA3Config,
+    LoraConfig,
+    PeftConfig,
+    PeftConfigError,
+    PrefixTuningConfig,
+    PromptTuningConfig,
+)
+from flaxtune.peft.io import (
+    AdapterMismatchError,
+    AdapterSet,
+    extract_adapter,
+    insert_adapter,
+    load_adapter,
+    save_adapter,
+)
+from flaxtune.peft.lora import layer_delta, lora_layers, merge, pissa_init, unmerge
+from flaxtune.peft.prompts import fold_prefix, init_prompt
+from flaxtune.peft.selective import format_summary, trainability_rules, trainable_summary
+
+__all__ = [
+    "TARGET_PRESETS",
+    "AdapterConfig",
+    "AdapterMismatchError",
+    "AdapterSet",
+    "IA3Config",
+    "LoraConfig",
+    "PeftConfig",
+    "PeftConfigError",
+    "PrefixTuningConfig",
+    "PromptTuningConfig",
+    "extract_adapter",
+    "fold_prefix",
+    "format_summary",
+    "init_prompt",
+    "insert_adapter",
+    "layer_delta",
+    "load_adapter",
+    "lora_layers",
+    "merge",
+    "pissa_init",
+    "save_adapter",
+    "trainability_rules",
+    "trainable_summary",
+    "unmerge",
+]

@@ -33,6 +33,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flaxtune.peft import modules as peft_modules
 from flaxtune.transformer.config import TransformerConfig
 from flaxtune.transformer.layers import Dense, _kernel_fan_in_init
 from flaxtune.transformer.positions import apply_rope
@@ -125,13 +126,15 @@ class MultiHeadAttention(nn.Module):
         if self.is_cross:
             k, v = self._cross_keys_values(key, value, kv_input, decode, deterministic)
         else:
-            k = key(x, deterministic=deterministic)
-            v = value(x, deterministic=deterministic)
+            k, v = self._ia3(key(x, deterministic=deterministic),
+                             value(x, deterministic=deterministic))
             if rope is not None:
                 q = apply_rope(q, *rope)
                 k = apply_rope(k, *rope)
             if decode:
                 k, v = self._update_self_cache(k, v, cache_slot)
+        if cfg.peft is not None and cfg.peft.prefix_tuning is not None:
+            k, v, mask, bias = self._prepend_prefix(k, v, mask, bias)
         if cfg.scale_attention_logits:
             q = q * jnp.asarray(d**-0.5, q.dtype)
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
@@ -154,6 +157,35 @@ class MultiHeadAttention(nn.Module):
         self.sow("intermediates", "attention_weights", weights)
         out_proj = self._dense(cfg.d_model, ("heads", "kv", "embed"), "out", in_features=2)
         return out_proj(out, deterministic=deterministic)
+
+    def _ia3(self, k: Array, v: Array) -> tuple[Array, Array]:
+        """(IA)^3 rescales keys and values right after their projections."""
+        ia3 = self.config.peft.ia3 if self.config.peft is not None else None
+        if ia3 is not None and ia3.keys:
+            k = peft_modules.ia3_scale(self, "ia3_key", k, ("heads", "kv"))
+        if ia3 is not None and ia3.values:
+            v = peft_modules.ia3_scale(self, "ia3_value", v, ("heads", "kv"))
+        return k, v
+
+    def _prepend_prefix(self, k, v, mask, bias):
+        """Prefix tuning: learned keys/values in front of the real ones.
+
+        Every query may attend to them (they carry no position, so no
+        relative bias), in every mode: they are parameters, never cached.
+        """
+        cfg = self.config
+        pk, pv = peft_modules.prefix_keys_values(
+            self, cfg.peft.prefix_tuning, kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+            d_model=cfg.d_model, dtype=k.dtype,
+        )
+        b, n = k.shape[0], pk.shape[0]
+        k = jnp.concatenate([jnp.broadcast_to(pk, (b, *pk.shape)), k], axis=1)
+        v = jnp.concatenate([jnp.broadcast_to(pv.astype(v.dtype), (b, *pv.shape)), v], axis=1)
+        if mask is not None:
+            mask = jnp.concatenate([jnp.ones((*mask.shape[:3], n), bool), mask], axis=-1)
+        if bias is not None:
+            bias = jnp.concatenate([jnp.zeros((*bias.shape[:3], n), bias.dtype), bias], axis=-1)
+        return k, v, mask, bias
 
     def _update_self_cache(self, k: Array, v: Array, slot: Array | None) -> tuple[Array, Array]:
         """Writes this chunk's keys/values at ``slot``; returns the whole buffer."""
@@ -178,8 +210,8 @@ class MultiHeadAttention(nn.Module):
         self, key: Dense, value: Dense, kv_input: Array | None, decode: bool, deterministic: bool
     ) -> tuple[Array, Array]:
         if kv_input is not None:
-            k = key(kv_input, deterministic=deterministic)
-            v = value(kv_input, deterministic=deterministic)
+            k, v = self._ia3(key(kv_input, deterministic=deterministic),
+                             value(kv_input, deterministic=deterministic))
             if decode:
                 self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype).value = k
                 self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype).value = v

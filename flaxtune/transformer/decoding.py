@@ -33,7 +33,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from flaxtune.transformer.models import DecoderOnly, EncoderDecoder
+from flaxtune.transformer.models import DecoderOnly, EncoderDecoder, encoder_mask
 
 Array = jax.Array
 METHODS = ("greedy", "sample", "beam")
@@ -117,7 +117,7 @@ def _runner(model: nn.Module, max_new_tokens: int):
         def prefill(params, inputs, prompt_lengths):
             del prompt_lengths
             encoded = model.apply({"params": params}, inputs, method=model.encode)
-            mask = inputs != cfg.pad_id
+            mask = encoder_mask(cfg, inputs)
             batch = inputs.shape[0]
             start = jnp.full((batch, 1), cfg.decoder_start_id, jnp.int32)
             dummy = jnp.zeros((batch, max_new_tokens), jnp.int32)
@@ -192,6 +192,7 @@ def _runner(model: nn.Module, max_new_tokens: int):
                 token[:, None],
                 decoder_positions=positions,
                 decode=True,
+                prepend_prompt=False,
                 mutable=["cache"],
             )
             return logits[:, -1], new_vars["cache"]

@@ -35,6 +35,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flaxtune.peft import modules as peft_modules
 from flaxtune.transformer.config import TransformerConfig
 
 Array = jax.Array
@@ -126,6 +127,21 @@ class Dense(nn.Module):
             y = qdot(x, kernel, n_in=n_in, compute_dtype=self.dtype)
         else:
             y = matmul(x, kernel, n_in, self.dtype)
+        lora = self.peft.lora_for(self.path) if self.peft is not None else None
+        if lora is not None:
+            y = peft_modules.lora(
+                self,
+                x,
+                y,
+                kernel,
+                config=lora,
+                path="/".join(self.path),
+                n_in=n_in,
+                out_shape=self.out_shape,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                deterministic=deterministic,
+            )
         if self.use_bias:
             bias = self.param(
                 "bias",
@@ -269,6 +285,8 @@ class MLP(nn.Module):
             h = act(gate) * linear
         else:
             h = act(dense(cfg.d_ff, ("embed", "mlp"), "wi")(x, deterministic=deterministic))
+        if cfg.peft is not None and cfg.peft.ia3 is not None and cfg.peft.ia3.mlp:
+            h = peft_modules.ia3_scale(self, "ia3_mlp", h, ("mlp",))
         h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
         h = nn.Dropout(rate=cfg.dropout_rate)(h, deterministic=deterministic)
         return dense(cfg.d_model, ("mlp", "embed"), "wo")(h, deterministic=deterministic)

@@ -34,6 +34,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flaxtune.peft.modules import BottleneckAdapter, PromptEmbedding
 from flaxtune.transformer.attention import MultiHeadAttention
 from flaxtune.transformer.config import TransformerConfig
 from flaxtune.transformer.layers import MLP, Dense, Embed, make_norm
@@ -67,9 +68,17 @@ class EncoderLayer(nn.Module):
         def attend(h):
             return attention(h, mask=mask, bias=bias, rope=rope, deterministic=deterministic)
 
-        x = _residual(cfg, x, attend, attention_norm, drop, deterministic)
         x = _residual(
-            cfg, x, lambda h: mlp(h, deterministic=deterministic), mlp_norm, drop, deterministic
+            cfg, x, attend, attention_norm, drop, deterministic, _adapter(cfg, "attention")
+        )
+        x = _residual(
+            cfg,
+            x,
+            lambda h: mlp(h, deterministic=deterministic),
+            mlp_norm,
+            drop,
+            deterministic,
+            _adapter(cfg, "mlp"),
         )
         return nn.with_logical_constraint(x, ACT_AXES)
 
@@ -97,7 +106,15 @@ class DecoderLayer(nn.Module):
                 deterministic=deterministic,
             )
 
-        x = _residual(cfg, x, self_attend, make_norm(cfg, "attention_norm"), drop, deterministic)
+        x = _residual(
+            cfg,
+            x,
+            self_attend,
+            make_norm(cfg, "attention_norm"),
+            drop,
+            deterministic,
+            _adapter(cfg, "attention"),
+        )
         if self.has_cross_attention:
             cross = MultiHeadAttention(cfg, is_cross=True, name="cross_attention")
 
@@ -117,15 +134,71 @@ class DecoderLayer(nn.Module):
             make_norm(cfg, "mlp_norm"),
             drop,
             deterministic,
+            _adapter(cfg, "mlp"),
         )
         return nn.with_logical_constraint(x, ACT_AXES)
 
 
-def _residual(cfg, x, sublayer, norm, drop, deterministic) -> Array:
-    """Pre-norm ``x + f(norm(x))`` or post-norm ``norm(x + f(x))``."""
+def _residual(cfg, x, sublayer, norm, drop, deterministic, adapter=None) -> Array:
+    """Pre-norm ``x + f(norm(x))`` or post-norm ``norm(x + f(x))``.
+
+    A bottleneck adapter, when present, transforms the sub-layer's output
+    before the residual addition (Houlsby et al. 2019, figure 2).
+    """
     if cfg.norm_position == "pre":
-        return x + drop(sublayer(norm(x)), deterministic=deterministic)
-    return norm(x + drop(sublayer(x), deterministic=deterministic))
+        h = sublayer(norm(x))
+        h = h if adapter is None else adapter(h)
+        return x + drop(h, deterministic=deterministic)
+    h = sublayer(x)
+    h = h if adapter is None else adapter(h)
+    return norm(x + drop(h, deterministic=deterministic))
+
+
+def _adapter(cfg: TransformerConfig, where: str) -> BottleneckAdapter | None:
+    """The bottleneck adapter after the ``attention`` or ``mlp`` sub-layer, if any."""
+    adapters = cfg.peft.adapters if cfg.peft is not None else None
+    if adapters is None or (where == "attention" and adapters.kind == "pfeiffer"):
+        return None
+    return BottleneckAdapter(adapters, cfg.dtype, cfg.param_dtype, name=f"adapter_{where}")
+
+
+def prompt_length(cfg: TransformerConfig, stack: str) -> int:
+    """Soft-prompt tokens prepended in ``stack`` ("encoder" or "decoder").
+
+    Prompt tuning feeds the encoder of an encoder-decoder and the decoder of
+    a decoder-only model.
+    """
+    prompt = cfg.peft.prompt_tuning if cfg.peft is not None else None
+    if prompt is None or (stack == "encoder") != cfg.is_encoder_decoder:
+        return 0
+    return prompt.num_virtual_tokens
+
+
+def encoder_mask(
+    cfg: TransformerConfig, tokens: Array, segment_ids: Array | None = None
+) -> Array:
+    """Which encoder outputs are real: not padding, plus any soft-prompt tokens."""
+    valid = tokens != cfg.pad_id if segment_ids is None else segment_ids > 0
+    n = prompt_length(cfg, "encoder")
+    if n:
+        valid = jnp.concatenate([jnp.ones((tokens.shape[0], n), bool), valid], axis=1)
+    return valid
+
+
+def _with_prompt_positions(positions: Array, n: int, offset: bool = True) -> Array:
+    """Positions ``0..n-1`` for the prompt, then the real ones (shifted by n)."""
+    if not n:
+        return positions
+    prompt = jnp.broadcast_to(jnp.arange(n, dtype=positions.dtype), (positions.shape[0], n))
+    return jnp.concatenate([prompt, positions + n if offset else positions], axis=1)
+
+
+def _check_prompt_unpacked(n: int, segment_ids: Array | None) -> None:
+    if n and segment_ids is not None:
+        raise ValueError(
+            "prompt tuning prepends one soft prompt per row, so it cannot run on packed "
+            "sequences: turn packing off in the data config."
+        )
 
 
 class _Stack(nn.Module):
@@ -134,11 +207,18 @@ class _Stack(nn.Module):
     config: TransformerConfig
     embed: Embed
 
-    def embed_tokens(self, tokens: Array, positions: Array, deterministic: bool) -> Array:
+    def embed_tokens(
+        self, tokens: Array, positions: Array, deterministic: bool, num_prompt: int = 0
+    ) -> Array:
+        """Token embeddings, after ``num_prompt`` soft-prompt vectors if any,
+        plus absolute position encodings (``positions`` covers both)."""
         cfg = self.config
         x = self.embed(tokens)
         if cfg.scale_embeddings:
             x = x * jnp.asarray(cfg.d_model**0.5, x.dtype)
+        if num_prompt:
+            prompt = PromptEmbedding(num_prompt, cfg.d_model, cfg.dtype, name="prompt")
+            x = jnp.concatenate([prompt(x.shape[0]), x], axis=1)
         if cfg.position_encoding == "sinusoidal":
             x = x + sinusoidal_encoding(positions, cfg.d_model).astype(x.dtype)
         elif cfg.position_encoding == "learned":
@@ -186,14 +266,17 @@ class Encoder(_Stack):
         deterministic: bool = True,
     ) -> Array:
         cfg = self.config
+        n = prompt_length(cfg, "encoder")
+        _check_prompt_unpacked(n, segment_ids)
         positions = default_positions(tokens) if positions is None else positions
-        valid = tokens != cfg.pad_id if segment_ids is None else segment_ids > 0
+        positions = _with_prompt_positions(positions, n)
+        valid = encoder_mask(cfg, tokens, segment_ids)
         mask = valid[:, None, None, :]
         if segment_ids is not None:
             mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
         bias = self.relative_bias(positions, positions, bidirectional=True)
         rope = self.rope(positions)
-        x = self.embed_tokens(tokens, positions, deterministic)
+        x = self.embed_tokens(tokens, positions, deterministic, n)
         for i in range(cfg.num_encoder_layers):
             x = EncoderLayer(cfg, name=f"layers_{i}")(
                 x, mask=mask, bias=bias, rope=rope, deterministic=deterministic
@@ -216,19 +299,30 @@ class Decoder(_Stack):
         positions: Array | None = None,
         input_mask: Array | None = None,
         decode: bool = False,
+        prepend_prompt: bool = True,
         deterministic: bool = True,
     ) -> Array:
         cfg = self.config
-        batch, length = tokens.shape
+        # Prompt tuning of a decoder-only model: the virtual tokens come first.
+        # Explicit positions count real tokens, so they shift past the prompt.
+        shift = prompt_length(cfg, "decoder")
+        n = shift if prepend_prompt else 0
+        _check_prompt_unpacked(n, segment_ids)
+        if positions is not None:
+            positions = _with_prompt_positions(positions + shift, n, offset=False)
+        if n and input_mask is not None:
+            input_mask = jnp.concatenate([jnp.ones((tokens.shape[0], n), bool), input_mask], 1)
+        batch, length = tokens.shape[0], tokens.shape[1] + n
         cache_slot = None
         if decode and self.has_variable("cache", "index"):
             mask, key_positions, positions, cache_slot = self._advance_cache(
-                tokens, positions, input_mask
+                batch, length, positions, input_mask
             )
         else:
             if decode:  # first call: create the bookkeeping variables, sized by the inputs
                 self._create_cache(batch, length)
-            positions = default_positions(tokens) if positions is None else positions
+            if positions is None:
+                positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
             key_positions = positions
             causal = jnp.tril(jnp.ones((length, length), bool))
             mask = jnp.broadcast_to(causal, (batch, 1, length, length))
@@ -243,7 +337,7 @@ class Decoder(_Stack):
         )
         bias = self.relative_bias(positions, key_positions, bidirectional=False)
         rope = self.rope(positions)
-        x = self.embed_tokens(tokens, positions, deterministic)
+        x = self.embed_tokens(tokens, positions, deterministic, n)
         for i in range(cfg.num_decoder_layers):
             x = DecoderLayer(cfg, self.has_cross_attention, name=f"layers_{i}")(
                 x,
@@ -257,7 +351,7 @@ class Decoder(_Stack):
                 deterministic=deterministic,
             )
         x = self.final(x, deterministic)
-        return self.logits(x)
+        return self.logits(x[:, n:])
 
     def logits(self, x: Array) -> Array:
         cfg = self.config
@@ -282,9 +376,8 @@ class Decoder(_Stack):
         self.variable("cache", "valid", lambda: jnp.zeros((batch, max_length), bool))
         self.variable("cache", "positions", lambda: jnp.zeros((batch, max_length), jnp.int32))
 
-    def _advance_cache(self, tokens, positions, input_mask):
-        """Registers a chunk of ``tokens`` at the write index; returns its masks."""
-        batch, length = tokens.shape
+    def _advance_cache(self, batch, length, positions, input_mask):
+        """Registers a chunk of ``length`` tokens at the write index; returns its masks."""
         index = self.variable("cache", "index")
         valid = self.variable("cache", "valid")
         cached_positions = self.variable("cache", "positions")
@@ -353,10 +446,10 @@ class EncoderDecoder(nn.Module):
         self.encoder = Encoder(cfg, self.token_embed)
         self.decoder = Decoder(cfg, self.token_embed, has_cross_attention=True)
 
-    def encoder_mask(self, encoder_input_tokens: Array, encoder_segment_ids: Array | None = None):
-        if encoder_segment_ids is not None:
-            return encoder_segment_ids > 0
-        return encoder_input_tokens != self.config.pad_id
+    def encoder_mask(
+        self, encoder_input_tokens: Array, encoder_segment_ids: Array | None = None
+    ) -> Array:
+        return encoder_mask(self.config, encoder_input_tokens, encoder_segment_ids)
 
     def encode(
         self,
@@ -447,14 +540,22 @@ class DecoderOnly(nn.Module):
         decoder_positions: Array | None = None,
         input_mask: Array | None = None,
         decode: bool = False,
+        prepend_prompt: bool = True,
         deterministic: bool = True,
     ) -> Array:
+        """Logits for ``decoder_input_tokens``.
+
+        ``prepend_prompt`` matters only under prompt tuning with the KV cache:
+        the soft prompt enters the cache with the first chunk, so later decode
+        calls pass False.
+        """
         return self.decoder(
             decoder_input_tokens,
             segment_ids=decoder_segment_ids,
             positions=decoder_positions,
             input_mask=input_mask,
             decode=decode,
+            prepend_prompt=prepend_prompt,
             deterministic=deterministic,
         )
 

@@ -1,0 +1,237 @@
+"""The computations the PEFT methods add inside a model's layers.
+
+These functions run inside the Transformer's modules (``Dense``, ``MLP``,
+``MultiHeadAttention``, the stacks) and create their parameters there, as
+siblings of the base parameters. The Transformer code calls them explicitly
+where a method acts, so reading a layer tells you what it computes:
+
+* ``lora`` — in ``Dense``: ``y = x @ W + scaling * (dropout(x) @ A) @ B``;
+  with DoRA, ``y = (x @ W') * m / ||W'||`` where ``W' = W + scaling * A @ B``
+  and the column norm is treated as a constant in the backward pass (as in
+  the DoRA paper, section 4.3, which saves the memory of its gradient);
+* ``BottleneckAdapter`` — on a sub-layer's output before the residual add;
+* ``ia3_scale`` — multiplies keys, values or the FFN hidden activation;
+* ``PromptEmbedding`` / ``prefix_keys_values`` — the soft prompts.
+
+This module imports nothing from ``flaxtune.transformer`` (the Transformer
+imports it), so it does its own dtype handling: parameters in
+``param_dtype``, products in the compute dtype, 16-bit products accumulated
+in float32.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from flaxtune.peft.config import AdapterConfig, LoraConfig, PrefixTuningConfig
+
+Array = jax.Array
+
+
+def _dot(x: Array, w: Array, n_in: int, dtype: Any) -> Array:
+    """``x`` contracted over its last ``n_in`` axes with the first ones of ``w``."""
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    y = jax.lax.dot_general(
+        x.astype(dtype),
+        w.astype(dtype),
+        ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())),
+        preferred_element_type=jnp.float32 if half else None,
+    )
+    return y.astype(dtype)
+
+
+def _kaiming_uniform_a(key, shape, dtype):
+    # torch.nn.init.kaiming_uniform_(a=sqrt(5)) on a [r, in] matrix, which is
+    # what Hugging Face PEFT uses for A: bound = 1 / sqrt(in).
+    bound = 1.0 / math.sqrt(shape[0])
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def lora(
+    module: nn.Module,
+    x: Array,
+    y: Array,
+    kernel: Any,
+    *,
+    config: LoraConfig,
+    path: str,
+    n_in: int,
+    out_shape: tuple[int, ...],
+    dtype: Any,
+    param_dtype: Any,
+    deterministic: bool,
+) -> Array:
+    """Adds the LoRA (or DoRA) update to ``y = x @ kernel``.
+
+    Parameters (created in ``module``): ``lora_a [in_flat, r]`` and
+    ``lora_b [r, *out_shape]``; with DoRA also ``lora_magnitude [*out_shape]``.
+    """
+    in_shape = x.shape[-n_in:]
+    in_flat = math.prod(in_shape)
+    rank, _ = config.rank_alpha(path)
+    out_flat = math.prod(out_shape)
+    if rank > min(in_flat, out_flat):
+        raise ValueError(
+            f"LoRA rank {rank} on {path} exceeds the layer's size ({in_flat} -> {out_flat}); "
+            "use a smaller lora.rank or a per-module override."
+        )
+    scaling = config.scaling(path)
+    a_init = (
+        _kaiming_uniform_a
+        if config.init == "kaiming"
+        else nn.initializers.normal(stddev=1.0 / rank)
+    )
+    a = module.param("lora_a", a_init, (in_flat, rank), param_dtype)
+    b = module.param("lora_b", nn.initializers.zeros_init(), (rank, *out_shape), param_dtype)
+    h = x.reshape(*x.shape[: x.ndim - n_in], in_flat)
+    if config.dropout:
+        h = nn.Dropout(rate=config.dropout, name="lora_dropout")(h, deterministic=deterministic)
+    delta_y = _dot(_dot(h, a, 1, dtype), b, 1, dtype) * jnp.asarray(scaling, dtype)
+    if not config.use_dora:
+        return y + delta_y
+
+    weight = _dense_weight(kernel).astype(jnp.float32)
+    merged = weight + scaling * lora_delta_from(a, b, weight.shape, n_in)
+    norm = _column_norm(merged, n_in)
+    magnitude = module.param(
+        "lora_magnitude",
+        lambda *_: _column_norm(weight, n_in).astype(param_dtype),
+    )
+    factor = magnitude.astype(jnp.float32) / jax.lax.stop_gradient(norm)
+    return ((y + delta_y).astype(jnp.float32) * factor).astype(dtype)
+
+
+def lora_delta_from(a: Array, b: Array, kernel_shape: tuple[int, ...], n_in: int) -> Array:
+    """``A @ B`` reshaped to the kernel's shape ``[in..., out...]`` (no scaling)."""
+    delta = jnp.einsum("ir,r...->i...", a.astype(jnp.float32), b.astype(jnp.float32))
+    return delta.reshape(kernel_shape)
+
+
+def _column_norm(weight: Array, n_in: int) -> Array:
+    """L2 norm over the input axes: one value per output feature."""
+    return jnp.sqrt(jnp.sum(jnp.square(weight), axis=tuple(range(n_in))))
+
+
+def _dense_weight(kernel: Any) -> Array:
+    if hasattr(kernel, "qtype"):  # a QArray: DoRA needs the float weight's norm
+        from flaxtune.quant import dequantize
+
+        return dequantize(kernel)
+    return kernel
+
+
+_ACTIVATIONS = {
+    "relu": jax.nn.relu,
+    "gelu": jax.nn.gelu,
+    "silu": jax.nn.silu,
+    "tanh": jnp.tanh,
+}
+
+
+class BottleneckAdapter(nn.Module):
+    """``h + up(act(down(h)))`` with ``up`` initialized to zero (identity at init)."""
+
+    config: AdapterConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, h: Array) -> Array:
+        features = h.shape[-1]
+        width = self.config.width(features)
+        down = self.param(
+            "down",
+            nn.with_logical_partitioning(
+                nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal"),
+                ("embed", "adapter"),
+            ),
+            (features, width),
+            self.param_dtype,
+        )
+        up = self.param(
+            "up",
+            nn.with_logical_partitioning(nn.initializers.zeros_init(), ("adapter", "embed")),
+            (width, features),
+            self.param_dtype,
+        )
+        act = _ACTIVATIONS[self.config.activation]
+        return h + _dot(act(_dot(h, down, 1, self.dtype)), up, 1, self.dtype)
+
+
+def ia3_scale(module: nn.Module, name: str, x: Array, axes: tuple[str, ...]) -> Array:
+    """``x * l`` with ``l`` (initialized to ones) over ``x``'s trailing axes."""
+    shape = x.shape[-len(axes) :]
+    scale = module.param(
+        name, nn.with_logical_partitioning(nn.initializers.ones_init(), axes), shape, jnp.float32
+    )
+    return (x.astype(jnp.float32) * scale).astype(x.dtype)
+
+
+class PromptEmbedding(nn.Module):
+    """``num_virtual_tokens`` trainable input embeddings (prompt tuning).
+
+    Initialized randomly here (std 0.5, close to the scale of T5 embedding
+    rows after training); ``prompts.init_prompt`` re-initializes them from
+    the vocabulary or from a text once the base weights are loaded.
+    """
+
+    num_virtual_tokens: int
+    features: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, batch: int) -> Array:
+        table = self.param(
+            "embedding",
+            nn.with_logical_partitioning(nn.initializers.normal(stddev=0.5), ("prompt", "embed")),
+            (self.num_virtual_tokens, self.features),
+            jnp.float32,
+        )
+        return jnp.broadcast_to(table.astype(self.dtype), (batch, *table.shape))
+
+
+def prefix_keys_values(
+    module: nn.Module,
+    config: PrefixTuningConfig,
+    *,
+    kv_heads: int,
+    head_dim: int,
+    d_model: int,
+    dtype: Any,
+) -> tuple[Array, Array]:
+    """This attention layer's prefix keys and values, ``[n, kv_heads, head_dim]`` each.
+
+    Plain: two trainable arrays ``prefix_key``/``prefix_value``. Reparameterized:
+    ``prefix_embedding [n, d_model]`` through a two-layer tanh MLP
+    (``prefix_mlp_in``, ``prefix_mlp_out``) that outputs both.
+    """
+    n = config.num_virtual_tokens
+    shape = (n, kv_heads, head_dim)
+    if not config.reparameterize:
+        init = nn.initializers.normal(stddev=1.0)
+        key = module.param("prefix_key", init, shape, jnp.float32)
+        value = module.param("prefix_value", init, shape, jnp.float32)
+        return key.astype(dtype), value.astype(dtype)
+    embedding = module.param(
+        "prefix_embedding", nn.initializers.normal(stddev=1.0), (n, d_model), jnp.float32
+    )
+    w_in = module.param(
+        "prefix_mlp_in",
+        nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal"),
+        (d_model, config.hidden),
+        jnp.float32,
+    )
+    w_out = module.param(
+        "prefix_mlp_out",
+        nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal"),
+        (config.hidden, 2 * kv_heads * head_dim),
+        jnp.float32,
+    )
+    both = jnp.tanh(embedding @ w_in) @ w_out
+    key, value = jnp.split(both.reshape(n, 2, kv_heads, head_dim), 2, axis=1)
+    return key[:, 0].astype(dtype), value[:, 0].astype(dtype)

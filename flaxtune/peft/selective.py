@@ -1,0 +1,153 @@
+"""Which parameters train: rule presets for every method, and a summary table.
+
+Trainability is data (DESIGN, contract 3): an ordered list of
+``(regex, label)`` rules, first ``re.fullmatch`` wins, every parameter must
+be covered and every rule must match something. This module writes those
+lists for the PEFT methods and for the *selective* family, which trains a
+chosen subset of the original parameters:
+
+==================  ==========================================================
+selective preset    trains
+==================  ==========================================================
+``bitfit``          biases; a model without biases (T5, LLaMA) trains its norm
+                    scales instead, the closest analogue
+``last_layers:N``   the last N blocks of every stack (and the final norms)
+``attention``       every attention sub-layer (self and cross)
+``ffn``             every feed-forward sub-layer
+``embeddings``      the token embedding (and learned positions)
+``head``            the output projection (an untied head)
+``norms``           every norm scale/bias
+==================  ==========================================================
+
+Presets combine: ``selective=("attention", "head")`` trains both, and PEFT
+methods add their own parameters on top.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+from flax import traverse_util
+
+from flaxtune.peft.config import PeftConfig
+
+Rules = list[tuple[str, str]]
+
+METHOD_RULES = {
+    "lora": r".*/lora_(a|b|magnitude)",
+    "adapters": r".*/adapter_(attention|mlp)/(down|up)",
+    "ia3": r".*/ia3_(key|value|mlp)",
+    "prompt_tuning": r".*/prompt/embedding",
+    "prefix_tuning": r".*/prefix_(key|value|embedding|mlp_in|mlp_out)",
+}
+SELECTIVE_RULES = {
+    "attention": r".*/(cross_)?attention/(query|key|value|out)/(kernel|bias)",
+    "ffn": r".*/mlp/(wi|wi_0|wi_1|wo)/(kernel|bias)",
+    "embeddings": r"(token_embed/embedding|.*/position_embed/embedding)",
+    "head": r"decoder/logits_dense/(kernel|bias)",
+    "norms": r".*_norm/(scale|bias)",
+}
+
+
+def _paths(params: Any) -> list[str]:
+    return list(traverse_util.flatten_dict(params, sep="/"))
+
+
+def _last_layers_rule(params: Any, n: int) -> str:
+    """Regex for the last ``n`` blocks of each stack, plus their final norms."""
+    layers: dict[str, set[int]] = defaultdict(set)
+    for path in _paths(params):
+        m = re.match(r"(encoder|decoder)/layers_(\d+)/", path)
+        if m:
+            layers[m.group(1)].add(int(m.group(2)))
+    if not layers:
+        raise ValueError("last_layers: the parameters have no encoder/decoder layers_N blocks.")
+    parts = []
+    for stack, idx in sorted(layers.items()):
+        if n > len(idx):
+            raise ValueError(f"last_layers:{n} but the {stack} has only {len(idx)} layers.")
+        chosen = "|".join(str(i) for i in sorted(idx)[-n:])
+        parts.append(f"{stack}/(layers_({chosen})/.*|final_norm/.*)")
+    return "(" + "|".join(parts) + ")"
+
+
+def selective_rule(params: Any, preset: str) -> str:
+    if preset.startswith("last_layers:"):
+        return _last_layers_rule(params, int(preset.split(":", 1)[1]))
+    if preset == "bitfit":
+        has_bias = any(p.endswith("/bias") and "_norm/" not in p for p in _paths(params))
+        return r".*/bias" if has_bias else SELECTIVE_RULES["norms"]
+    if preset not in SELECTIVE_RULES:
+        known = [*SELECTIVE_RULES, "bitfit", "last_layers:N"]
+        raise ValueError(f"unknown selective preset {preset!r}; known: {known}.")
+    return SELECTIVE_RULES[preset]
+
+
+def trainability_rules(
+    params: Any, peft: PeftConfig | None = None, selective: tuple[str, ...] = ()
+) -> Rules:
+    """Rules that train the PEFT parameters and the selected subsets; freeze the rest.
+
+    With neither PEFT nor selective presets, everything trains (full
+    fine-tuning).
+    """
+    rules: Rules = []
+    if peft is not None:
+        rules += [(METHOD_RULES[m], "trainable") for m in peft.methods]
+    rules += [(selective_rule(params, s), "trainable") for s in selective]
+    if not rules:
+        return [(".*", "trainable")]
+    return [*rules, (".*", "frozen")]
+
+
+_COMPONENTS = [
+    ("peft", "|".join(f"({r})" for r in METHOD_RULES.values())),
+    ("embeddings", SELECTIVE_RULES["embeddings"]),
+    ("head", SELECTIVE_RULES["head"]),
+    ("norms", SELECTIVE_RULES["norms"] + r"|.*/relpos_bias/.*"),
+    ("attention", r".*/attention/.*"),
+    ("cross-attention", r".*/cross_attention/.*"),
+    ("ffn", r".*/mlp/.*"),
+]
+
+
+def component_of(path: str) -> str:
+    for name, pattern in _COMPONENTS:
+        if re.fullmatch(pattern, path):
+            return name
+    return "other"
+
+
+def trainable_summary(params: Any, labels: Any) -> dict[str, Any]:
+    """Counts of trainable and total parameters, overall and by component."""
+    flat_p = traverse_util.flatten_dict(params, sep="/")
+    flat_l = traverse_util.flatten_dict(labels, sep="/")
+    rows: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for path, value in flat_p.items():
+        size = int(np.prod(np.shape(value)))
+        row = rows[component_of(path)]
+        row[1] += size
+        if flat_l[path] != "frozen":
+            row[0] += size
+    total = sum(r[1] for r in rows.values())
+    trainable = sum(r[0] for r in rows.values())
+    return {
+        "trainable": trainable,
+        "total": total,
+        "percent": 100.0 * trainable / max(total, 1),
+        "by_component": {k: {"trainable": v[0], "total": v[1]} for k, v in sorted(rows.items())},
+    }
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    lines = [f"{'component':<16}{'trainable':>14}{'total':>14}{'%':>9}"]
+    for name, row in summary["by_component"].items():
+        pct = 100.0 * row["trainable"] / max(row["total"], 1)
+        lines.append(f"{name:<16}{row['trainable']:>14,}{row['total']:>14,}{pct:>8.3f}%")
+    lines.append(
+        f"{'all':<16}{summary['trainable']:>14,}{summary['total']:>14,}{summary['percent']:>8.3f}%"
+    )
+    return "\n".join(lines)
