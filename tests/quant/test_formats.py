@@ -69,11 +69,8 @@ def _random_float32_inputs(rng, fmt, n):
         tie = (bits & ~np.uint32((1 << drop) - 1)) | np.uint32(1 << (drop - 1))
         bits[: n // 3] = tie[: n // 3]
         values = bits.view(np.float32)
-    specials = np.array(
-        [0.0, -0.0, np.inf, -np.inf, np.nan, spec.max, -spec.max, spec.min_subnormal / 2]
-        + [float32_max, -float32_max],
-        np.float32,
-    )
+    special = [0.0, -0.0, np.inf, -np.inf, np.nan, spec.max, spec.min_subnormal / 2, float32_max]
+    specials = np.array([*special, *(-v for v in special)], np.float32)
     return np.concatenate([values, specials])
 
 
