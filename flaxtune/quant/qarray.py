@@ -42,6 +42,7 @@ travels through ``jax.jit``, ``jax.tree_util`` and orbax like a kernel, and
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Literal
 
@@ -278,8 +279,23 @@ def quantize(
     """
     x = jnp.asarray(x)
     _validate(x, qtype, n_in, symmetric)
+    group_size = _resolve_group_size(tuple(x.shape), qtype, n_in, group_size)
+    return _quantize(x, qtype, n_in, group_size, symmetric, per_channel, double_quant)
+
+
+# One compiled program per (shape, dtype, options): quantizing a model eagerly
+# would otherwise dispatch and compile a dozen small ops per kernel.
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5, 6))
+def _quantize(
+    x: jax.Array,
+    qtype: str,
+    n_in: int,
+    group_size: int,
+    symmetric: bool,
+    per_channel: bool,
+    double_quant: bool,
+) -> QArray:
     shape = tuple(x.shape)
-    group_size = _resolve_group_size(shape, qtype, n_in, group_size)
     blocked = x.astype(jnp.float32).reshape(_blocked_layout(shape, n_in, group_size))
     reduce_axes = (1,) if per_channel else tuple(range(1, blocked.ndim))
 
@@ -339,6 +355,7 @@ def block_scales(q: QArray) -> jax.Array:
     return _dequantize_scales(q)
 
 
+@functools.partial(jax.jit, static_argnums=1)
 def dequantize(q: QArray, dtype: jnp.dtype = jnp.float32) -> jax.Array:
     """The float array of logical shape ``q.shape`` that ``q`` stands for (jittable).
 
@@ -348,14 +365,18 @@ def dequantize(q: QArray, dtype: jnp.dtype = jnp.float32) -> jax.Array:
     return x.reshape(q.shape).astype(dtype)
 
 
+@jax.jit
+def _error_stats(x: jax.Array, q: QArray) -> tuple[jax.Array, jax.Array, jax.Array]:
+    x = x.astype(jnp.float32)
+    diff = jnp.abs(x - dequantize(q, jnp.float32))
+    return jnp.max(diff), jnp.sqrt(jnp.mean(diff**2)), jnp.max(jnp.abs(x))
+
+
 def quantization_error(x: jax.Array, q: QArray) -> QuantError:
     """Measures ``|x - dequantize(q)|`` (host-side; not for use under jit)."""
-    x = jnp.asarray(x, jnp.float32)
-    diff = jnp.abs(x - dequantize(q, jnp.float32))
+    max_abs, rms, max_value = _error_stats(jnp.asarray(x), q)
     return QuantError(
-        max_abs_error=float(jnp.max(diff)),
-        rms_error=float(jnp.sqrt(jnp.mean(diff**2))),
-        max_abs_value=float(jnp.max(jnp.abs(x))),
+        max_abs_error=float(max_abs), rms_error=float(rms), max_abs_value=float(max_value)
     )
 
 
