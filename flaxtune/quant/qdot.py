@@ -137,16 +137,16 @@ def qdot(
       quantize_activations: int8 kernels only: use the W8A8 int32 path.
     """
     compute_dtype = jnp.dtype(compute_dtype or x.dtype)
+    if isinstance(w, QArray) and w.n_in != n_in:
+        raise ValueError(
+            f"The kernel was quantized with n_in={w.n_in} contraction axes but qdot was "
+            f"called with n_in={n_in}; its scales are laid out for n_in={w.n_in}."
+        )
     _check_shapes(x, tuple(w.shape), n_in)
     if not isinstance(w, QArray):
         if quantize_activations:
             raise ValueError("quantize_activations=True needs an int8 QArray kernel.")
         return float_dot(x, w, n_in=n_in, compute_dtype=compute_dtype)
-    if w.n_in != n_in:
-        raise ValueError(
-            f"The kernel was quantized with n_in={w.n_in} contraction axes but qdot was "
-            f"called with n_in={n_in}; its scales are laid out for n_in={w.n_in}."
-        )
     if quantize_activations:
         if w.qtype != "int8":
             raise ValueError(
