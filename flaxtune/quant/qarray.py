@@ -26,12 +26,16 @@ Invariant (the contract of DESIGN.md §5)::
 
 where ``q`` is the unpacked integer (int8: [-127, 127] symmetric or
 [-128, 127] asymmetric; int4: [-7, 7] or [-8, 7]) and, for ``nf4``, ``q`` is
-a code index and the term ``q - zero_point`` reads ``codebook[q]``. With
-double quantization (QLoRA §3) ``scale`` itself is stored as int8 and
+a code index and the term ``q - zero_point`` reads ``codebook[q]``. The
+bounds hold up to a few float32 roundings of ``|x|``.
+
+With double quantization (QLoRA §3) ``scale`` itself is stored as int8 and
 ``scale ≈ scale_q * scale_scale[block] + scale_offset`` over blocks of 256
-consecutive scales, with the mean of all scales as offset. (QLoRA stores the
-second level as 8-bit floats; linear int8 gives the same 8 bits per scale
-with a simpler bound: ``|s - ŝ| <= scale_scale / 2``.)
+consecutive scales, with the mean of all scales as offset, and the bounds
+above gain ``|code| * |s - ŝ|`` with ``|s - ŝ| <= scale_scale / 2``. Codes are
+chosen with the exact scale, as in QLoRA. (QLoRA stores the second level as
+8-bit floats; linear int8 spends the same 8 bits per scale and has this
+simple bound.)
 
 Only arrays are pytree leaves; ``qtype``, the logical ``shape``, ``n_in``,
 ``group_size`` and the original dtype are static aux data. So a ``QArray``
@@ -123,6 +127,15 @@ class QArray:
 
     def dequantize(self, dtype: jnp.dtype = jnp.float32) -> jax.Array:
         return dequantize(self, dtype)
+
+    def __repr__(self) -> str:
+        # Short on purpose: a params tree full of QArrays must stay printable.
+        extras = [f"group_size={self.group_size}", f"n_in={self.n_in}"]
+        if self.zero_point is not None:
+            extras.append("zero_point")
+        if self.double_quantized:
+            extras.append("double_quant")
+        return f"QArray({self.qtype}, shape={self.shape}, {', '.join(extras)})"
 
     def metadata(self) -> dict[str, object]:
         """The static fields as JSON-able values (used by checkpoints)."""
