@@ -23,7 +23,7 @@ from flaxtune.quant.qarray import (
     quantize,
     requantize_like,
 )
-from flaxtune.quant.qdot import int8_matmul, qdot
+from flaxtune.quant.qdot import int8_matmul, kernel_param, qdot
 from flaxtune.quant.rules import QuantReport, QuantSpec, dequantize_params, quantize_params
 
 __all__ = [
@@ -43,6 +43,7 @@ __all__ = [
     "format_spec",
     "get_policy",
     "int8_matmul",
+    "kernel_param",
     "load_quantized",
     "nf4_codebook",
     "qdot",

@@ -25,6 +25,11 @@ Error of the W8A8 path, per output element ``y_j = sum_k x_k w_kj``: with
 
 which the tests check. The int32 accumulator cannot overflow for
 ``K < 2**31 / 127**2 ≈ 133_000`` contraction elements.
+
+A Dense layer reads its kernel with :func:`kernel_param` rather than
+``self.param``: flax checks an existing parameter's leaves against the shape
+the initializer would produce, and a QArray's leaves (blocked codes, scales)
+never have the kernel's shape, so ``self.param`` rejects it.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import linen as nn
 
 from flaxtune.quant.qarray import QArray, block_scales, dequantize
 
@@ -155,3 +161,29 @@ def qdot(
             )
         return int8_matmul(x, w, compute_dtype=compute_dtype)
     return float_dot(x, dequantize(w, compute_dtype), n_in=n_in, compute_dtype=compute_dtype)
+
+
+def kernel_param(
+    module: nn.Module,
+    name: str,
+    init_fn: Any,
+    shape: tuple[int, ...],
+    dtype: Any = jnp.float32,
+) -> jax.Array | QArray:
+    """``module.param(name, init_fn, shape, dtype)`` that also accepts a QArray.
+
+    When the parameter already exists and is a QArray (a quantized kernel
+    swapped into the params tree), it is returned after checking its logical
+    shape; otherwise this is exactly ``module.param``. Call it inside a
+    module's ``setup`` or ``@nn.compact`` method.
+    """
+    if module.has_variable("params", name):
+        value = module.get_variable("params", name)
+        if isinstance(value, QArray):
+            if value.shape != tuple(shape):
+                raise ValueError(
+                    f"Quantized parameter {name!r} of {module.name or type(module).__name__} "
+                    f"has logical shape {value.shape}, but the module expects {tuple(shape)}."
+                )
+            return value
+    return module.param(name, init_fn, shape, dtype)
