@@ -8,7 +8,8 @@
 * ``qarray``: the ``QArray`` pytree (int8, int4, nf4) with ``quantize`` /
   ``dequantize``; ``rules``: quantizing a parameter tree by path rules;
   ``qdot``: the products a Dense layer computes with a (quantized) kernel;
-  ``checkpoint``: quantized checkpoints that are small on disk.
+  ``checkpoint``: quantized checkpoints that are small on disk; ``sharding``:
+  partition specs for QArray leaves.
 """
 
 from flaxtune.quant.checkpoint import load_quantized, save_quantized
@@ -25,6 +26,7 @@ from flaxtune.quant.qarray import (
 )
 from flaxtune.quant.qdot import int8_matmul, kernel_param, qdot
 from flaxtune.quant.rules import QuantReport, QuantSpec, dequantize_params, quantize_params
+from flaxtune.quant.sharding import qarray_partition_spec
 
 __all__ = [
     "PRESETS",
@@ -46,6 +48,7 @@ __all__ = [
     "kernel_param",
     "load_quantized",
     "nf4_codebook",
+    "qarray_partition_spec",
     "qdot",
     "quantization_error",
     "quantize",
