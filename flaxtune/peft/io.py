@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
@@ -152,4 +153,7 @@ def load_adapter(
     )
     with ocp.StandardCheckpointer() as checkpointer:
         adapter = checkpointer.restore(directory / "arrays", target)
+    # Device arrays, like freshly initialized parameters: XLA's CPU kernels may
+    # round differently on host buffers of another alignment.
+    adapter = jax.tree_util.tree_map(jnp.asarray, adapter)
     return adapter, PeftConfig.from_dict(meta["peft"]), meta

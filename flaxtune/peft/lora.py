@@ -107,9 +107,7 @@ def unmerge(merged: Any, removed: dict[str, Any], config: LoraConfig) -> Any:
         if f"{module}/dora_norm" in removed:
             magnitude = removed[f"{module}/lora_magnitude"].astype(jnp.float32)
             weight = weight * (removed[f"{module}/dora_norm"] / magnitude)
-        flat[f"{module}/kernel"] = (weight - layer_delta(flat, module, config)).astype(
-            kernel.dtype
-        )
+        flat[f"{module}/kernel"] = (weight - layer_delta(flat, module, config)).astype(kernel.dtype)
     return _unflat(flat)
 
 

@@ -61,5 +61,7 @@ def fold_prefix(params: Any, peft: PeftConfig) -> tuple[Any, PeftConfig]:
         both = both.reshape(embedding.shape[0], 2, *kv_shape)
         flat[f"{module}/prefix_key"] = both[:, 0]
         flat[f"{module}/prefix_value"] = both[:, 1]
-    folded = dataclasses.replace(peft, prefix_tuning=dataclasses.replace(prefix, reparameterize=False))
+    folded = dataclasses.replace(
+        peft, prefix_tuning=dataclasses.replace(prefix, reparameterize=False)
+    )
     return jax.tree_util.tree_map(jnp.asarray, traverse_util.unflatten_dict(flat, sep="/")), folded

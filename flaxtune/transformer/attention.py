@@ -95,6 +95,7 @@ class MultiHeadAttention(nn.Module):
             dtype=cfg.dtype,
             param_dtype=cfg.param_dtype,
             peft=cfg.peft,
+            int8_activations=cfg.int8_activations,
             name=name,
             **kw,
         )
@@ -126,8 +127,9 @@ class MultiHeadAttention(nn.Module):
         if self.is_cross:
             k, v = self._cross_keys_values(key, value, kv_input, decode, deterministic)
         else:
-            k, v = self._ia3(key(x, deterministic=deterministic),
-                             value(x, deterministic=deterministic))
+            k, v = self._ia3(
+                key(x, deterministic=deterministic), value(x, deterministic=deterministic)
+            )
             if rope is not None:
                 q = apply_rope(q, *rope)
                 k = apply_rope(k, *rope)
@@ -175,8 +177,12 @@ class MultiHeadAttention(nn.Module):
         """
         cfg = self.config
         pk, pv = peft_modules.prefix_keys_values(
-            self, cfg.peft.prefix_tuning, kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
-            d_model=cfg.d_model, dtype=k.dtype,
+            self,
+            cfg.peft.prefix_tuning,
+            kv_heads=cfg.num_kv_heads,
+            head_dim=cfg.head_dim,
+            d_model=cfg.d_model,
+            dtype=k.dtype,
         )
         b, n = k.shape[0], pk.shape[0]
         k = jnp.concatenate([jnp.broadcast_to(pk, (b, *pk.shape)), k], axis=1)
@@ -210,8 +216,10 @@ class MultiHeadAttention(nn.Module):
         self, key: Dense, value: Dense, kv_input: Array | None, decode: bool, deterministic: bool
     ) -> tuple[Array, Array]:
         if kv_input is not None:
-            k, v = self._ia3(key(kv_input, deterministic=deterministic),
-                             value(kv_input, deterministic=deterministic))
+            k, v = self._ia3(
+                key(kv_input, deterministic=deterministic),
+                value(kv_input, deterministic=deterministic),
+            )
             if decode:
                 self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype).value = k
                 self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype).value = v

@@ -122,6 +122,9 @@ class TransformerConfig:
     param_dtype: Any = jnp.float32
     # Compute attention logits and softmax in float32 whatever ``dtype`` is.
     float32_attention_logits: bool = True
+    # With int8-quantized kernels, also quantize activations per row and
+    # multiply in int8 with int32 accumulation (W8A8) instead of dequantizing.
+    int8_activations: bool = False
 
     # --- special tokens ----------------------------------------------------
     pad_id: int = 0

@@ -81,6 +81,8 @@ class Dense(nn.Module):
       dtype / param_dtype: compute and storage dtypes.
       kernel_init: initializer of the float kernel.
       peft: the model's PEFT config, or None (LoRA hooks in here).
+      int8_activations: with an int8 ``QArray`` kernel, quantize ``x`` too and
+        accumulate in int32 (W8A8).
     """
 
     features: int | Sequence[int]
@@ -91,6 +93,7 @@ class Dense(nn.Module):
     param_dtype: Any = jnp.float32
     kernel_init: Initializer | None = None
     peft: Any = None
+    int8_activations: bool = False
 
     @property
     def out_shape(self) -> tuple[int, ...]:
@@ -124,7 +127,8 @@ class Dense(nn.Module):
         if _is_qarray(kernel):
             from flaxtune.quant.qdot import qdot  # quant builds on transformer
 
-            y = qdot(x, kernel, n_in=n_in, compute_dtype=self.dtype)
+            w8a8 = self.int8_activations and kernel.qtype == "int8"
+            y = qdot(x, kernel, n_in=n_in, compute_dtype=self.dtype, quantize_activations=w8a8)
         else:
             y = matmul(x, kernel, n_in, self.dtype)
         lora = self.peft.lora_for(self.path) if self.peft is not None else None
@@ -276,6 +280,7 @@ class MLP(nn.Module):
             param_dtype=cfg.param_dtype,
             kernel_init=_kernel_fan_in_init(1.0),
             peft=cfg.peft,
+            int8_activations=cfg.int8_activations,
             name=name,
         )
         act = activation_fn(cfg.activation)

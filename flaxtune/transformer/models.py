@@ -174,9 +174,7 @@ def prompt_length(cfg: TransformerConfig, stack: str) -> int:
     return prompt.num_virtual_tokens
 
 
-def encoder_mask(
-    cfg: TransformerConfig, tokens: Array, segment_ids: Array | None = None
-) -> Array:
+def encoder_mask(cfg: TransformerConfig, tokens: Array, segment_ids: Array | None = None) -> Array:
     """Which encoder outputs are real: not padding, plus any soft-prompt tokens."""
     valid = tokens != cfg.pad_id if segment_ids is None else segment_ids > 0
     n = prompt_length(cfg, "encoder")
@@ -366,6 +364,7 @@ class Decoder(_Stack):
                 dtype=cfg.dtype,
                 param_dtype=cfg.param_dtype,
                 peft=cfg.peft,
+                int8_activations=cfg.int8_activations,
                 name="logits_dense",
             )(x)
         return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))

@@ -38,21 +38,29 @@ from tests.transformer.util import random_tokens, tiny_model
 METHODS = {
     "lora": PeftConfig(lora=LoraConfig(targets="qv", rank=2, alpha=4.0)),
     "lora-all-rslora-gaussian": PeftConfig(
-        lora=LoraConfig(targets="all-linear", rank=3, alpha=3.0, use_rslora=True, init="gaussian",
-                        overrides=((r".*mlp/.*", 2, 8.0),))
+        lora=LoraConfig(
+            targets="all-linear",
+            rank=3,
+            alpha=3.0,
+            use_rslora=True,
+            init="gaussian",
+            overrides=((r".*mlp/.*", 2, 8.0),),
+        )
     ),
     "dora": PeftConfig(lora=LoraConfig(targets="qkvo", rank=2, use_dora=True)),
     "houlsby": PeftConfig(adapters=AdapterConfig(kind="houlsby", reduction_factor=6)),
-    "pfeiffer": PeftConfig(adapters=AdapterConfig(kind="pfeiffer", reduction_factor=4,
-                                                  activation="gelu")),
+    "pfeiffer": PeftConfig(
+        adapters=AdapterConfig(kind="pfeiffer", reduction_factor=4, activation="gelu")
+    ),
     "ia3": PeftConfig(ia3=IA3Config()),
     "prompt": PeftConfig(prompt_tuning=PromptTuningConfig(num_virtual_tokens=3)),
     "prefix": PeftConfig(prefix_tuning=PrefixTuningConfig(num_virtual_tokens=2)),
     "prefix-reparam": PeftConfig(
         prefix_tuning=PrefixTuningConfig(num_virtual_tokens=2, reparameterize=True, hidden=7)
     ),
-    "lora+prompt": PeftConfig(lora=LoraConfig(rank=2), prompt_tuning=PromptTuningConfig(
-        num_virtual_tokens=2)),
+    "lora+prompt": PeftConfig(
+        lora=LoraConfig(rank=2), prompt_tuning=PromptTuningConfig(num_virtual_tokens=2)
+    ),
 }
 IDENTITY_AT_INIT = {"lora", "lora-all-rslora-gaussian", "dora", "houlsby", "pfeiffer", "ia3"}
 KINDS = ["tiny-t5", "tiny-llama"]
@@ -78,7 +86,7 @@ def perturb(params, peft):
     keys = jax.random.split(jax.random.key(42), len(adapter))
     noisy = {
         p: v + 0.1 * jax.random.normal(k, v.shape, v.dtype)
-        for k, (p, v) in zip(keys, sorted(adapter.items()))
+        for k, (p, v) in zip(keys, sorted(adapter.items()), strict=True)
     }
     return insert_adapter(params, traverse_util.unflatten_dict(noisy, sep="/"))
 
@@ -126,10 +134,16 @@ def test_save_load_round_trip(kind, method, tmp_path):
     config, model, params, enc, dec = setup(kind, method)
     params = perturb(params, config.peft)
     expected = forward(config, model, params, enc, dec)
-    save_adapter(tmp_path / "adapter", extract_adapter(params, config.peft), config.peft,
-                 base_model=kind, tokenizer_fingerprint="abc123")
-    adapter, peft, meta = load_adapter(tmp_path / "adapter",
-                                       expected_tokenizer_fingerprint="abc123")
+    save_adapter(
+        tmp_path / "adapter",
+        extract_adapter(params, config.peft),
+        config.peft,
+        base_model=kind,
+        tokenizer_fingerprint="abc123",
+    )
+    adapter, peft, meta = load_adapter(
+        tmp_path / "adapter", expected_tokenizer_fingerprint="abc123"
+    )
     assert peft == config.peft and meta["base_model"] == kind
     # Into freshly initialized params of the same architecture: base from
     # `params`, adapter from disk.
@@ -189,24 +203,42 @@ def cached_equals_full(config, model, params, enc, dec):
     if config.is_encoder_decoder:
         encoded = model.apply({"params": params}, enc, method=model.encode)
         mask = model.apply({"params": params}, enc, method=model.encoder_mask)
-        cache = _zeros_cache(lambda: model.apply(
-            {"params": params}, encoded, mask, dec, decode=True, method=model.decode,
-            mutable=["cache"])[1]["cache"])
+        cache = _zeros_cache(
+            lambda: model.apply(
+                {"params": params},
+                encoded,
+                mask,
+                dec,
+                decode=True,
+                method=model.decode,
+                mutable=["cache"],
+            )[1]["cache"]
+        )
     else:
-        cache = _zeros_cache(lambda: model.apply(
-            {"params": params}, dec, decode=True, mutable=["cache"])[1]["cache"])
+        cache = _zeros_cache(
+            lambda: model.apply({"params": params}, dec, decode=True, mutable=["cache"])[1]["cache"]
+        )
     outs = []
     for t in range(dec.shape[1]):
         first = t == 0
         if config.is_encoder_decoder:
             logits, state = model.apply(
-                {"params": params, "cache": cache}, encoded if first else None,
-                mask if first else None, dec[:, t:t + 1], decode=True, method=model.decode,
-                mutable=["cache"])
+                {"params": params, "cache": cache},
+                encoded if first else None,
+                mask if first else None,
+                dec[:, t : t + 1],
+                decode=True,
+                method=model.decode,
+                mutable=["cache"],
+            )
         else:
             logits, state = model.apply(
-                {"params": params, "cache": cache}, dec[:, t:t + 1], decode=True,
-                prepend_prompt=first, mutable=["cache"])
+                {"params": params, "cache": cache},
+                dec[:, t : t + 1],
+                decode=True,
+                prepend_prompt=first,
+                mutable=["cache"],
+            )
         cache = state["cache"]
         outs.append(logits)
     np.testing.assert_allclose(jnp.concatenate(outs, 1), full, rtol=1e-5, atol=2e-5)
@@ -227,8 +259,9 @@ def test_prefix_folding_keeps_the_function(kind):
     folded, peft = fold_prefix(params, config.peft)
     assert not peft.prefix_tuning.reparameterize
     folded_config, folded_model, _ = tiny_model(kind, peft=peft)
-    np.testing.assert_allclose(forward(folded_config, folded_model, folded, enc, dec), expected,
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        forward(folded_config, folded_model, folded, enc, dec), expected, rtol=1e-5, atol=1e-5
+    )
     assert not any("prefix_mlp" in p for p in traverse_util.flatten_dict(folded, sep="/"))
 
 
@@ -236,11 +269,18 @@ def test_adapter_that_does_not_fit_is_a_clear_error(tmp_path):
     from flaxtune.peft import AdapterMismatchError
 
     config, _, params, _, _ = setup("tiny-t5", "lora")
-    save_adapter(tmp_path / "a", extract_adapter(params, config.peft), config.peft,
-                 base_model="tiny-t5", tokenizer_fingerprint="abc")
+    save_adapter(
+        tmp_path / "a",
+        extract_adapter(params, config.peft),
+        config.peft,
+        base_model="tiny-t5",
+        tokenizer_fingerprint="abc",
+    )
     adapter, _, _ = load_adapter(tmp_path / "a")
-    wider = tiny_model("tiny-t5", peft=dataclasses.replace(
-        config.peft, lora=dataclasses.replace(config.peft.lora, rank=3)))[2]
+    wider = tiny_model(
+        "tiny-t5",
+        peft=dataclasses.replace(config.peft, lora=dataclasses.replace(config.peft.lora, rank=3)),
+    )[2]
     with pytest.raises(AdapterMismatchError, match="shape mismatches"):
         insert_adapter(wider, adapter)
     other = tiny_model("tiny-t5")[2]
