@@ -58,7 +58,7 @@ def _n_in(kernel_shape: tuple[int, ...], lora_a: Any) -> int:
 def layer_delta(flat: dict[str, Any], module: str, config: LoraConfig) -> jax.Array:
     """The kernel update ``scaling * A @ B`` of the LoRA layer at ``module`` (float32)."""
     kernel = flat[f"{module}/kernel"]
-    shape = tuple(kernel.shape) if not hasattr(kernel, "qtype") else tuple(kernel.shape)
+    shape = tuple(kernel.shape)  # a QArray reports its logical float shape
     a, b = flat[f"{module}/lora_a"], flat[f"{module}/lora_b"]
     return config.scaling(module) * lora_delta_from(a, b, shape, _n_in(shape, a))
 
