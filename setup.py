@@ -7,6 +7,8 @@ Hugging Face PyTorch stack used by the interop parity tests. torch is pinned
 to the CPU wheel that the development machines carry on local disk.
 """
 
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 INSTALL_REQUIRES = [
@@ -52,7 +54,7 @@ setup(
         "Transformers in JAX/Flax: build, fine-tune (fully or parameter-"
         "efficiently), quantize and evaluate."
     ),
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["flaxtune", "flaxtune.*"]),
