@@ -81,14 +81,15 @@ class OptimizerConfig:
       learning_rate: peak learning rate.
       schedule: ``constant``, ``warmup_cosine``, ``linear`` (warmup, then
         linear decay to ``end_lr_fraction``) or ``inverse_sqrt`` (warmup,
-        then ``lr * sqrt(warmup_steps / step)``). All warm up linearly from 0
+        then ``lr * sqrt(warmup_steps / step)``; ``sqrt(1 / (1 + step))``
+        without warmup). All warm up linearly from 0
         over ``warmup_steps`` (0 disables warmup).
       warmup_steps: linear warmup length in updates.
       total_steps: updates the decaying schedules span (required by them).
       end_lr_fraction: final learning rate as a fraction of the peak.
       b1, b2, eps: Adam moments' decay rates and epsilon.
-      momentum: SGD momentum (0 for plain SGD); Adafactor's optional first
-        moment if > 0.
+      momentum: SGD momentum (``None``: 0.9; 0: plain SGD); Adafactor's
+        first-moment decay (``None``: no first moment, as in T5).
       nesterov: Nesterov momentum for SGD.
       weight_decay: decoupled weight decay coefficient.
       decay_embeddings: also decay embeddings (off by default).
@@ -108,7 +109,7 @@ class OptimizerConfig:
     b1: float = 0.9
     b2: float = 0.999
     eps: float = 1e-8
-    momentum: float = 0.9
+    momentum: float | None = None
     nesterov: bool = False
     weight_decay: float = 0.0
     decay_embeddings: bool = False
@@ -185,9 +186,10 @@ def _preconditioner(config: OptimizerConfig) -> optax.GradientTransformation:
     if config.name == "adamw":
         return optax.scale_by_adam(b1=config.b1, b2=config.b2, eps=config.eps)
     if config.name == "sgd":
-        if config.momentum == 0:
+        momentum = 0.9 if config.momentum is None else config.momentum
+        if momentum == 0:
             return optax.identity()
-        return optax.trace(decay=config.momentum, nesterov=config.nesterov)
+        return optax.trace(decay=momentum, nesterov=config.nesterov)
     # Adafactor without its own lr/decay: those are added uniformly below.
     return optax.scale_by_factored_rms(decay_rate=0.8, epsilon=1e-30)
 
@@ -200,7 +202,7 @@ def _branch(
         # The parts of optax.adafactor that make it Adafactor besides the
         # factored moments: update clipping and (optional) momentum.
         parts.append(optax.clip_by_block_rms(1.0))
-        if config.momentum > 0:
+        if config.momentum:
             parts.append(optax.ema(config.momentum, debias=False))
     if config.weight_decay > 0:
         parts.append(optax.masked(optax.add_decayed_weights(config.weight_decay), decay_mask))

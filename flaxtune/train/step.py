@@ -180,8 +180,8 @@ def make_train_step(
             metrics[weight_key] = weight_sum
         metrics.update(
             loss=loss_sum / weight_sum,
-            grad_norm=optax.global_norm(grads),
-            update_norm=jnp.where(grads_finite, optax.global_norm(updates), 0.0),
+            grad_norm=optax.tree.norm(grads),
+            update_norm=jnp.where(grads_finite, optax.tree.norm(updates), 0.0),
             loss_scale=jnp.asarray(loss_scale.loss_scale, jnp.float32),
             grads_finite=grads_finite,
             skipped_steps=skipped,
