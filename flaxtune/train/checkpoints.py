@@ -227,8 +227,16 @@ class CheckpointManager:
             cleanup_tmp_directories=True,
             create=True,
         )
+        # Handlers are named up front so that a fresh process can read an
+        # existing checkpoint's metadata before anything is restored.
         self._manager = ocp.CheckpointManager(
-            self.workdir / "checkpoints", options=options, item_names=(_STATE, _DATA, _META)
+            self.workdir / "checkpoints",
+            options=options,
+            item_handlers={
+                _STATE: ocp.StandardCheckpointHandler(),
+                _DATA: ocp.JsonCheckpointHandler(),
+                _META: ocp.JsonCheckpointHandler(),
+            },
         )
 
     # -- run files -------------------------------------------------------
@@ -304,6 +312,11 @@ class CheckpointManager:
         """Raises ``CheckpointMismatchError`` if ``step``'s tree does not fit ``target``."""
         saved_tree = self._manager.item_metadata(step)[_STATE]
         saved_tree = getattr(saved_tree, "tree", saved_tree)
+        if saved_tree is None:
+            raise CheckpointMismatchError(
+                f"Checkpoint {self.directory / str(step)} has no readable train state; it was "
+                "not written by flaxtune's CheckpointManager."
+            )
         problem = _describe_mismatch(_metadata_shapes(saved_tree), _target_shapes(target))
         if problem:
             raise CheckpointMismatchError(
