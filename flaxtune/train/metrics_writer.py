@@ -21,7 +21,7 @@ import json
 import math
 import os
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, TextIO
 
 import jax
 import numpy as np
@@ -109,7 +109,11 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 class ProgressBar:
-    """A tqdm bar over steps ``initial..total`` with ETA and metric postfix."""
+    """A tqdm bar over steps ``initial..total`` with ETA and metric postfix.
+
+    ``disable=None`` (tqdm's default) hides the bar when output is not a
+    terminal, so batch logs are not flooded with carriage returns.
+    """
 
     def __init__(
         self,
@@ -118,24 +122,34 @@ class ProgressBar:
         initial: int = 0,
         show: Iterable[str] = ("loss", "learning_rate"),
         disable: bool | None = None,
+        file: TextIO | None = None,
     ) -> None:
         from tqdm.auto import tqdm
 
         self._show = tuple(show)
+        self._step = int(initial)  # tracked here: a disabled tqdm does not count
         self._bar = tqdm(
-            total=total, initial=initial, unit="step", dynamic_ncols=True, disable=disable
+            total=total,
+            initial=initial,
+            unit="step",
+            dynamic_ncols=True,
+            disable=disable,
+            file=file,
         )
 
     def update(self, step: int, metrics: Mapping[str, Any] | None = None) -> None:
         """Moves the bar to ``step`` (absolute) and shows the chosen metrics."""
-        self._bar.update(max(0, int(step) - self._bar.n))
+        self._bar.update(max(0, int(step) - self._step))
+        self._step = max(self._step, int(step))
         if metrics:
             shown = {k: _scalar(metrics[k]) for k in self._show if k in metrics}
             self._bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
+        self._bar.refresh()
+        self._bar.refresh()
 
     @property
     def n(self) -> int:
-        return int(self._bar.n)
+        return self._step
 
     def close(self) -> None:
         self._bar.close()
