@@ -161,3 +161,21 @@ def test_state_covers_trainable_leaves_only(name):
     updates, _ = tx.update(jax.tree.map(jnp.ones_like, trainable), opt_state, trainable)
     assert jax.tree.structure(updates) == jax.tree.structure(trainable)
     assert float(optax.tree.norm(updates)) > 0
+
+
+def test_decay_mask_applies_within_every_label_group():
+    params = {
+        "a": {"kernel": jnp.full((2,), 2.0), "bias": jnp.full((2,), 2.0)},
+        "b": {"kernel": jnp.full((2,), 4.0)},
+    }
+    labels = {"a": {"kernel": "trainable", "bias": "trainable"}, "b": {"kernel": "lora"}}
+    config = OptimizerConfig(
+        name="sgd", momentum=0.0, learning_rate=0.1, weight_decay=0.5, lr_multipliers={"lora": 2}
+    )
+    tx = make_optimizer(config, labels)
+    zero_grads = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = tx.update(zero_grads, tx.init(params), params)
+    # Pure decay: -lr * multiplier * wd * param, and nothing for the bias.
+    np.testing.assert_allclose(updates["a"]["kernel"], [-0.1, -0.1], rtol=1e-6)
+    np.testing.assert_array_equal(updates["a"]["bias"], [0.0, 0.0])
+    np.testing.assert_allclose(updates["b"]["kernel"], [-0.4, -0.4], rtol=1e-6)
