@@ -27,6 +27,9 @@ Decisions:
   killed mid-save (even by ``kill -9``) leaves a tmp directory that is never
   listed as a step and never restored; ``cleanup_tmp_directories`` deletes
   it on the next start.
+* **When.** ``save`` writes when ``step % save_interval_steps == 0``, and
+  also (orbax's initial-save policy) on the first call in a directory that
+  has no checkpoint yet.
 * **Async.** Saves are asynchronous by default: device arrays are copied to
   host, then written in a background thread while training continues. The
   next save (or ``wait_until_finished``/``close``) waits for the previous.

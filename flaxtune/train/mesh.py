@@ -38,7 +38,7 @@ from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from flaxtune.train.partition import split_params, unbox
+from flaxtune.train.partition import unbox
 from flaxtune.train.state import TrainState, create_train_state
 from flaxtune.train.step import StepFn
 
@@ -213,11 +213,6 @@ def sharded_train_state(
         shardings = train_state_shardings(abstract_state, params_shardings, mesh)
         state = jax.jit(create, out_shardings=shardings)(init_rng)
     return state, shardings
-
-
-def split_shardings(params_shardings: PyTree, labels: PyTree) -> tuple[dict, dict]:
-    """``split_params`` for a sharding tree."""
-    return split_params(unbox(params_shardings), labels)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

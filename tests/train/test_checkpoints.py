@@ -220,10 +220,14 @@ def test_kill_9_during_a_save_then_resume_reproduces_the_losses(tmp_path):
 
     rc, _ = _run_child(tmp_path / "killed", total, tmp_path / "before.jsonl", kill_after_save=6)
     assert rc == -signal.SIGKILL
+    # Usually the kill lands while step 6 is still being written (a tmp dir remains).
+    killed_mid_save = any("tmp" in p for p in os.listdir(tmp_path / "killed" / "checkpoints"))
     rc, lines = _run_child(tmp_path / "killed", total, tmp_path / "after.jsonl")
     assert rc == 0
     resumed_from = int(next(x for x in lines if x.startswith("RESUMED")).split()[1])
     assert resumed_from in (4, 6)  # the last *complete* checkpoint at the kill
+    if killed_mid_save:
+        assert resumed_from == 4
     after = _losses(tmp_path / "after.jsonl")
     assert min(after) == resumed_from and max(after) == total - 1
     merged = {**_losses(tmp_path / "before.jsonl"), **after}
