@@ -56,7 +56,11 @@ __all__ = ["make_train_step", "split_microbatches"]
 
 
 def split_microbatches(batch: PyTree, k: int) -> PyTree:
-    """``[B, ...] -> [k, B // k, ...]`` with microbatch ``i`` = rows ``i::k``."""
+    """``[B, ...] -> [B // k, k, ...]``: microbatch ``i`` is ``[:, i]``, rows ``i::k``.
+
+    The microbatch axis is axis 1, not 0, so the batch axis keeps its
+    sharding and picking a microbatch never moves data between devices.
+    """
 
     def split(x):
         if x.ndim == 0 or x.shape[0] % k:
@@ -64,10 +68,13 @@ def split_microbatches(batch: PyTree, k: int) -> PyTree:
                 f"A batch leaf of shape {x.shape} cannot be split into {k} microbatches; "
                 f"the batch size must be a multiple of grad_accum_steps={k}."
             )
-        x = x.reshape((x.shape[0] // k, k, *x.shape[1:]))
-        return jnp.swapaxes(x, 0, 1)
+        return x.reshape((x.shape[0] // k, k, *x.shape[1:]))
 
     return jax.tree.map(split, batch)
+
+
+def _microbatch(micro: PyTree, i: jax.Array) -> PyTree:
+    return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, 1, keepdims=False), micro)
 
 
 def make_train_step(
@@ -127,7 +134,8 @@ def make_train_step(
 
             def body(carry, inputs):
                 grads_acc, loss_acc, weight_acc, aux_acc = carry
-                i, microbatch = inputs
+                i = inputs
+                microbatch = _microbatch(micro, i)
                 (_, (loss, weight, aux)), grads = grad_fn(
                     state.trainable, microbatch, jax.random.fold_in(step_rng, i)
                 )
@@ -141,9 +149,7 @@ def make_train_step(
 
             # The aux structure is only known after tracing loss_fn once.
             aux_shape = jax.eval_shape(
-                lambda: grad_fn(state.trainable, jax.tree.map(lambda x: x[0], micro), step_rng)[0][
-                    1
-                ][2]
+                lambda: grad_fn(state.trainable, _microbatch(micro, 0), step_rng)[0][1][2]
             )
             zeros = lambda t: jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), t)
             init = (
@@ -153,7 +159,7 @@ def make_train_step(
                 zeros(aux_shape),
             )
             (grads, loss_sum, weight_sum, aux_sums), _ = jax.lax.scan(
-                body, init, (jnp.arange(grad_accum_steps), micro)
+                body, init, jnp.arange(grad_accum_steps)
             )
             grad_weight = weight_sum
 

@@ -104,7 +104,7 @@ def test_gradient_accumulation_equals_one_big_batch():
 
 def test_microbatches_are_strided_and_batch_size_is_checked():
     x = np.arange(8)
-    np.testing.assert_array_equal(split_microbatches(x, 4), [[0, 4], [1, 5], [2, 6], [3, 7]])
+    np.testing.assert_array_equal(split_microbatches(x, 4).T, [[0, 4], [1, 5], [2, 6], [3, 7]])
     with pytest.raises(ValueError, match="multiple of grad_accum_steps=3"):
         split_microbatches(x, 3)
 
