@@ -28,7 +28,7 @@ the one-big-batch gradient even when microbatches hold different numbers of
 non-padding tokens. (``optax.MultiSteps`` averages microbatch means with equal
 weights, which is not.) Without ``weight_key`` in ``aux`` every microbatch has
 weight 1. ``aux`` scalars are combined with the same weights; ``weight_key``
-itself is summed.
+itself is summed. Microbatch gradients are accumulated in float32.
 
 Non-finite gradients (after unscaling) skip the update: trainable params and
 optimizer state keep their old values, the loss scale backs off, ``step``
@@ -116,16 +116,12 @@ def make_train_step(
                 )
             loss = loss.astype(jnp.float32)
             weight = jnp.asarray(aux.get(weight_key, 1.0), jnp.float32)
-            # With accumulation, differentiating the weighted loss makes the
-            # summed gradient token-weighted without a second pass over grads.
-            objective = loss * weight if grad_accum_steps > 1 else loss
-            return loss_scale.scale(objective), (loss, weight, aux)
+            return loss_scale.scale(loss), (loss, weight, aux)
 
         grad_fn = jax.value_and_grad(scaled_loss, has_aux=True)
 
         if grad_accum_steps == 1:
             (_, (loss, weight, aux)), grads = grad_fn(state.trainable, batch, step_rng)
-            grad_weight = jnp.ones((), jnp.float32)
             weight_sum = weight
             loss_sum = loss * weight
             aux_sums = {k: jnp.asarray(v, jnp.float32) * weight for k, v in aux.items()}
@@ -140,8 +136,12 @@ def make_train_step(
                     state.trainable, microbatch, jax.random.fold_in(step_rng, i)
                 )
                 aux = {k: jnp.asarray(v, jnp.float32) * weight for k, v in aux.items()}
+                # Weight the gradient, not the loss: the loss scale then means
+                # the same with and without accumulation (a token count of
+                # thousands would otherwise multiply into it), and the
+                # multiply fuses into the accumulating add.
                 return (
-                    jax.tree.map(jnp.add, grads_acc, grads),
+                    jax.tree.map(lambda a, g: a + weight * g.astype(jnp.float32), grads_acc, grads),
                     loss_acc + loss * weight,
                     weight_acc + weight,
                     jax.tree.map(jnp.add, aux_acc, aux),
@@ -153,7 +153,8 @@ def make_train_step(
             )
             zeros = lambda t: jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), t)
             init = (
-                jax.tree.map(jnp.zeros_like, state.trainable),
+                # Accumulate in float32 whatever the parameters' dtype.
+                jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.trainable),
                 jnp.zeros((), jnp.float32),
                 jnp.zeros((), jnp.float32),
                 zeros(aux_shape),
@@ -163,9 +164,11 @@ def make_train_step(
             )
             grad_weight = weight_sum
 
+        if grad_accum_steps > 1:  # token-weighted float32 sums -> the weighted mean
+            grads = jax.tree.map(
+                lambda g, p: (g / grad_weight).astype(p.dtype), grads, state.trainable
+            )
         grads = loss_scale.unscale(grads)
-        if grad_accum_steps > 1:  # grads are sums of weighted terms
-            grads = jax.tree.map(lambda g: g / grad_weight.astype(g.dtype), grads)
         grads_finite = all_finite(grads)
         updates, new_opt_state = optimizer.update(grads, state.opt_state, state.trainable)
         new_trainable = optax.apply_updates(state.trainable, updates)
