@@ -194,7 +194,8 @@ def sharded_train_state(
       init_params: ``rng -> params`` (boxed with logical axes), e.g.
         ``lambda r: model.init(r, x)["params"]``.
       init_rng: the key ``init_params`` gets.
-      labels: ``label_params`` of the params.
+      labels: ``label_params`` of the params; compute them from
+        ``jax.eval_shape(init_params, init_rng)`` so nothing is materialised.
       optimizer: from ``make_optimizer``.
       mesh, rules: where and how to shard.
       rng: the train state's base key.

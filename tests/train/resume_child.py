@@ -40,7 +40,7 @@ CONFIG = OptimizerConfig(
 
 def main(workdir: str, total_steps: int, losses_path: str) -> None:
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    labels = label_params(toy.init_params(toy.rng()), toy.RULES_ALL)
+    labels = label_params(jax.eval_shape(toy.init_params, toy.rng()), toy.RULES_ALL)
     tx = make_optimizer(CONFIG, labels)
     state, shardings = sharded_train_state(
         toy.init_params, toy.rng(), labels, tx, mesh, rng=toy.rng(1)

@@ -162,7 +162,7 @@ def test_restore_onto_a_sharded_target(tmp_path):
         ckpt.save(state)
         ckpt.wait_until_finished()
         mesh = make_mesh(2, 2, 2)
-        labels = label_params(toy.init_params(toy.rng()), toy.RULES_ALL)
+        labels = label_params(jax.eval_shape(toy.init_params, toy.rng()), toy.RULES_ALL)
         tx = make_optimizer(OptimizerConfig(weight_decay=0.01), labels)
         _, shardings = sharded_train_state(
             toy.init_params,

@@ -46,7 +46,7 @@ def test_sharded_init_places_params_by_logical_axes():
 
 
 def _train(mesh, steps=4, rules=toy.RULES_ALL):
-    labels = label_params(toy.init_params(toy.rng()), rules)
+    labels = label_params(jax.eval_shape(toy.init_params, toy.rng()), rules)
     config = OptimizerConfig(
         name="adamw", learning_rate=1e-2, weight_decay=0.01, clip_global_norm=1.0
     )
