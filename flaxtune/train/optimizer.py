@@ -200,7 +200,10 @@ def _branch(
     parts = [_preconditioner(config)]
     if config.name == "adafactor":
         # The parts of optax.adafactor that make it Adafactor besides the
-        # factored moments: update clipping and (optional) momentum.
+        # factored moments: update clipping and (optional) momentum. Unlike
+        # optax.adafactor's default, updates are not multiplied by the
+        # parameter scale, so learning_rate is an absolute step size here as
+        # for the other optimizers.
         parts.append(optax.clip_by_block_rms(1.0))
         if config.momentum:
             parts.append(optax.ema(config.momentum, debias=False))
@@ -242,10 +245,11 @@ def make_optimizer(config: OptimizerConfig, labels: PyTree) -> optax.GradientTra
     # Each branch sees its label's leaves only (the rest are MaskedNode), so
     # its decay mask must be the full mask restricted the same way: optax.masked
     # handles that when given a callable of the (masked) params.
-    branches = {}
-    for group in groups:
-        mask_fn = _restricted_mask(decay_mask)
-        branches[group] = _branch(config, schedule, config.lr_multipliers.get(group, 1.0), mask_fn)
+    mask_fn = _restricted_mask(decay_mask)
+    branches = {
+        group: _branch(config, schedule, config.lr_multipliers.get(group, 1.0), mask_fn)
+        for group in groups
+    }
     tx = optax.multi_transform(branches, trainable_labels)
     if config.clip_global_norm is not None:
         tx = optax.chain(optax.clip_by_global_norm(config.clip_global_norm), tx)

@@ -48,7 +48,6 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-import flax.linen as nn
 from flax import traverse_util
 from flax.core import meta
 
@@ -62,18 +61,15 @@ __all__ = [
     "MatchTable",
     "TrainabilityRules",
     "label_params",
+    "match_rules",
     "merge_params",
     "param_paths",
+    "paths_matching",
     "split_params",
-    "trainable_labels",
     "unbox",
 ]
 
 _log = logging.getLogger(__name__)
-
-
-def _is_box(x: Any) -> bool:
-    return isinstance(x, meta.AxisMetadata)
 
 
 def unbox(tree: PyTree) -> PyTree:
@@ -197,12 +193,6 @@ def label_params(params: PyTree, rules: TrainabilityRules | Rules) -> dict:
     return traverse_util.unflatten_dict(table.labels(), sep="/")
 
 
-def trainable_labels(labels: PyTree) -> tuple[str, ...]:
-    """The distinct non-frozen labels, sorted."""
-    flat = traverse_util.flatten_dict(_to_plain_dict(labels), sep="/")
-    return tuple(sorted({v for v in flat.values() if v != FROZEN}))
-
-
 def _check_same_paths(flat_params: dict, flat_labels: dict) -> None:
     if flat_params.keys() != flat_labels.keys():
         missing = sorted(flat_params.keys() - flat_labels.keys())
@@ -242,14 +232,6 @@ def merge_params(trainable: PyTree, frozen: PyTree) -> dict:
             "They must come from one split_params call."
         )
     return traverse_util.unflatten_dict({**flat_f, **flat_t}, sep="/")
-
-
-def logical_axes(params: PyTree) -> dict[str, tuple[str | None, ...] | None]:
-    """Path → logical axis names of each boxed leaf (``None`` if unboxed)."""
-    out: dict[str, tuple[str | None, ...] | None] = {}
-    for path, leaf in _flatten(params).items():
-        out[path] = tuple(leaf.names) if isinstance(leaf, nn.LogicallyPartitioned) else None
-    return out
 
 
 def paths_matching(params: PyTree, patterns: Iterable[str]) -> dict:
