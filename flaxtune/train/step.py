@@ -95,7 +95,8 @@ def make_train_step(
       grad_accum_steps: microbatches per update; see the module docstring.
       weight_key: the ``aux`` entry that weights microbatches.
 
-    Metrics: ``loss``, ``grad_norm`` (unscaled, before clipping),
+    Metrics: ``loss``, ``perplexity`` (``exp`` of ``aux["nll"]`` if the
+    loss_fn reports it, else of ``loss``), ``grad_norm`` (unscaled, before clipping),
     ``update_norm``, ``learning_rate``, ``loss_scale`` (the scale this step
     used), ``grads_finite``, ``skipped_steps`` (cumulative) and ``aux``'s
     entries.
@@ -187,8 +188,14 @@ def make_train_step(
         metrics = {k: v / weight_sum for k, v in aux_sums.items()}
         if weight_key in aux_sums:
             metrics[weight_key] = weight_sum
+        loss = loss_sum / weight_sum
+        # Perplexity is exp(token-mean NLL). The objective may include label
+        # smoothing or z-loss, so a loss_fn that reports the plain NLL as
+        # aux["nll"] gets the exact value; otherwise exp(loss) is reported.
+        nll = metrics.get("nll", loss)
         metrics.update(
-            loss=loss_sum / weight_sum,
+            loss=loss,
+            perplexity=jnp.exp(jnp.minimum(nll, 80.0)),  # clipped: exp(80) fits float32
             grad_norm=optax.tree.norm(grads),
             update_norm=jnp.where(grads_finite, optax.tree.norm(updates), 0.0),
             loss_scale=jnp.asarray(loss_scale.loss_scale, jnp.float32),

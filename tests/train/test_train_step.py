@@ -1,5 +1,7 @@
 """The train step: frozen params, accumulation, loss scaling, metrics, donation."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -62,6 +64,7 @@ def test_metrics_report_the_schedule_and_norms():
         assert float(metrics["learning_rate"]) == pytest.approx(float(schedule(i)))
     expected_keys = {
         "loss",
+        "perplexity",
         "accuracy",
         "num_tokens",
         "grad_norm",
@@ -73,6 +76,7 @@ def test_metrics_report_the_schedule_and_norms():
     }
     assert set(metrics) == expected_keys
     assert float(metrics["num_tokens"]) == toy.batch_at(2)["weights"].sum()
+    assert float(metrics["perplexity"]) == pytest.approx(math.exp(float(metrics["loss"])))
     assert float(metrics["grad_norm"]) > 0 and float(metrics["update_norm"]) > 0
 
 
@@ -207,3 +211,26 @@ def test_loss_fn_must_return_a_dict():
     bad = lambda p, b, r: (toy.loss_fn(p, b, r)[0], 1.0)
     with pytest.raises(TypeError, match="dict_of_scalars"):
         make_train_step(bad, tx)(state, toy.batch_at(0))
+
+
+def test_loss_scaling_rescues_float16_gradients_from_underflow():
+    # d(loss)/dw = x * 2**-20 ~ 1e-8: below float16's smallest subnormal (6e-8).
+    x = np.full((4,), 0.01, np.float32)
+    c = jnp.float16(2.0**-20)
+
+    def fp16_loss(params, batch, rng):
+        del rng
+        w = params["w"].astype(jnp.float16)
+        return jnp.sum(w * batch["x"].astype(jnp.float16)) * c, {}
+
+    updates = {}
+    for name, scaler in (("none", None), ("static", StaticLossScale.create(2.0**15))):
+        params = {"w": jnp.zeros((4,), jnp.float32)}  # so w + update is exact
+        labels = {"w": "trainable"}
+        tx = make_optimizer(OptimizerConfig(name="sgd", momentum=0.0, learning_rate=1.0), labels)
+        state = create_train_state(params, labels, tx, rng=toy.rng(), loss_scale=scaler)
+        new_state, metrics = jax.jit(make_train_step(fp16_loss, tx))(state, {"x": x})
+        assert bool(metrics["grads_finite"])
+        updates[name] = np.asarray(new_state.trainable["w"])
+    np.testing.assert_array_equal(updates["none"], 0.0)  # the gradient vanished
+    np.testing.assert_allclose(updates["static"], -x * 2.0**-20, rtol=2e-3)
