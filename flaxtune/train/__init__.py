@@ -1,0 +1,109 @@
+"""Training machinery, model-agnostic: everything takes a params pytree and a ``loss_fn``.
+
+* ``partition``: ``(regex, label)`` trainability rules → trainable / frozen split.
+* ``optimizer``: optax AdamW / Adafactor / SGD over the trainable subtree.
+* ``losses``: float32 token cross-entropy (label smoothing, z-loss), accuracy.
+* ``state`` / ``step``: the ``TrainState`` pytree and the jit-able train step.
+* ``mesh``: ``(data, fsdp, tensor)`` mesh, logical axis rules, sharded init.
+* ``checkpoints``: orbax checkpoints with exact resume and run metadata.
+* ``metrics_writer`` / ``throughput``: JSONL + TensorBoard, progress bar,
+  loss curves, tokens/s and MFU.
+
+How the pieces fit (a loop needs little more)::
+
+    mesh = make_mesh(data=-1, fsdp=1, tensor=1)
+    init = lambda rng: model.init(rng, dummy_inputs)["params"]   # boxed, logical axes
+    labels = label_params(jax.eval_shape(init, init_rng), rules)  # logged per parameter
+    tx = make_optimizer(opt_config, labels)
+    state, shardings = sharded_train_state(init, init_rng, labels, tx, mesh, rng=rng,
+                                           loss_scale=make_loss_scale("dynamic"))
+    step = jit_train_step(
+        make_train_step(loss_fn, tx, schedule=make_schedule(opt_config),
+                        grad_accum_steps=opt_config.grad_accum_steps),
+        mesh, shardings)
+    ckpt = CheckpointManager(workdir, save_interval_steps=500, best_metric="eval/loss",
+                             config=config, tokenizer_path=spm_path)
+    if ckpt.latest_step() is not None:
+        state, data_state = ckpt.restore(state)            # onto the same shardings
+    with MetricsWriter(workdir) as writer:
+        while int(state.step) < total_steps:
+            state, metrics = step(state, shard_batch(next(batches), mesh))
+            writer.write_scalars(int(state.step), metrics)
+            ckpt.save(state, data_state=loader_state)
+    ckpt.close()
+    plot_curves(f"{workdir}/metrics.jsonl", f"{workdir}/loss.png")
+"""
+
+from flaxtune.train.checkpoints import (
+    CheckpointManager,
+    CheckpointMismatchError,
+    TokenizerMismatchError,
+    file_fingerprint,
+)
+from flaxtune.train.losses import cross_entropy_with_logits, token_accuracy
+from flaxtune.train.mesh import (
+    LOGICAL_AXIS_RULES,
+    jit_train_step,
+    make_mesh,
+    mesh_context,
+    shard_batch,
+    sharded_init,
+    sharded_train_state,
+    train_state_shardings,
+)
+from flaxtune.train.metrics_writer import MetricsWriter, ProgressBar, plot_curves, read_metrics
+from flaxtune.train.optimizer import (
+    OptimizerConfig,
+    count_optimizer_state_bytes,
+    make_optimizer,
+    make_schedule,
+)
+from flaxtune.train.partition import (
+    FROZEN,
+    TrainabilityRules,
+    label_params,
+    match_rules,
+    merge_params,
+    split_params,
+)
+from flaxtune.train.state import TrainState, create_train_state, export_inference_params
+from flaxtune.train.step import make_train_step
+from flaxtune.train.throughput import compiled_flops, measure_peak_flops, throughput_metrics
+
+__all__ = [
+    "FROZEN",
+    "LOGICAL_AXIS_RULES",
+    "CheckpointManager",
+    "CheckpointMismatchError",
+    "MetricsWriter",
+    "OptimizerConfig",
+    "ProgressBar",
+    "TokenizerMismatchError",
+    "TrainState",
+    "TrainabilityRules",
+    "compiled_flops",
+    "count_optimizer_state_bytes",
+    "create_train_state",
+    "cross_entropy_with_logits",
+    "export_inference_params",
+    "file_fingerprint",
+    "jit_train_step",
+    "label_params",
+    "make_mesh",
+    "make_optimizer",
+    "make_schedule",
+    "make_train_step",
+    "match_rules",
+    "measure_peak_flops",
+    "merge_params",
+    "mesh_context",
+    "plot_curves",
+    "read_metrics",
+    "shard_batch",
+    "sharded_init",
+    "sharded_train_state",
+    "split_params",
+    "throughput_metrics",
+    "token_accuracy",
+    "train_state_shardings",
+]

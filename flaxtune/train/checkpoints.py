@@ -1,0 +1,396 @@
+"""Checkpoints: orbax's ``CheckpointManager`` with run metadata and clear errors.
+
+A run directory looks like::
+
+    workdir/
+    ├── config.json                 the run's config (written once)
+    ├── tokenizer/<file>            a copy of the tokenizer model file
+    ├── tokenizer_fingerprint.txt   its fingerprint
+    └── checkpoints/
+        ├── 200/                    one committed checkpoint per saved step
+        │   ├── state/              the TrainState (orbax StandardSave)
+        │   ├── data/               data iterator state (JSON)
+        │   ├── meta/               run metadata: tokenizer fingerprint, step (JSON)
+        │   └── metrics/            the metrics used to rank "best" (JSON)
+        └── 400.orbax-checkpoint-tmp-1712345678/   an unfinished save
+
+Decisions:
+
+* **What is kept.** The last ``max_to_keep`` checkpoints *and* the best one
+  by ``best_metric``. Orbax 0.12's ``max_to_keep`` + ``best_fn`` alone keeps
+  the best K and would delete the latest if it is not among them, so we pass
+  an explicit ``preservation_policy``: ``AnyPreservationPolicy([LatestN(K),
+  BestN(1)])`` (a checkpoint survives if either policy keeps it). Checkpoints
+  saved without the metric compete only for the "latest" slots.
+* **Atomicity.** Orbax writes into ``<step>.orbax-checkpoint-tmp-<time>/`` and
+  renames it to ``<step>/`` only once every item is written, so a process
+  killed mid-save (even by ``kill -9``) leaves a tmp directory that is never
+  listed as a step and never restored; ``cleanup_tmp_directories`` deletes
+  it on the next start.
+* **When.** ``save`` writes when ``step % save_interval_steps == 0``, and
+  also (orbax's initial-save policy) on the first call in a directory that
+  has no checkpoint yet.
+* **Async.** Saves are asynchronous by default: device arrays are copied to
+  host, then written in a background thread while training continues. The
+  next save (or ``wait_until_finished``/``close``) waits for the previous.
+* **Restore is sharded.** ``restore(target)`` takes a state whose leaves are
+  arrays or ``jax.ShapeDtypeStruct`` s with shardings, and every leaf is read
+  straight into its sharding. Before reading, the checkpoint's tree is
+  compared with the target's: missing, unexpected or differently shaped
+  entries are listed by path in one ``CheckpointMismatchError``.
+* **The tokenizer travels with the model.** The fingerprint recorded at save
+  time must equal the manager's at restore time; otherwise the error names
+  both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+from flaxtune.train.state import TrainState
+
+PyTree = Any
+
+__all__ = [
+    "CheckpointManager",
+    "CheckpointMismatchError",
+    "TokenizerMismatchError",
+    "file_fingerprint",
+]
+
+_STATE, _DATA, _META = "state", "data", "meta"
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint's tree does not fit the state it is restored into."""
+
+
+class TokenizerMismatchError(ValueError):
+    """The checkpoint was written with a different tokenizer."""
+
+
+def file_fingerprint(path: str | os.PathLike) -> str:
+    """``sha256:<hex>`` of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return f"sha256:{digest.hexdigest()}"
+
+
+def _config_to_json(config: Any) -> Any:
+    if config is None:
+        return None
+    if hasattr(config, "to_dict"):  # ml_collections.ConfigDict
+        config = config.to_dict()
+    elif dataclasses.is_dataclass(config) and not isinstance(config, type):
+        config = dataclasses.asdict(config)
+    # Round-trip through JSON so the error (an unserialisable value) is raised
+    # here, at construction, and not in a background save.
+    try:
+        return json.loads(json.dumps(config, default=_json_default))
+    except TypeError as e:
+        raise TypeError(
+            f"The run config is not JSON-serialisable ({e}); keep configs to numbers, "
+            "strings, bools, lists and dicts."
+        ) from e
+
+
+def _json_default(x: Any) -> Any:
+    if isinstance(x, tuple | set | frozenset):
+        return list(x)
+    raise TypeError(f"{type(x).__name__} is not JSON serialisable")
+
+
+def _key_name(key: Any) -> str:
+    if isinstance(key, jax.tree_util.DictKey):
+        return str(key.key)
+    if isinstance(key, jax.tree_util.GetAttrKey):
+        return key.name
+    if isinstance(key, jax.tree_util.SequenceKey):
+        return str(key.idx)
+    return str(key)
+
+
+def _target_shapes(target: PyTree) -> dict[str, tuple[int, ...]]:
+    leaves = jax.tree_util.tree_flatten_with_path(target)[0]
+    return {".".join(_key_name(k) for k in path): tuple(leaf.shape) for path, leaf in leaves}
+
+
+def _metadata_shapes(tree: Any, prefix: str = "") -> dict[str, tuple[int, ...]]:
+    out: dict[str, tuple[int, ...]] = {}
+    if isinstance(tree, Mapping):
+        items = tree.items()
+    elif isinstance(tree, list | tuple):
+        items = enumerate(tree)
+    elif tree is None:  # an empty node (e.g. optax's EmptyState)
+        return out
+    else:
+        out[prefix] = tuple(tree.shape)
+        return out
+    for k, v in items:
+        out.update(_metadata_shapes(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def _describe_mismatch(saved: dict, wanted: dict, limit: int = 15) -> str | None:
+    missing = sorted(wanted.keys() - saved.keys())
+    unexpected = sorted(saved.keys() - wanted.keys())
+    reshaped = sorted(
+        f"{k}: checkpoint {saved[k]} vs model {wanted[k]}"
+        for k in saved.keys() & wanted.keys()
+        if saved[k] != wanted[k]
+    )
+    parts = []
+    for title, items in (
+        ("missing from the checkpoint", missing),
+        ("in the checkpoint but not in the model", unexpected),
+        ("with different shapes", reshaped),
+    ):
+        if items:
+            more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
+            parts.append(
+                f"{len(items)} entries {title}:\n    " + "\n    ".join(items[:limit]) + more
+            )
+    return "\n  ".join(parts) if parts else None
+
+
+class CheckpointManager:
+    """Saves and restores ``TrainState`` s plus data-iterator state and run metadata.
+
+    Args:
+      workdir: the run directory; checkpoints go to ``workdir/checkpoints``.
+      save_interval_steps: ``save`` is a no-op unless ``step`` is a multiple
+        of it (or ``force=True``).
+      max_to_keep: how many of the latest checkpoints to keep.
+      best_metric: the ``metrics`` key that ranks checkpoints; ``None`` keeps
+        only the latest.
+      best_mode: ``"min"`` or ``"max"``.
+      async_save: write in a background thread.
+      config: the run config (dict, dataclass or ``ConfigDict``) → ``config.json``.
+      tokenizer_path: the tokenizer file, copied into ``workdir/tokenizer/``.
+      tokenizer_fingerprint: recorded in every checkpoint and checked on
+        restore; defaults to the sha256 of ``tokenizer_path``.
+    """
+
+    def __init__(
+        self,
+        workdir: str | os.PathLike,
+        *,
+        save_interval_steps: int = 1000,
+        max_to_keep: int = 3,
+        best_metric: str | None = None,
+        best_mode: str = "min",
+        async_save: bool = True,
+        config: Any = None,
+        tokenizer_path: str | os.PathLike | None = None,
+        tokenizer_fingerprint: str | None = None,
+    ) -> None:
+        if best_mode not in ("min", "max"):
+            raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}.")
+        if max_to_keep < 1:
+            raise ValueError(f"max_to_keep must be >= 1, got {max_to_keep}.")
+        self.workdir = epath.Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.best_metric = best_metric
+        if tokenizer_fingerprint is None and tokenizer_path is not None:
+            tokenizer_fingerprint = file_fingerprint(tokenizer_path)
+        self.tokenizer_fingerprint = tokenizer_fingerprint
+        self._write_run_files(config, tokenizer_path)
+
+        policies: list[Any] = [ocp.checkpoint_managers.LatestN(n=max_to_keep)]
+        best_fn = None
+        if best_metric is not None:
+            best_fn = lambda metrics: float(metrics[best_metric])
+            policies.append(
+                ocp.checkpoint_managers.BestN(
+                    get_metric_fn=best_fn,
+                    reverse=best_mode == "min",
+                    n=1,
+                    keep_checkpoints_without_metrics=False,
+                )
+            )
+        options = ocp.CheckpointManagerOptions(
+            save_interval_steps=save_interval_steps,
+            best_fn=best_fn,
+            best_mode=best_mode,
+            keep_checkpoints_without_metrics=False,
+            preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,
+            create=True,
+        )
+        # Handlers are named up front so that a fresh process can read an
+        # existing checkpoint's metadata before anything is restored.
+        self._manager = ocp.CheckpointManager(
+            self.workdir / "checkpoints",
+            options=options,
+            item_handlers={
+                _STATE: ocp.StandardCheckpointHandler(),
+                _DATA: ocp.JsonCheckpointHandler(),
+                _META: ocp.JsonCheckpointHandler(),
+            },
+        )
+
+    # -- run files -------------------------------------------------------
+
+    def _write_run_files(self, config: Any, tokenizer_path: str | os.PathLike | None) -> None:
+        if config is not None:
+            text = json.dumps(_config_to_json(config), indent=2, sort_keys=True)
+            _atomic_write(self.workdir / "config.json", text)
+        if tokenizer_path is not None:
+            target_dir = self.workdir / "tokenizer"
+            target_dir.mkdir(exist_ok=True)
+            shutil.copyfile(
+                tokenizer_path, os.fspath(target_dir / os.path.basename(tokenizer_path))
+            )
+        if self.tokenizer_fingerprint is not None:
+            _atomic_write(self.workdir / "tokenizer_fingerprint.txt", self.tokenizer_fingerprint)
+
+    # -- queries ---------------------------------------------------------
+
+    @property
+    def directory(self) -> epath.Path:
+        return self._manager.directory
+
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def best_step(self) -> int | None:
+        """The best step by ``best_metric`` (the latest if there is no metric)."""
+        return self._manager.best_step()
+
+    # -- save / restore --------------------------------------------------
+
+    def save(
+        self,
+        state: TrainState,
+        *,
+        data_state: Mapping[str, Any] | None = None,
+        metrics: Mapping[str, float] | None = None,
+        force: bool = False,
+    ) -> bool:
+        """Saves ``state`` at ``state.step`` if the interval says so; returns whether it did.
+
+        ``metrics`` must hold ``best_metric`` for the checkpoint to compete
+        for "best". Returns immediately with async saving; the arrays are
+        already copied, so ``state`` may be donated right after.
+        """
+        step = int(jax.device_get(state.step))
+        if metrics is not None:
+            metrics = {k: float(v) for k, v in metrics.items()}
+            if self.best_metric is not None and self.best_metric not in metrics:
+                raise KeyError(
+                    f"save(metrics=...) lacks the best_metric {self.best_metric!r}; "
+                    f"got {sorted(metrics)}."
+                )
+        meta = {"step": step, "tokenizer_fingerprint": self.tokenizer_fingerprint}
+        return self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                **{
+                    _STATE: ocp.args.StandardSave(state),
+                    _DATA: ocp.args.JsonSave(dict(data_state or {})),
+                    _META: ocp.args.JsonSave(meta),
+                }
+            ),
+            metrics=metrics,
+            force=force,
+        )
+
+    def check_compatible(self, target: TrainState, step: int) -> None:
+        """Raises ``CheckpointMismatchError`` if ``step``'s tree does not fit ``target``."""
+        saved_tree = self._manager.item_metadata(step)[_STATE]
+        saved_tree = getattr(saved_tree, "tree", saved_tree)
+        if saved_tree is None:
+            raise CheckpointMismatchError(
+                f"Checkpoint {self.directory / str(step)} has no readable train state; it was "
+                "not written by flaxtune's CheckpointManager."
+            )
+        problem = _describe_mismatch(_metadata_shapes(saved_tree), _target_shapes(target))
+        if problem:
+            raise CheckpointMismatchError(
+                f"Checkpoint {self.directory / str(step)} does not fit the model's train state:\n  "
+                f"{problem}\nRestore with the model config, trainability rules and optimizer "
+                "the checkpoint was written with, or start a fresh workdir."
+            )
+
+    def restore(
+        self, target: TrainState, step: int | None = None
+    ) -> tuple[TrainState, dict[str, Any]]:
+        """Restores ``(state, data_state)`` from ``step`` (default: the latest).
+
+        Args:
+          target: a ``TrainState`` of arrays or ``jax.ShapeDtypeStruct`` s
+            carrying shardings; leaves are restored into those shardings.
+          step: which checkpoint; ``None`` for the latest.
+        """
+        if step is None:
+            step = self.latest_step()
+            if step is None:
+                raise FileNotFoundError(f"No complete checkpoint in {self.directory}.")
+        elif step not in self.all_steps():
+            raise FileNotFoundError(
+                f"No complete checkpoint for step {step} in {self.directory}; "
+                f"available: {self.all_steps()}."
+            )
+        meta = self._manager.restore(
+            step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()})
+        )
+        saved_fp = meta[_META].get("tokenizer_fingerprint")
+        if (
+            self.tokenizer_fingerprint is not None
+            and saved_fp is not None
+            and saved_fp != self.tokenizer_fingerprint
+        ):
+            raise TokenizerMismatchError(
+                f"Checkpoint step {step} was written with tokenizer {saved_fp}, but this run "
+                f"uses {self.tokenizer_fingerprint}. Load the tokenizer saved in "
+                f"{self.workdir / 'tokenizer'} or start a fresh workdir."
+            )
+        self.check_compatible(target, step)
+        abstract = jax.tree.map(_abstract_leaf, target)
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                **{_STATE: ocp.args.StandardRestore(abstract), _DATA: ocp.args.JsonRestore()}
+            ),
+        )
+        return restored[_STATE], dict(restored[_DATA] or {})
+
+    def wait_until_finished(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.close()
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _abstract_leaf(x: Any) -> jax.ShapeDtypeStruct:
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return x
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
+
+
+def _atomic_write(path: epath.Path, text: str) -> None:
+    tmp = path.parent / f".{path.name}.tmp"
+    tmp.write_text(text)
+    os.replace(os.fspath(tmp), os.fspath(path))

@@ -1,0 +1,205 @@
+"""Where metrics go: ``metrics.jsonl``, TensorBoard, a progress bar, a PNG.
+
+* ``MetricsWriter(workdir)`` appends one JSON object per call to
+  ``workdir/metrics.jsonl`` (``{"step": 10, "loss": 2.3, ...}``) and writes
+  the same scalars as TensorBoard events through ``tensorboardX`` (no
+  TensorFlow needed). Values are pulled to host once per call. The JSONL
+  file is the source of truth: it is line-buffered and flushed per call, so a
+  killed run loses at most the line being written, and readers skip a torn
+  last line.
+* ``ProgressBar`` wraps ``tqdm`` with the step count, ETA and a few metrics.
+* ``plot_curves(metrics_jsonl, out_png)`` draws train (and eval) loss vs
+  step with matplotlib's Agg backend (no display needed).
+
+Names with a ``/`` (``eval/loss``) are TensorBoard groups; in JSONL they are
+plain keys.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any, TextIO
+
+import jax
+import numpy as np
+
+__all__ = ["MetricsWriter", "ProgressBar", "plot_curves", "read_metrics"]
+
+
+def _scalar(value: Any) -> float | int | bool:
+    value = np.asarray(jax.device_get(value))
+    if value.size != 1:
+        raise ValueError(
+            f"Metrics must be scalars, got an array of shape {value.shape}; "
+            "reduce it (mean/sum) before writing."
+        )
+    item = value.item()
+    if isinstance(item, bool | int):
+        return item
+    return float(item)
+
+
+class MetricsWriter:
+    """Writes scalars to ``workdir/metrics.jsonl`` and TensorBoard event files.
+
+    Args:
+      workdir: the run directory (created if missing).
+      tensorboard: also write TensorBoard events to ``workdir/tensorboard``.
+    """
+
+    def __init__(self, workdir: str | os.PathLike, *, tensorboard: bool = True) -> None:
+        os.makedirs(workdir, exist_ok=True)
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self._file = open(self.path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+        self._tb = None
+        if tensorboard:
+            from tensorboardX import SummaryWriter  # deferred: a heavy import
+
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+        values = {k: _scalar(v) for k, v in scalars.items()}
+        if "step" in values:
+            raise ValueError("'step' is reserved for the step argument; rename the metric.")
+        record = {"step": int(step), **values}
+        # NaN/inf are written as JSON's NaN/Infinity literals (Python reads them back).
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for name, value in values.items():
+                self._tb.add_scalar(name, float(value), global_step=int(step))
+
+    def flush(self) -> None:
+        self._file.flush()
+        if self._tb is not None:
+            self._tb.flush()
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+    def __enter__(self) -> MetricsWriter:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl``; a torn last line (a killed run) is skipped."""
+    records = []
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i >= len(lines) - 2:  # only the final line may be partial
+                break
+            raise ValueError(f"{path}:{i + 1} is not valid JSON: {line[:80]!r}") from None
+    return records
+
+
+class ProgressBar:
+    """A tqdm bar over steps ``initial..total`` with ETA and metric postfix.
+
+    ``disable=None`` (tqdm's default) hides the bar when output is not a
+    terminal, so batch logs are not flooded with carriage returns.
+    """
+
+    def __init__(
+        self,
+        total: int,
+        *,
+        initial: int = 0,
+        show: Iterable[str] = ("loss", "learning_rate"),
+        disable: bool | None = None,
+        file: TextIO | None = None,
+    ) -> None:
+        from tqdm.auto import tqdm
+
+        self._show = tuple(show)
+        self._step = int(initial)  # tracked here: a disabled tqdm does not count
+        self._bar = tqdm(
+            total=total,
+            initial=initial,
+            unit="step",
+            dynamic_ncols=True,
+            disable=disable,
+            file=file,
+        )
+
+    def update(self, step: int, metrics: Mapping[str, Any] | None = None) -> None:
+        """Moves the bar to ``step`` (absolute) and shows the chosen metrics."""
+        self._bar.update(max(0, int(step) - self._step))
+        self._step = max(self._step, int(step))
+        if metrics:
+            shown = {k: _scalar(metrics[k]) for k in self._show if k in metrics}
+            self._bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
+        self._bar.refresh()
+        self._bar.refresh()
+
+    @property
+    def n(self) -> int:
+        return self._step
+
+    def close(self) -> None:
+        self._bar.close()
+
+    def __enter__(self) -> ProgressBar:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def plot_curves(
+    metrics_jsonl: str | os.PathLike,
+    out_png: str | os.PathLike,
+    *,
+    train_key: str = "loss",
+    eval_key: str = "eval/loss",
+    title: str | None = None,
+) -> None:
+    """Plots ``train_key`` (and ``eval_key`` if logged) against step into a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    records = read_metrics(metrics_jsonl)
+    series = {}
+    for key in (train_key, eval_key):
+        points = [
+            (r["step"], r[key])
+            for r in records
+            if key in r and isinstance(r[key], int | float) and math.isfinite(r[key])
+        ]
+        if points:
+            series[key] = points
+    if train_key not in series:
+        raise ValueError(
+            f"{metrics_jsonl} has no finite {train_key!r} values to plot; "
+            f"keys seen: {sorted({k for r in records for k in r})}."
+        )
+    # A Figure not attached to pyplot: no global state, safe in threads and tests.
+    fig = Figure(figsize=(6, 4), dpi=100)
+    ax = fig.add_subplot()
+    for key, points in series.items():
+        steps, values = zip(*points, strict=True)
+        ax.plot(steps, values, label=key, marker="o" if key == eval_key else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title or os.path.basename(os.path.dirname(os.path.abspath(metrics_jsonl))))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.fspath(out_png))

@@ -1,0 +1,88 @@
+"""Mesh, sharded init and the jitted step: 1 device vs a (2, 2, 2) mesh of fake CPUs."""
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from flaxtune.train.mesh import (
+    LOGICAL_AXIS_RULES,
+    jit_train_step,
+    make_mesh,
+    shard_batch,
+    sharded_init,
+    sharded_train_state,
+)
+from flaxtune.train.optimizer import OptimizerConfig, make_optimizer, make_schedule
+from flaxtune.train.partition import label_params
+from flaxtune.train.step import make_train_step
+
+from . import toy
+
+
+def test_make_mesh_sizes_and_errors():
+    assert len(jax.devices()) == 8, "tests/conftest.py should provide 8 fake CPU devices"
+    assert dict(make_mesh().shape) == {"data": 8, "fsdp": 1, "tensor": 1}
+    assert dict(make_mesh(data=2, fsdp=-1, tensor=2).shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    with pytest.raises(ValueError, match="does not divide the 8 available devices"):
+        make_mesh(data=3)
+    with pytest.raises(ValueError, match="uses 4 devices but 8 are available"):
+        make_mesh(data=2, fsdp=2, tensor=1)
+    with pytest.raises(ValueError, match="At most one mesh axis may be -1"):
+        make_mesh(data=-1, fsdp=-1)
+
+
+def test_sharded_init_places_params_by_logical_axes():
+    mesh = make_mesh(2, 2, 2)
+    params = sharded_init(toy.init_params, mesh, LOGICAL_AXIS_RULES, toy.rng())
+    wi = params["wi"]["kernel"].value  # ("embed", "mlp") -> ("fsdp", "tensor")
+    assert wi.sharding.spec == P("fsdp", "tensor")
+    assert wi.addressable_shards[0].data.shape == (toy.EMBED // 2, toy.HIDDEN // 2)
+    assert params["embedding"].value.sharding.spec == P("tensor", "fsdp")
+    # Same values as an unsharded init.
+    plain = toy.init_params(toy.rng())
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(plain), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def _train(mesh, steps=4, rules=toy.RULES_ALL):
+    labels = label_params(jax.eval_shape(toy.init_params, toy.rng()), rules)
+    config = OptimizerConfig(
+        name="adamw", learning_rate=1e-2, weight_decay=0.01, clip_global_norm=1.0
+    )
+    tx = make_optimizer(config, labels)
+    state, shardings = sharded_train_state(
+        toy.init_params, toy.rng(), labels, tx, mesh, rng=toy.rng(1)
+    )
+    step = jit_train_step(
+        make_train_step(toy.loss_fn, tx, schedule=make_schedule(config)), mesh, shardings
+    )
+    losses = []
+    for i in range(steps):
+        previous = state
+        state, metrics = step(state, shard_batch(toy.batch_at(i), mesh))
+        losses.append(float(metrics["loss"]))
+    return losses, state, previous
+
+
+def test_one_device_and_a_data_fsdp_tensor_mesh_give_the_same_losses():
+    single, state1, _ = _train(make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+    sharded, state8, previous = _train(make_mesh(2, 2, 2))
+    np.testing.assert_allclose(sharded, single, rtol=1e-5)
+    assert single[-1] < single[0]
+    for a, b in zip(
+        jax.tree.leaves(state8.trainable), jax.tree.leaves(state1.trainable), strict=True
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    # The state stays laid out by the rules, optimizer moments like their params.
+    wi = state8.trainable["wi"]["kernel"]
+    assert wi.sharding.spec == P("fsdp", "tensor")
+    adam = state8.opt_state[1].inner_states["trainable"].inner_state[0]
+    assert adam.mu["wi"]["kernel"].sharding.spec == P("fsdp", "tensor")
+    # The input state was donated.
+    assert previous.trainable["wi"]["kernel"].is_deleted()
+
+
+def test_shard_batch_rejects_an_indivisible_batch():
+    with pytest.raises(ValueError, match="multiple of it"):
+        shard_batch(toy.batch_at(0, batch_size=6), make_mesh(2, 2, 2))
