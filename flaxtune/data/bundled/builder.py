@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any
+from typing import Any, ClassVar
 
 import tensorflow_datasets as tfds
 
@@ -59,8 +59,12 @@ class FlaxtuneBundled(tfds.core.GeneratorBasedBuilder):
     """Synthetic instruction tasks and a pretraining corpus from one small world."""
 
     VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release: 8 instruction tasks and a corpus."}
-    BUILDER_CONFIGS = [_config(t) for t in (ALL, CORPUS, *TASK_SPECS)]
+    RELEASE_NOTES: ClassVar[dict[str, str]] = {
+        "1.0.0": "Initial release: 8 instruction tasks and a corpus."
+    }
+    BUILDER_CONFIGS: ClassVar[list[BundledConfig]] = [
+        _config(t) for t in (ALL, CORPUS, *TASK_SPECS)
+    ]
     DEFAULT_CONFIG_NAME = ALL
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -112,9 +116,7 @@ def load_bundled(data_dir: str | os.PathLike, split: str, task: str = ALL, seed:
         raise ValueError(f"Unknown split {split!r}; choose one of {SPLITS}.")
     builder = bundled_builder(data_dir, task, seed)
     if not builder.is_prepared():
-        builder.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(verify_ssl=False)
-        )
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(verify_ssl=False))
     return builder.as_data_source(split=split)
 
 

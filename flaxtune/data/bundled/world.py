@@ -243,8 +243,7 @@ def sql_setup() -> str:
     lines = [
         "CREATE TABLE employees (id INTEGER PRIMARY KEY, name TEXT, department TEXT, "
         "city TEXT, salary INTEGER, age INTEGER);",
-        "CREATE TABLE products (id INTEGER PRIMARY KEY, name TEXT, category TEXT, "
-        "price INTEGER);",
+        "CREATE TABLE products (id INTEGER PRIMARY KEY, name TEXT, category TEXT, price INTEGER);",
         "CREATE TABLE orders (id INTEGER PRIMARY KEY, customer TEXT, product TEXT, "
         "quantity INTEGER, city TEXT);",
     ]
