@@ -146,6 +146,9 @@ class Loader:
         )
         if config.shard_count > 1:
             ds = ds[config.shard_index :: config.shard_count]
+        # Rendered text examples in loader order (this process's shard), before
+        # tokenization: what the batches are made of; handy for inspection.
+        self.text_examples: grain.MapDataset = ds
         if config.objective == "span_corruption":
             ds = ds.random_map(self._span_corrupt, seed=_stable_seed(config.seed, "noise"))
         else:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 from collections.abc import Iterable, Sequence
 
 import sentencepiece as spm
@@ -124,28 +125,36 @@ class Tokenizer:
         out = io.BytesIO()
         # The trainer's own RNG is seeded globally in sentencepiece.
         spm.set_random_generator_seed(seed)
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=sentences,
-            model_writer=out,
-            vocab_size=vocab_size - num_extra_ids,
-            model_type=model_type,
-            character_coverage=character_coverage,
-            byte_fallback=byte_fallback,
-            pad_id=PAD_ID,
-            eos_id=EOS_ID,
-            unk_id=UNK_ID,
-            bos_id=-1,
-            pad_piece="<pad>",
-            eos_piece="</s>",
-            unk_piece="<unk>",
-            max_sentence_length=max_sentence_length,
-            input_sentence_size=input_sentence_size,
-            shuffle_input_sentence=True,
-            num_threads=num_threads,
-            # Digits split one by one: arithmetic and amounts generalize better.
-            split_digits=True,
-            minloglevel=2,
-        )
+        try:
+            cls._run_trainer(
+                sentences,
+                out,
+                vocab_size=vocab_size - num_extra_ids,
+                model_type=model_type,
+                character_coverage=character_coverage,
+                byte_fallback=byte_fallback,
+                max_sentence_length=max_sentence_length,
+                input_sentence_size=input_sentence_size,
+                num_threads=num_threads,
+            )
+        except RuntimeError as e:
+            too_high = re.search(r"set it to a value <= (\d+)", str(e))
+            too_low = re.search(r"smaller than required_chars\. \d+ vs (\d+)", str(e))
+            if too_high:
+                most = int(too_high.group(1)) + num_extra_ids
+                raise ValueError(
+                    f"vocab_size={vocab_size} is larger than this text supports: at most "
+                    f"{most} (including {num_extra_ids} extra ids). Lower vocab_size or "
+                    "train on more text."
+                ) from None
+            if too_low:
+                least = int(too_low.group(1)) + num_extra_ids
+                raise ValueError(
+                    f"vocab_size={vocab_size} cannot hold every character of the text: "
+                    f"it needs at least {least} (including {num_extra_ids} extra ids). "
+                    "Increase vocab_size."
+                ) from None
+            raise
         proto = model_pb2.ModelProto()
         proto.ParseFromString(out.getvalue())
         # Sentinels go at the very end, counted down, as in T5.
@@ -155,6 +164,25 @@ class Tokenizer:
             piece.score = 0.0
             piece.type = model_pb2.ModelProto.SentencePiece.USER_DEFINED
         return cls(proto.SerializeToString())
+
+    @staticmethod
+    def _run_trainer(sentences: Iterable[str], out: io.BytesIO, **options) -> None:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=sentences,
+            model_writer=out,
+            pad_id=PAD_ID,
+            eos_id=EOS_ID,
+            unk_id=UNK_ID,
+            bos_id=-1,
+            pad_piece="<pad>",
+            eos_piece="</s>",
+            unk_piece="<unk>",
+            shuffle_input_sentence=True,
+            # Digits split one by one: arithmetic and amounts generalize better.
+            split_digits=True,
+            minloglevel=2,
+            **options,
+        )
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, num_extra_ids: int = 100) -> Tokenizer:

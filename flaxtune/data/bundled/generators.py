@@ -118,11 +118,14 @@ def sentiment(rng: random.Random) -> Sample:
         f"Our {thing} was{not_} {adj} at all.",
         f"Honestly, the {thing} was{not_} {adj}.",
     )
-    text = patterns[form % len(patterns)]
+    pattern = form % len(patterns)
+    text = patterns[pattern]
     if form == 5:
         recommend = "would happily recommend" if label == "positive" else "would never recommend"
         text = f"The {thing} was {adj}; I {recommend} it."
-    return Sample({"text": text}, label, f"{form}|{thing}|{adj}")
+        pattern = "recommend"
+    # The combo is a function of the text, so one text never lands in two splits.
+    return Sample({"text": text}, label, f"{pattern}|{bool(not_)}|{thing}|{adj}")
 
 
 # ---------------------------------------------------------------- summarization
@@ -335,7 +338,7 @@ def text_to_arithmetic(rng: random.Random) -> Sample:
             "How many does each friend get?"
         )
         expr = f"{per * c} / {c}"
-    return Sample({"text": req}, expr, f"arith{kind}|{a}", {"code_kind": "arithmetic"})
+    return Sample({"text": req}, expr, f"arith{kind}|{expr}", {"code_kind": "arithmetic"})
 
 
 # ---------------------------------------------------------------- extraction

@@ -55,7 +55,7 @@ PEOPLE = (
     Person("Nina", "妮娜", True),
     Person("Oscar", "奥斯卡", False),
     Person("Alice", "爱丽丝", True),
-    Person("Ben", "本", False),
+    Person("Bruno", "布鲁诺", False),
     Person("Clara", "克拉拉", True),
     Person("Victor", "维克多", False),
     Person("Julia", "朱莉娅", True),
