@@ -74,7 +74,7 @@ def test_custom_keys_and_unknown_extension(tmp_path):
     path = _jsonl(tmp_path / "q.jsonl", [{"question": "2+2?", "answer": "4"}])
     examples, _ = read_user_data(path, input_key="question", target_key="answer")
     assert examples[0].target == "4"
-    with pytest.raises(UserDataError, match="use .jsonl or .csv"):
+    with pytest.raises(UserDataError, match=r"use \.jsonl or \.csv"):
         read_user_data(_write(tmp_path / "d.txt", ["x"]))
 
 
