@@ -31,7 +31,7 @@ from flaxtune.data.bundled import (
     CORPUS,
     TASK_SPECS,
     bundled_builder,
-    tokenizer_training_text,
+    train_bundled_tokenizer,
 )
 from flaxtune.data.loader import LoaderConfig, make_loader
 from flaxtune.data.tokenizer import Tokenizer
@@ -107,7 +107,7 @@ def main() -> None:
     _build(data_dir)
 
     start = time.perf_counter()
-    tok = Tokenizer.train(tokenizer_training_text(0), vocab_size=4000, model_type="bpe")
+    tok = train_bundled_tokenizer(vocab_size=4000, model_type="bpe")
     _emit(
         name="tokenizer",
         vocab_size=tok.vocab_size,

