@@ -39,6 +39,7 @@ inputs, and the targets listing sentinel + span, in order.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -147,7 +148,7 @@ def random_spans_noise_mask(
 
 
 def span_corruption(
-    tokens: np.ndarray, mask: np.ndarray, sentinel: callable
+    tokens: np.ndarray, mask: np.ndarray, sentinel: Callable[[int], int]
 ) -> tuple[list[int], list[int]]:
     """T5 inputs/targets (without eos) from tokens and a noise mask.
 
@@ -196,7 +197,7 @@ def span_corruption_example(
     text: list[int],
     raw_length: int,
     lengths: tuple[int, int],
-    sentinel: callable,
+    sentinel: Callable[[int], int],
     rng: np.random.Generator,
     noise_density: float = 0.15,
     mean_noise_span_length: float = 3.0,

@@ -60,9 +60,11 @@ class LoaderConfig:
     # Open bins of the first-fit packer; more bins pack tighter, buffer more.
     num_packing_bins: int | None = None
     seed: int = 0
+    # Reshuffle every epoch with a seed derived from (seed, task).
     shuffle: bool = True
     # None repeats forever (training); 1 is one pass (evaluation).
     num_epochs: int | None = None
+    # Multi-host: shard_index=jax.process_index(), shard_count=jax.process_count().
     shard_index: int = 0
     shard_count: int = 1
     truncation: F.Truncation = field(default_factory=F.Truncation)

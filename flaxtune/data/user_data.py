@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import csv
 import json
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -31,6 +32,8 @@ from dataclasses import dataclass, field
 from flaxtune.data.tasks import Example, Task, register_task
 from flaxtune.data.templates import templates_for
 from flaxtune.data.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
 
 _KEY_PAIRS = (("prompt", "completion"), ("input", "target"), ("inputs", "targets"))
 
@@ -153,6 +156,7 @@ def read_user_data(
         example_id = f"{os.path.basename(path)}:{lineno}"
         examples.append(Example(example_id, {"inputs": prompt}, completion))
     report = UserDataReport(path, len(examples), dict(skipped), truncated)
+    logger.info("%s", report)
     return examples, report
 
 
@@ -167,17 +171,20 @@ def register_user_task(
     metric: str = "exact_match",
     input_key: str | None = None,
     target_key: str | None = None,
+    tokenizer: Tokenizer | None = None,
+    lengths: tuple[int, int] | None = None,
     overwrite: bool = False,
 ) -> tuple[Task, dict[str, UserDataReport]]:
     """Registers ``{split: file}`` as a task whose prompts are used verbatim.
 
-    Returns the task and one report per split.
+    Returns the task and one report per split (read / skipped / truncated;
+    truncation is counted when ``tokenizer`` and ``lengths`` are given).
     """
     data: dict[str, Sequence[Example]] = {}
     reports: dict[str, UserDataReport] = {}
     for split, path in files.items():
         data[split], reports[split] = read_user_data(
-            path, input_key=input_key, target_key=target_key
+            path, input_key=input_key, target_key=target_key, tokenizer=tokenizer, lengths=lengths
         )
         if not data[split]:
             raise UserDataError(f"{path}: no usable examples ({reports[split]}).")

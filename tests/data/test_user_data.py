@@ -93,8 +93,11 @@ def test_truncation_is_counted(tmp_path, tokenizer):
 def test_user_task_feeds_the_loader(tmp_path, tokenizer):
     records = [{"prompt": f"Repeat {i}", "completion": f"{i}"} for i in range(10)]
     path = _jsonl(tmp_path / "u.jsonl", records)
-    task, reports = register_user_task("user/test_repeat", {"train": path})
-    assert reports["train"].read == 10
+    task, reports = register_user_task(
+        "user/test_repeat", {"train": path}, tokenizer=tokenizer, lengths=(2, 8)
+    )
+    # Every prompt is at least two pieces plus eos: all exceed 2 tokens.
+    assert reports["train"].read == 10 and reports["train"].truncated == 10
     cfg = LoaderConfig(batch_size=10, inputs_length=16, targets_length=8, num_epochs=1)
     batch = next(iter(make_loader(task.name, "train", tokenizer, cfg)))
     got = sorted(tokenizer.decode(row) for row in batch["decoder_target_tokens"])

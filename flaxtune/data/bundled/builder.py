@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from typing import Any, ClassVar
 
@@ -88,6 +89,11 @@ class FlaxtuneBundled(tfds.core.GeneratorBasedBuilder):
             for task in tasks:
                 for s, records in generate_task(task, cfg.seed, DEFAULT_SIZES).items():
                     splits[s].extend(records)
+        logging.info(
+            "flaxtune_bundled/%s: %s",
+            cfg.name,
+            {s: len(records) for s, records in splits.items()},
+        )
         return {s: self._generate_examples(records) for s, records in splits.items()}
 
     def _generate_examples(self, records: list[Record]):
