@@ -34,6 +34,10 @@ class Sample:
     meta: dict[str, str] = field(default_factory=dict)
 
 
+def _a(noun: str) -> str:
+    return f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}"
+
+
 # ---------------------------------------------------------------- sentiment
 
 _THINGS = (
@@ -159,11 +163,11 @@ def summarization(rng: random.Random) -> Sample:
         prof = rng.choice(w.PROFESSIONS)
         prize = rng.choice(("a national prize", "a city award", "a gold medal"))
         facts = [
-            f"{p.en} is a {prof} from {city}.",
+            f"{p.en} is {_a(prof)} from {city}.",
             f"On {day}, {p.subj} won {prize} for {p.poss} work.",
             f"{p.subj.capitalize()} said the prize would help {p.obj} do more.",
         ]
-        summary = f"{p.en}, a {prof} from {city}, won {prize} on {day}."
+        summary = f"{p.en}, {_a(prof)} from {city}, won {prize} on {day}."
         key = prof
     elif frame == 2:
         company = rng.choice(w.COMPANIES)
@@ -250,7 +254,7 @@ def text_to_sql(rng: random.Random) -> Sample:
         sql = (
             f"SELECT name FROM employees WHERE city = '{city}' AND salary > {amount} ORDER BY name;"
         )
-        key = city
+        key = f"{city}|{amount}"
     elif kind == 5:
         req = f"What is the highest salary in the {dept} department?"
         sql = f"SELECT MAX(salary) FROM employees WHERE department = '{dept}';"
@@ -262,7 +266,7 @@ def text_to_sql(rng: random.Random) -> Sample:
         sql = (
             f"SELECT name FROM products WHERE category = '{cat}' AND price < {price} ORDER BY name;"
         )
-        key = cat
+        key = f"{cat}|{price}"
     elif kind == 7:
         customer, product = rng.choice(f["pairs"])
         req = f"How many units of {product} did {customer} order in total?"
@@ -270,7 +274,7 @@ def text_to_sql(rng: random.Random) -> Sample:
             f"SELECT SUM(quantity) FROM orders WHERE customer = '{customer}' "
             f"AND product = '{product}';"
         )
-        key = customer
+        key = f"{customer}|{product}"
     elif kind == 8:
         city, dept = rng.choice(f["city_dept"])
         req = f"List the employees in {city} who work in {dept}."
@@ -389,9 +393,9 @@ def qa(rng: random.Random) -> Sample:
     pets, n = rng.choice(_PETS), rng.randrange(2, 7)
     coa = rng.choice(w.COMPANIES)
     context = (
-        f"{a.en} lives in {ca[0]} and works as a {ja} at {coa}. "
+        f"{a.en} lives in {ca[0]} and works as {_a(ja)} at {coa}. "
         f"{a.subj.capitalize()} has {n} {pets}. "
-        f"{a.poss.capitalize()} friend {b.en} is a {jb} in {cb[0]}."
+        f"{a.poss.capitalize()} friend {b.en} is {_a(jb)} in {cb[0]}."
     )
     kind = rng.randrange(6)
     qs = (

@@ -4,7 +4,7 @@ Both sides are generated from one abstract sentence, so the Chinese reference
 is a real sentence and not a word-by-word gloss:
 
     subject  [negation|future]  verb  object   [place]  [time]      (English)
-    subject  time  place  [不|没有|会]  verb  [了]  object            (Chinese)
+    subject  time  [不|没有|会]  place  verb  [了]  object            (Chinese)
 
 Counted objects use the right measure word (一本书, 两杯咖啡), adjectives go
 in front of the noun (一个大苹果, 一只黑色的猫), and negated sentences use
@@ -167,9 +167,9 @@ def sample_translation(rng: random.Random) -> Translation:
         obj_en, obj_zh = noun.plural, noun.zh
         if tense == "present":
             verb_en = f"{'does' if third else 'do'} not {verb.base}"
-            verb_zh = f"不{verb.zh}"
+            aux_zh, verb_zh = "不", verb.zh
         else:
-            verb_en, verb_zh = f"did not {verb.base}", f"没有{verb.zh}"
+            verb_en, aux_zh, verb_zh = f"did not {verb.base}", "没有", verb.zh
     else:
         count = rng.choice((1, 1, 1, 2, 3, 4, 5))
         adj_en, adj_zh = ("", "")
@@ -181,11 +181,11 @@ def sample_translation(rng: random.Random) -> Translation:
         obj_en = f"{det} {words}"
         obj_zh = f"{COUNT_ZH[count]}{noun.measure}{adj_zh}{noun.zh}"
         if tense == "present":
-            verb_en, verb_zh = (verb.third if third else verb.base), verb.zh
+            verb_en, aux_zh, verb_zh = (verb.third if third else verb.base), "", verb.zh
         elif tense == "past":
-            verb_en, verb_zh = verb.past, f"{verb.zh}了"
+            verb_en, aux_zh, verb_zh = verb.past, "", f"{verb.zh}了"
         else:
-            verb_en, verb_zh = f"will {verb.base}", f"会{verb.zh}"
+            verb_en, aux_zh, verb_zh = f"will {verb.base}", "会", verb.zh
 
     place_en = place_zh = time_en = time_zh = ""
     if rng.random() < 0.45:
@@ -198,5 +198,6 @@ def sample_translation(rng: random.Random) -> Translation:
         time_en, time_zh = rng.choice(TIMES[tense])
 
     english = " ".join(w for w in (subj_en, verb_en, obj_en, place_en, time_en) if w) + "."
-    chinese = f"{subj_zh}{time_zh}{place_zh}{verb_zh}{obj_zh}。"
+    # Negation and 会 come before the 在-phrase: 他明天会在公园买苹果。
+    chinese = f"{subj_zh}{time_zh}{aux_zh}{place_zh}{verb_zh}{obj_zh}。"
     return Translation(english, chinese, combo=f"{subj_key}|{verb.base}|{noun.singular}")
