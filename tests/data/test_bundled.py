@@ -188,3 +188,16 @@ def test_tfds_builder_is_versioned_and_array_record(data_dir):
     assert str(builder.info.file_format.value) == "array_record"
     with pytest.raises(ValueError, match="Unknown bundled config"):
         bundled_builder(data_dir, task="nope")
+
+
+def test_custom_seed_config_builds_that_seed(data_dir):
+    source = load_bundled(data_dir, "test", task="extraction", seed=7)
+    got = {decode_record(source[i])["id"]: decode_record(source[i]) for i in range(len(source))}
+    want = generate_task("extraction", seed=7)["test"]
+    assert {r.id: (r.fields, r.target) for r in want} == {
+        k: (v["fields"], v["target"]) for k, v in got.items()
+    }
+    default = generate_task("extraction", seed=0)["test"]
+    assert [r.fields for r in want] != [r.fields for r in default]
+    with pytest.raises(ValueError, match="Unknown split"):
+        load_bundled(data_dir, "dev")
