@@ -20,6 +20,10 @@ segment), and :func:`to_model_features` converts them to the batch contract:
                                     (decoder-only: 0 on the prompt)
     + encoder/decoder_segment_ids, encoder/decoder_positions when packed
 
+Unpacked, padding is id 0 and a model derives its masks from ``tokens != 0``:
+the encoder from ``encoder_input_tokens``, the decoder from
+``decoder_target_tokens`` (``decoder_input_tokens`` starts with the 0 start id).
+
 Decoder-only follows T5X's ``DecoderFeatureConverter``: the full sequence
 ``prompt + completion + eos`` is the target, and the input is that sequence
 shifted right with a 0 start, so position t predicts token t from tokens
@@ -52,6 +56,9 @@ Policy = Literal["right", "left", "error"]
 
 @dataclass(frozen=True, kw_only=True)
 class Truncation:
+    """Per-feature policy: encoder inputs (decoder-only: the prompt) and targets
+    (decoder-only: the completion)."""
+
     inputs: Policy = "right"
     targets: Policy = "right"
 
