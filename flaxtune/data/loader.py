@@ -62,7 +62,9 @@ class LoaderConfig:
     seed: int = 0
     # Reshuffle every epoch with a seed derived from (seed, task).
     shuffle: bool = True
-    # None repeats forever (training); 1 is one pass (evaluation).
+    # None repeats forever (training); 1 is one pass (evaluation). A finite
+    # mixture ends when its first task runs out (grain.MapDataset.mix), so
+    # evaluate tasks one at a time.
     num_epochs: int | None = None
     # Multi-host: shard_index=jax.process_index(), shard_count=jax.process_count().
     shard_index: int = 0
