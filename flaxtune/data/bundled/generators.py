@@ -220,6 +220,11 @@ def _sql_facts() -> dict[str, object]:
         "order_cities": sorted(r[0] for r in q("SELECT DISTINCT city FROM orders")),
         "cities": sorted(r[0] for r in q("SELECT DISTINCT city FROM employees")),
         "city_dept": sorted(set(q("SELECT city, department FROM employees"))),
+        "max_age_by_dept": dict(
+            q("SELECT department, MAX(age) FROM employees GROUP BY department")
+        ),
+        "max_price": q("SELECT MAX(price) FROM products")[0][0],
+        "min_age": q("SELECT MIN(age) FROM employees")[0][0],
     }
     con.close()
     return facts
@@ -227,7 +232,7 @@ def _sql_facts() -> dict[str, object]:
 
 def text_to_sql(rng: random.Random) -> Sample:
     f = _sql_facts()
-    kind = rng.randrange(11)
+    kind = rng.randrange(14)
     dept = rng.choice(w.DEPARTMENTS)
     city = rng.choice(f["cities"])
     if kind == 0:
@@ -288,6 +293,23 @@ def text_to_sql(rng: random.Random) -> Sample:
         req = f"How many orders came from {city}?"
         sql = f"SELECT COUNT(*) FROM orders WHERE city = '{city}';"
         key = city
+    elif kind == 11:
+        age = rng.randrange(22, f["max_age_by_dept"][dept])
+        req = f"List the employees in {dept} who are older than {age}."
+        sql = (
+            f"SELECT name FROM employees WHERE department = '{dept}' AND age > {age} ORDER BY name;"
+        )
+        key = f"{dept}|{age}"
+    elif kind == 12:
+        price = rng.randrange(3, f["max_price"])
+        req = f"How many products cost more than {price} dollars?"
+        sql = f"SELECT COUNT(*) FROM products WHERE price > {price};"
+        key = str(price)
+    elif kind == 13:
+        age = rng.randrange(f["min_age"] + 1, 66)
+        req = f"Show the names of employees younger than {age}."
+        sql = f"SELECT name FROM employees WHERE age < {age} ORDER BY name;"
+        key = str(age)
     else:
         product = rng.choice(f["pairs"])[1]
         req = f"Which customers ordered a {product}?"
