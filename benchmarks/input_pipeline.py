@@ -11,6 +11,7 @@ Measures, on this machine:
 
 Usage:
   python3 benchmarks/input_pipeline.py [--data_dir DIR] [--batches 300]
+  (with flaxtune installed, e.g. `pip install -e .`, or PYTHONPATH=. from the repo root)
 """
 
 from __future__ import annotations
