@@ -190,9 +190,17 @@ def _summary_lcs_score(
             # are the bits in [base, limit).
             base = 1 << starts[r]
             limit = base << len(sent)
+            window = limit - base
             hits = union[r]
+            matched = True
             for rows, p in columns:
-                rows &= limit - base
+                if not matched and not p & window:
+                    # Neither this column nor the one to its right has a match
+                    # in rows 1..i, so both columns agree on those rows and the
+                    # step would land on the same row again: skip it.
+                    continue
+                matched = p & window
+                rows &= window
                 if not rows:
                     break  # LCS(rows 1..i, columns 1..j) is 0: nothing left
                 top = 1 << (rows.bit_length() - 1)
@@ -203,6 +211,7 @@ def _summary_lcs_score(
                     limit = top
                 else:  # no match, and the rows above lose length: move left
                     limit = top << 1
+                window = limit - base
             union[r] = hits
 
     # Count each token at most as often as it occurs on both sides (ROUGE 1.5.5).
