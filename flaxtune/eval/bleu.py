@@ -29,8 +29,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import Counter
-from collections.abc import Sequence
-from itertools import chain
+from collections.abc import Iterable, Sequence
 
 from flaxtune import __version__
 from flaxtune.eval.rouge import normalize_references
@@ -74,12 +73,16 @@ class BleuResult:
 # ----------------------------------------------------------------------------
 
 
-def _grams(tokens: list[str], n: int) -> list:
-    return tokens if n == 1 else list(zip(*[tokens[i:] for i in range(n)], strict=False))
+def _grams(shifts: list[list[str]]) -> Iterable:
+    """The n-grams of a token list given it and its n - 1 shifts (tokens for n = 1)."""
+    return zip(*shifts, strict=False) if len(shifts) > 1 else shifts[0]
 
 
-def _clipped_matches(hyp_grams: list, refs_grams: list[list]) -> int:
-    """Sum over hypothesis n-grams of min(count in hyp, max count in a reference)."""
+def _clipped_matches(hyp_grams: Iterable, refs_grams: list[Iterable], common: set) -> int:
+    """Sum over hypothesis n-grams of min(count in hyp, max count in a reference).
+
+    Only n-grams in ``common`` (present on both sides) can contribute.
+    """
     hyp_counts = Counter(hyp_grams)
     ref_counts = Counter(refs_grams[0])
     for ref_grams in refs_grams[1:]:
@@ -87,11 +90,9 @@ def _clipped_matches(hyp_grams: list, refs_grams: list[list]) -> int:
             if count > ref_counts[gram]:
                 ref_counts[gram] = count
     matches = 0
-    get = ref_counts.get
-    for gram, count in hyp_counts.items():
-        other = get(gram)
-        if other:
-            matches += count if count < other else other
+    for gram in common:
+        h, r = hyp_counts[gram], ref_counts[gram]
+        matches += h if h < r else r
     return matches
 
 
@@ -101,33 +102,51 @@ def _closest_ref_len(hyp_len: int, ref_lens: list[int]) -> int:
 
 
 def _segment_statistics(hyp: list[str], refs: list[list[str]], max_order: int) -> list[int]:
-    """[hyp_len, ref_len, matches_1..N, totals_1..N] for one segment (sacrebleu's layout)."""
+    """[hyp_len, ref_len, matches_1..N, totals_1..N] for one segment (sacrebleu's layout).
+
+    n-grams of order n are ``zip`` over the token list and its n - 1 shifts,
+    collected into sets in C. Clipping only matters when both sides repeat an
+    n-gram; otherwise every clipped count is 1 and the matches are the size of
+    the intersection. An n-gram repeats only if its (n-1)-gram prefix does,
+    and no n-gram matches once no (n-1)-gram does.
+    """
     hyp_len = len(hyp)
     ref_len = len(refs[0]) if len(refs) == 1 else _closest_ref_len(hyp_len, list(map(len, refs)))
-    totals = [max(hyp_len - n, 0) for n in range(max_order)]
+    totals = [hyp_len - n if hyp_len > n else 0 for n in range(max_order)]
     matches = [0] * max_order
-    hyp_repeats = True
+    hyp_shifts = [hyp]
+    refs_shifts = [[ref] for ref in refs]
+    hyp_repeats = refs_repeat = True
     for n in range(1, max_order + 1):
-        if not totals[n - 1]:
+        total = totals[n - 1]
+        if not total:
             break
-        hyp_grams = _grams(hyp, n)
-        refs_grams = [_grams(ref, n) for ref in refs]
-        hyp_set = set(hyp_grams)
-        # An n-gram repeats only if its (n-1)-gram prefix does.
-        hyp_repeats = hyp_repeats and len(hyp_set) < len(hyp_grams)
-        if len(refs_grams) == 1:
-            ref_set = set(refs_grams[0])
-            if not hyp_repeats or len(ref_set) == len(refs_grams[0]):
-                # No repeats on one side: every clipped count is 1.
-                matches[n - 1] = len(hyp_set & ref_set)
-            else:
-                matches[n - 1] = _clipped_matches(hyp_grams, refs_grams)
-        elif not hyp_repeats:
-            matches[n - 1] = len(hyp_set.intersection(chain.from_iterable(refs_grams)))
+        if n > 1:
+            hyp_shifts.append(hyp[n - 1 :])
+            for ref, shifts in zip(refs, refs_shifts, strict=True):
+                shifts.append(ref[n - 1 :])
+        hyp_set = set(_grams(hyp_shifts))
+        hyp_repeats = hyp_repeats and len(hyp_set) < total
+        if len(refs) == 1:
+            ref_set = set(_grams(refs_shifts[0]))
+            refs_repeat = refs_repeat and len(ref_set) < len(refs[0]) - n + 1
         else:
-            matches[n - 1] = _clipped_matches(hyp_grams, refs_grams)
-        if not matches[n - 1]:
-            break  # no n-gram matches, so no longer one can
+            ref_set = set()
+            for shifts in refs_shifts:
+                ref_set.update(_grams(shifts))
+            # Max-merged counts exceed 1 only if some reference repeats.
+            refs_repeat = refs_repeat and any(
+                len(set(_grams(shifts))) < len(shifts[0]) - n + 1 for shifts in refs_shifts
+            )
+        common = hyp_set & ref_set
+        if hyp_repeats and refs_repeat:
+            matches[n - 1] = _clipped_matches(
+                _grams(hyp_shifts), [_grams(shifts) for shifts in refs_shifts], common
+            )
+        else:
+            matches[n - 1] = len(common)
+        if not common:
+            break
     return [hyp_len, ref_len, *matches, *totals]
 
 
