@@ -1,0 +1,414 @@
+"""``train_and_evaluate(config, workdir)``: one config, one reproducible run.
+
+The loop wires the parts together and owns nothing else::
+
+    tokenizer ─▶ model config (+ PEFT) ─▶ trainability rules ─▶ optimizer
+        ─▶ sharded train state ─▶ [restore | init_from] ─▶ loop:
+              step ─▶ metrics.jsonl / TensorBoard / progress bar
+              every eval_every: validation loss + generation scores per task
+              every checkpoint_every: orbax checkpoint (state + loader state)
+        ─▶ final params (``params/``), ``scores.json``, loss-curve PNG
+
+A run is a directory. Everything needed to continue or reuse it is inside:
+``config.json``, ``tokenizer.model`` (+ its fingerprint in the checkpoint
+metadata), ``checkpoints/`` and, at the end, ``params/`` with the inference
+parameters and ``model.json`` with the model config. Restarting the same
+command resumes from the last complete checkpoint and reproduces the losses
+of an uninterrupted run (the data iterator's state is in the checkpoint, the
+dropout keys derive from the step). ``init_from`` starts a new run from
+another run's final parameters (pretraining, then fine-tuning).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import traverse_util
+
+from flaxtune import peft as peft_lib
+from flaxtune.data import LoaderConfig, Tokenizer, iterate_examples, make_loader, sql_setup
+from flaxtune.data.bundled.dataset import train_bundled_tokenizer
+from flaxtune.data.tasks import get_task
+from flaxtune.data.templates import TemplateChoice
+from flaxtune.eval import evaluate as evaluate_generation
+from flaxtune.eval.harness import metric
+from flaxtune.quant.loss_scale import make_loss_scale
+from flaxtune.quant.policy import get_policy
+from flaxtune.train.checkpoints import CheckpointManager
+from flaxtune.train.losses import cross_entropy_with_logits, token_accuracy
+from flaxtune.train.mesh import (
+    jit_train_step,
+    make_mesh,
+    mesh_context,
+    shard_batch,
+    sharded_train_state,
+)
+from flaxtune.train.metrics_writer import MetricsWriter, ProgressBar, plot_curves
+from flaxtune.train.optimizer import OptimizerConfig, make_optimizer, make_schedule
+from flaxtune.train.partition import label_params, merge_params
+from flaxtune.train.state import TrainState
+from flaxtune.train.step import make_train_step
+from flaxtune.transformer import DecodeConfig, build_model, generate, get_config
+
+logger = logging.getLogger(__name__)
+
+PEFT_METHODS = ("none", "lora", "dora", "houlsby", "pfeiffer", "ia3", "prompt_tuning",
+                "prefix_tuning")
+
+
+# --------------------------------------------------------------------------
+# Config -> objects
+# --------------------------------------------------------------------------
+def peft_config(cfg: ml_collections.ConfigDict) -> peft_lib.PeftConfig | None:
+    """The ``PeftConfig`` named by ``cfg.peft.method`` with its options."""
+    p = cfg.peft
+    method = p.method
+    if method not in PEFT_METHODS:
+        raise ValueError(f"peft.method={method!r} is not one of {list(PEFT_METHODS)}.")
+    if method == "none":
+        return None
+    if method in ("lora", "dora"):
+        return peft_lib.PeftConfig(lora=peft_lib.LoraConfig(
+            targets=p.lora_targets, rank=p.lora_rank, alpha=p.lora_alpha,
+            dropout=p.lora_dropout, use_dora=method == "dora", init=p.lora_init,
+        ))
+    if method in ("houlsby", "pfeiffer"):
+        return peft_lib.PeftConfig(adapters=peft_lib.AdapterConfig(
+            kind=method, reduction_factor=p.adapter_reduction_factor,
+        ))
+    if method == "ia3":
+        return peft_lib.PeftConfig(ia3=peft_lib.IA3Config())
+    if method == "prompt_tuning":
+        return peft_lib.PeftConfig(prompt_tuning=peft_lib.PromptTuningConfig(
+            num_virtual_tokens=p.num_virtual_tokens, init=p.prompt_init,
+        ))
+    return peft_lib.PeftConfig(prefix_tuning=peft_lib.PrefixTuningConfig(
+        num_virtual_tokens=p.num_virtual_tokens, reparameterize=p.prefix_reparameterize,
+    ))
+
+
+def load_or_train_tokenizer(cfg: ml_collections.ConfigDict, workdir: Path) -> Tokenizer:
+    """The run's tokenizer: a given ``.model``, the run's own copy, or a new one."""
+    own = workdir / "tokenizer.model"
+    if own.exists():
+        return Tokenizer.load(own)
+    if cfg.tokenizer.path:
+        tokenizer = Tokenizer.load(cfg.tokenizer.path)
+    else:
+        logger.info("training a %d-piece tokenizer on the bundled corpus", cfg.tokenizer.vocab_size)
+        tokenizer = train_bundled_tokenizer(vocab_size=cfg.tokenizer.vocab_size, seed=cfg.seed)
+    tokenizer.save(own)
+    return tokenizer
+
+
+def model_config(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer):
+    policy = get_policy(cfg.policy)
+    overrides = dict(cfg.model.overrides)
+    return get_config(
+        cfg.model.preset,
+        vocab_size=tokenizer.vocab_size,
+        dtype=policy.compute_dtype.name,
+        param_dtype=policy.param_dtype.name,
+        peft=peft_config(cfg),
+        **overrides,
+    )
+
+
+def loader_config(cfg: ml_collections.ConfigDict, *, encoder_decoder: bool, **changes):
+    d = cfg.data
+    base = dict(
+        batch_size=d.batch_size,
+        model="encoder_decoder" if encoder_decoder else "decoder_only",
+        objective=d.objective,
+        inputs_length=d.inputs_length,
+        targets_length=d.targets_length,
+        pack=d.pack,
+        seed=cfg.seed,
+        read_threads=d.read_threads,
+    )
+    base.update(changes)
+    return LoaderConfig(**base)
+
+
+def optimizer_config(cfg: ml_collections.ConfigDict) -> OptimizerConfig:
+    fields = {f.name for f in dataclasses.fields(OptimizerConfig)}
+    values = {k: v for k, v in cfg.optimizer.items() if k in fields}
+    unknown = sorted(set(cfg.optimizer.keys()) - fields)
+    if unknown:
+        raise ValueError(f"unknown optimizer option(s) {unknown}; valid: {sorted(fields)}.")
+    values.setdefault("total_steps", cfg.train.num_steps)
+    if "lr_multipliers" in values:
+        values["lr_multipliers"] = dict(values["lr_multipliers"])
+    return OptimizerConfig(**values)
+
+
+# --------------------------------------------------------------------------
+# Loss and evaluation
+# --------------------------------------------------------------------------
+def model_inputs(model_cfg, batch: dict[str, Any]) -> tuple[tuple, dict]:
+    """Positional and keyword arguments of the model for a loader batch."""
+    kw = {}
+    if model_cfg.is_encoder_decoder:
+        args = (batch["encoder_input_tokens"], batch["decoder_input_tokens"])
+        for name in ("encoder_segment_ids", "decoder_segment_ids", "encoder_positions",
+                     "decoder_positions"):
+            if name in batch:
+                kw[name] = batch[name]
+    else:
+        args = (batch["decoder_input_tokens"],)
+        for name in ("decoder_segment_ids", "decoder_positions"):
+            if name in batch:
+                kw[name] = batch[name]
+    return args, kw
+
+
+def make_loss_fn(model: nn.Module, *, label_smoothing: float = 0.0, z_loss: float = 0.0):
+    """``(params, batch, rng) -> (mean token loss, aux)`` with dropout on."""
+
+    def loss_fn(params, batch, rng):
+        args, kw = model_inputs(model.config, batch)
+        logits = model.apply({"params": params}, *args, **kw, deterministic=False,
+                             rngs={"dropout": rng})
+        targets = batch["decoder_target_tokens"]
+        weights = batch["decoder_loss_weights"]
+        loss_sum, z_sum, weight_sum = cross_entropy_with_logits(
+            logits, targets, weights, label_smoothing=label_smoothing, z_loss=z_loss)
+        denom = jnp.maximum(weight_sum, 1.0)
+        correct, _ = token_accuracy(logits, targets, weights)
+        aux = {"num_tokens": weight_sum, "nll": (loss_sum - z_sum) / denom,
+               "accuracy": correct / denom}
+        return loss_sum / denom, aux
+
+    return loss_fn
+
+
+def eval_loss(model, params, batches) -> dict[str, float]:
+    """Token-weighted validation loss and accuracy over ``batches``."""
+
+    @jax.jit
+    def sums(params, batch):
+        args, kw = model_inputs(model.config, batch)
+        logits = model.apply({"params": params}, *args, **kw)
+        loss, _, weight = cross_entropy_with_logits(
+            logits, batch["decoder_target_tokens"], batch["decoder_loss_weights"])
+        correct, _ = token_accuracy(logits, batch["decoder_target_tokens"],
+                                    batch["decoder_loss_weights"])
+        return loss, correct, weight
+
+    total = np.zeros(3)
+    for batch in batches:
+        total += np.asarray(jax.device_get(sums(params, batch)), np.float64)
+    loss, correct, weight = total
+    return {"loss": loss / max(weight, 1.0), "accuracy": correct / max(weight, 1.0),
+            "tokens": weight}
+
+
+def make_predict_fn(model, params, tokenizer: Tokenizer, *, inputs_length: int, batch_size: int,
+                    decode: DecodeConfig):
+    """``list[str] -> list[str]`` generation with fixed shapes (one compilation)."""
+    cfg = model.config
+
+    def predict(prompts: list[str]) -> list[str]:
+        rows = [tokenizer.encode(p)[: inputs_length - 1] + [tokenizer.eos_id]
+                if cfg.is_encoder_decoder else [cfg.decoder_start_id] + tokenizer.encode(p)
+                [: inputs_length - 1] for p in prompts]
+        n = len(rows)
+        ids = np.zeros((batch_size, inputs_length), np.int32)
+        lengths = np.ones((batch_size,), np.int32)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = row
+            lengths[i] = len(row)
+        out = generate(model, params, ids, decode,
+                       prompt_lengths=None if cfg.is_encoder_decoder else lengths)
+        tokens = np.asarray(out.tokens)[:n]
+        return [tokenizer.decode([t for t in row if t not in (cfg.pad_id,)]) for row in tokens]
+
+    return predict
+
+
+def generation_scores(model, params, tokenizer, cfg, *, split: str, limit: int,
+                      out_dir: Path | None = None) -> dict[str, dict[str, float]]:
+    tasks = [t.strip() for t in cfg.eval.tasks.split(",") if t.strip()]
+    examples = []
+    for task in tasks:
+        examples += list(iterate_examples(task, split, data_dir=cfg.data.data_dir or None,
+                                          template=TemplateChoice(index=0), limit=limit))
+    task_metrics = {}
+    for task in tasks:
+        kind = get_task(task).metric
+        task_metrics[task] = metric(kind, sql_setup=sql_setup()) if kind == "execution_sql" \
+            else kind
+    predict = make_predict_fn(
+        model, params, tokenizer, inputs_length=cfg.data.inputs_length,
+        batch_size=cfg.eval.batch_size,
+        decode=DecodeConfig(method=cfg.eval.decode_method, max_new_tokens=cfg.eval.max_new_tokens,
+                            num_beams=cfg.eval.num_beams),
+    )
+    return evaluate_generation(examples, predict, task_metrics=task_metrics,
+                               batch_size=cfg.eval.batch_size, out_dir=out_dir)
+
+
+# --------------------------------------------------------------------------
+# Parameters in and out of a run directory
+# --------------------------------------------------------------------------
+def save_params(directory: Path, params: Any, model_cfg, tokenizer: Tokenizer) -> None:
+    directory = directory.absolute()
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(directory / "params", jax.device_get(params), force=True)
+    meta = {"model": model_cfg.to_dict(), "tokenizer_fingerprint": tokenizer.fingerprint}
+    (directory / "model.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
+
+
+def load_params(run_dir: Path, tokenizer: Tokenizer) -> dict[str, Any]:
+    run_dir = Path(run_dir).absolute()
+    meta_path = run_dir / "model.json"
+    if not meta_path.exists():
+        raise FileNotFoundError(
+            f"{meta_path} is missing: init_from must name a finished run's workdir.")
+    meta = json.loads(meta_path.read_text())
+    if meta["tokenizer_fingerprint"] != tokenizer.fingerprint:
+        raise ValueError(
+            f"{run_dir} was trained with tokenizer {meta['tokenizer_fingerprint']}, this run "
+            f"uses {tokenizer.fingerprint}; set tokenizer.path to {run_dir}/tokenizer.model.")
+    with ocp.StandardCheckpointer() as ckpt:
+        return ckpt.restore(run_dir / "params")
+
+
+def overlay(state: TrainState, source: dict[str, Any]) -> TrainState:
+    """Copies every parameter of ``source`` into ``state`` (by path and shape)."""
+    src = traverse_util.flatten_dict(source, sep="/")
+
+    def put(tree):
+        flat = dict(traverse_util.flatten_dict(tree, sep="/"))
+        for path, value in flat.items():
+            if path in src:
+                if np.shape(src[path]) != np.shape(value):
+                    raise ValueError(f"init_from: {path} has shape {np.shape(src[path])}, the "
+                                     f"model wants {np.shape(value)}.")
+                flat[path] = jax.device_put(jnp.asarray(src[path], value.dtype), value.sharding)
+        return traverse_util.unflatten_dict(flat, sep="/")
+
+    return state.replace(trainable=put(state.trainable), frozen=put(state.frozen))
+
+
+# --------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------
+def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
+    """Trains as ``cfg`` says, in ``workdir``; returns the final metrics and scores."""
+    workdir = Path(workdir).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    tokenizer = load_or_train_tokenizer(cfg, workdir)
+    mcfg = model_config(cfg, tokenizer)
+    model = build_model(mcfg)
+    mesh = make_mesh(data=cfg.mesh.data, fsdp=cfg.mesh.fsdp, tensor=cfg.mesh.tensor)
+    data_dir = cfg.data.data_dir or None
+
+    lcfg = loader_config(cfg, encoder_decoder=mcfg.is_encoder_decoder)
+    example = jax.tree_util.tree_map(
+        lambda x: jnp.zeros((1, *x.shape[1:]), x.dtype),
+        next(iter(make_loader(cfg.data.tasks, "train", tokenizer, dataclasses.replace(
+            lcfg, batch_size=1, read_threads=0), data_dir=data_dir))),
+    )
+    args, kw = model_inputs(mcfg, example)
+    init_params = lambda rng: model.init(rng, *args, **kw)["params"]
+    init_rng, state_rng = jax.random.split(jax.random.key(cfg.seed))
+    abstract = nn.meta.unbox(jax.eval_shape(init_params, init_rng))
+    rules = peft_lib.trainability_rules(
+        abstract, mcfg.peft, tuple(s for s in cfg.selective.split(",") if s))
+    labels = label_params(abstract, rules)
+    summary = peft_lib.trainable_summary(abstract, labels)
+    logger.info("trainable parameters:\n%s", peft_lib.format_summary(summary))
+    opt_cfg = optimizer_config(cfg)
+    tx = make_optimizer(opt_cfg, labels)
+    policy = get_policy(cfg.policy)
+    state, shardings = sharded_train_state(
+        init_params, init_rng, labels, tx, mesh, rng=state_rng,
+        loss_scale=make_loss_scale(policy.default_loss_scale))
+    step_fn = jit_train_step(
+        make_train_step(make_loss_fn(model, label_smoothing=cfg.train.label_smoothing,
+                                     z_loss=cfg.train.z_loss), tx,
+                        schedule=make_schedule(opt_cfg), grad_accum_steps=opt_cfg.grad_accum_steps),
+        mesh, shardings)
+
+    ckpt = CheckpointManager(
+        workdir, save_interval_steps=cfg.train.checkpoint_every,
+        max_to_keep=cfg.train.keep_checkpoints, best_metric=cfg.train.best_metric or None,
+        best_mode=cfg.train.best_mode, config=cfg.to_dict(),
+        tokenizer_path=workdir / "tokenizer.model",
+    )
+    loader = make_loader(cfg.data.tasks, "train", tokenizer, lcfg, data_dir=data_dir)
+    data_state = None
+    if ckpt.latest_step() is not None:
+        state, data_state = ckpt.restore(state)
+        logger.info("resumed from step %d", int(state.step))
+    elif cfg.init_from:
+        state = overlay(state, load_params(Path(cfg.init_from), tokenizer))
+        logger.info("initialized from %s", cfg.init_from)
+    iterator = loader.iterator(data_state.get("loader") if data_state else None)
+
+    def validation_batches() -> Iterator[dict[str, Any]]:
+        val = make_loader(cfg.data.tasks, "validation", tokenizer,
+                          dataclasses.replace(lcfg, num_epochs=None, shuffle=False,
+                                              read_threads=0), data_dir=data_dir)
+        for i, batch in enumerate(val):
+            if i >= cfg.eval.num_batches:
+                return
+            yield shard_batch(batch, mesh)
+
+    results: dict[str, Any] = {"trainable": summary}
+    tokens_per_batch = cfg.data.batch_size * (
+        cfg.data.targets_length + (cfg.data.inputs_length if mcfg.is_encoder_decoder else 0))
+    with MetricsWriter(workdir) as writer, ProgressBar(cfg.train.num_steps,
+                                                       initial=int(state.step)) as bar:
+        last = time.perf_counter()
+        while int(state.step) < cfg.train.num_steps:
+            batch = shard_batch(next(iterator), mesh)
+            state, metrics = step_fn(state, batch)
+            step = int(state.step)
+            if step % cfg.train.log_every == 0 or step == cfg.train.num_steps:
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                now = time.perf_counter()
+                metrics["tokens_per_s"] = tokens_per_batch * cfg.train.log_every / (now - last)
+                last = now
+                writer.write_scalars(step, {f"train/{k}": v for k, v in metrics.items()})
+                bar.update(step, {"loss": metrics["loss"]})
+            else:
+                bar.update(step)
+            eval_metrics = None
+            if step % cfg.train.eval_every == 0 or step == cfg.train.num_steps:
+                with mesh_context(mesh):
+                    val = eval_loss(model, merge_params(state.trainable, state.frozen),
+                                    validation_batches())
+                eval_metrics = {f"eval/{k}": v for k, v in val.items()}
+                writer.write_scalars(step, eval_metrics)
+                results["eval"] = val
+            ckpt.save(state, metrics=eval_metrics,
+                      data_state={"loader": iterator.get_state()},
+                      force=step == cfg.train.num_steps)
+    ckpt.wait_until_finished()
+    ckpt.close()
+
+    params = jax.device_get(merge_params(state.trainable, state.frozen))
+    save_params(workdir, params, mcfg, tokenizer)
+    if cfg.eval.generate_examples:
+        with mesh_context(mesh):
+            scores = generation_scores(model, params, tokenizer, cfg, split=cfg.eval.split,
+                                       limit=cfg.eval.generate_examples,
+                                       out_dir=workdir / "eval")
+        results["scores"] = scores
+    plot_curves(workdir / "metrics.jsonl", workdir / "loss.png")
+    (workdir / "results.json").write_text(json.dumps(results, indent=2, default=float))
+    return results
