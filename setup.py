@@ -28,6 +28,8 @@ INSTALL_REQUIRES = [
     "matplotlib>=3.8",
     "absl-py>=2.0",
     "etils[epath]>=1.5",
+    # tensorflow-datasets builds datasets through it; not pulled in without TensorFlow.
+    "importlib_resources>=6.0",
 ]
 
 EXTRAS_REQUIRE = {

@@ -64,8 +64,16 @@ from flaxtune.transformer import DecodeConfig, build_model, generate, get_config
 
 logger = logging.getLogger(__name__)
 
-PEFT_METHODS = ("none", "lora", "dora", "houlsby", "pfeiffer", "ia3", "prompt_tuning",
-                "prefix_tuning")
+PEFT_METHODS = (
+    "none",
+    "lora",
+    "dora",
+    "houlsby",
+    "pfeiffer",
+    "ia3",
+    "prompt_tuning",
+    "prefix_tuning",
+)
 
 
 # --------------------------------------------------------------------------
@@ -80,23 +88,38 @@ def peft_config(cfg: ml_collections.ConfigDict) -> peft_lib.PeftConfig | None:
     if method == "none":
         return None
     if method in ("lora", "dora"):
-        return peft_lib.PeftConfig(lora=peft_lib.LoraConfig(
-            targets=p.lora_targets, rank=p.lora_rank, alpha=p.lora_alpha,
-            dropout=p.lora_dropout, use_dora=method == "dora", init=p.lora_init,
-        ))
+        return peft_lib.PeftConfig(
+            lora=peft_lib.LoraConfig(
+                targets=p.lora_targets,
+                rank=p.lora_rank,
+                alpha=p.lora_alpha,
+                dropout=p.lora_dropout,
+                use_dora=method == "dora",
+                init=p.lora_init,
+            )
+        )
     if method in ("houlsby", "pfeiffer"):
-        return peft_lib.PeftConfig(adapters=peft_lib.AdapterConfig(
-            kind=method, reduction_factor=p.adapter_reduction_factor,
-        ))
+        return peft_lib.PeftConfig(
+            adapters=peft_lib.AdapterConfig(
+                kind=method,
+                reduction_factor=p.adapter_reduction_factor,
+            )
+        )
     if method == "ia3":
         return peft_lib.PeftConfig(ia3=peft_lib.IA3Config())
     if method == "prompt_tuning":
-        return peft_lib.PeftConfig(prompt_tuning=peft_lib.PromptTuningConfig(
-            num_virtual_tokens=p.num_virtual_tokens, init=p.prompt_init,
-        ))
-    return peft_lib.PeftConfig(prefix_tuning=peft_lib.PrefixTuningConfig(
-        num_virtual_tokens=p.num_virtual_tokens, reparameterize=p.prefix_reparameterize,
-    ))
+        return peft_lib.PeftConfig(
+            prompt_tuning=peft_lib.PromptTuningConfig(
+                num_virtual_tokens=p.num_virtual_tokens,
+                init=p.prompt_init,
+            )
+        )
+    return peft_lib.PeftConfig(
+        prefix_tuning=peft_lib.PrefixTuningConfig(
+            num_virtual_tokens=p.num_virtual_tokens,
+            reparameterize=p.prefix_reparameterize,
+        )
+    )
 
 
 def load_or_train_tokenizer(cfg: ml_collections.ConfigDict, workdir: Path) -> Tokenizer:
@@ -111,6 +134,11 @@ def load_or_train_tokenizer(cfg: ml_collections.ConfigDict, workdir: Path) -> To
         tokenizer = train_bundled_tokenizer(vocab_size=cfg.tokenizer.vocab_size, seed=cfg.seed)
     tokenizer.save(own)
     return tokenizer
+
+
+def data_directory(cfg: ml_collections.ConfigDict) -> str:
+    """Where TFDS datasets are read (and the bundled one built): TFDS's default."""
+    return str(Path(cfg.data.data_dir or Path.home() / "tensorflow_datasets").expanduser())
 
 
 def model_config(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer):
@@ -162,8 +190,12 @@ def model_inputs(model_cfg, batch: dict[str, Any]) -> tuple[tuple, dict]:
     kw = {}
     if model_cfg.is_encoder_decoder:
         args = (batch["encoder_input_tokens"], batch["decoder_input_tokens"])
-        for name in ("encoder_segment_ids", "decoder_segment_ids", "encoder_positions",
-                     "decoder_positions"):
+        for name in (
+            "encoder_segment_ids",
+            "decoder_segment_ids",
+            "encoder_positions",
+            "decoder_positions",
+        ):
             if name in batch:
                 kw[name] = batch[name]
     else:
@@ -179,16 +211,21 @@ def make_loss_fn(model: nn.Module, *, label_smoothing: float = 0.0, z_loss: floa
 
     def loss_fn(params, batch, rng):
         args, kw = model_inputs(model.config, batch)
-        logits = model.apply({"params": params}, *args, **kw, deterministic=False,
-                             rngs={"dropout": rng})
+        logits = model.apply(
+            {"params": params}, *args, **kw, deterministic=False, rngs={"dropout": rng}
+        )
         targets = batch["decoder_target_tokens"]
         weights = batch["decoder_loss_weights"]
         loss_sum, z_sum, weight_sum = cross_entropy_with_logits(
-            logits, targets, weights, label_smoothing=label_smoothing, z_loss=z_loss)
+            logits, targets, weights, label_smoothing=label_smoothing, z_loss=z_loss
+        )
         denom = jnp.maximum(weight_sum, 1.0)
         correct, _ = token_accuracy(logits, targets, weights)
-        aux = {"num_tokens": weight_sum, "nll": (loss_sum - z_sum) / denom,
-               "accuracy": correct / denom}
+        aux = {
+            "num_tokens": weight_sum,
+            "nll": (loss_sum - z_sum) / denom,
+            "accuracy": correct / denom,
+        }
         return loss_sum / denom, aux
 
     return loss_fn
@@ -202,62 +239,98 @@ def eval_loss(model, params, batches) -> dict[str, float]:
         args, kw = model_inputs(model.config, batch)
         logits = model.apply({"params": params}, *args, **kw)
         loss, _, weight = cross_entropy_with_logits(
-            logits, batch["decoder_target_tokens"], batch["decoder_loss_weights"])
-        correct, _ = token_accuracy(logits, batch["decoder_target_tokens"],
-                                    batch["decoder_loss_weights"])
+            logits, batch["decoder_target_tokens"], batch["decoder_loss_weights"]
+        )
+        correct, _ = token_accuracy(
+            logits, batch["decoder_target_tokens"], batch["decoder_loss_weights"]
+        )
         return loss, correct, weight
 
     total = np.zeros(3)
     for batch in batches:
         total += np.asarray(jax.device_get(sums(params, batch)), np.float64)
     loss, correct, weight = total
-    return {"loss": loss / max(weight, 1.0), "accuracy": correct / max(weight, 1.0),
-            "tokens": weight}
+    return {
+        "loss": loss / max(weight, 1.0),
+        "accuracy": correct / max(weight, 1.0),
+        "tokens": weight,
+    }
 
 
-def make_predict_fn(model, params, tokenizer: Tokenizer, *, inputs_length: int, batch_size: int,
-                    decode: DecodeConfig):
+def make_predict_fn(
+    model,
+    params,
+    tokenizer: Tokenizer,
+    *,
+    inputs_length: int,
+    batch_size: int,
+    decode: DecodeConfig,
+):
     """``list[str] -> list[str]`` generation with fixed shapes (one compilation)."""
     cfg = model.config
 
     def predict(prompts: list[str]) -> list[str]:
-        rows = [tokenizer.encode(p)[: inputs_length - 1] + [tokenizer.eos_id]
-                if cfg.is_encoder_decoder else [cfg.decoder_start_id] + tokenizer.encode(p)
-                [: inputs_length - 1] for p in prompts]
+        rows = [
+            tokenizer.encode(p)[: inputs_length - 1] + [tokenizer.eos_id]
+            if cfg.is_encoder_decoder
+            else [cfg.decoder_start_id] + tokenizer.encode(p)[: inputs_length - 1]
+            for p in prompts
+        ]
         n = len(rows)
         ids = np.zeros((batch_size, inputs_length), np.int32)
         lengths = np.ones((batch_size,), np.int32)
         for i, row in enumerate(rows):
             ids[i, : len(row)] = row
             lengths[i] = len(row)
-        out = generate(model, params, ids, decode,
-                       prompt_lengths=None if cfg.is_encoder_decoder else lengths)
+        out = generate(
+            model, params, ids, decode, prompt_lengths=None if cfg.is_encoder_decoder else lengths
+        )
         tokens = np.asarray(out.tokens)[:n]
         return [tokenizer.decode([t for t in row if t not in (cfg.pad_id,)]) for row in tokens]
 
     return predict
 
 
-def generation_scores(model, params, tokenizer, cfg, *, split: str, limit: int,
-                      out_dir: Path | None = None) -> dict[str, dict[str, float]]:
+def generation_scores(
+    model, params, tokenizer, cfg, *, split: str, limit: int, out_dir: Path | None = None
+) -> dict[str, dict[str, float]]:
     tasks = [t.strip() for t in cfg.eval.tasks.split(",") if t.strip()]
     examples = []
     for task in tasks:
-        examples += list(iterate_examples(task, split, data_dir=cfg.data.data_dir or None,
-                                          template=TemplateChoice(index=0), limit=limit))
+        examples += list(
+            iterate_examples(
+                task,
+                split,
+                data_dir=data_directory(cfg),
+                template=TemplateChoice(index=0),
+                limit=limit,
+            )
+        )
     task_metrics = {}
     for task in tasks:
         kind = get_task(task).metric
-        task_metrics[task] = metric(kind, sql_setup=sql_setup()) if kind == "execution_sql" \
-            else kind
+        task_metrics[task] = (
+            metric(kind, sql_setup=sql_setup()) if kind == "execution_sql" else kind
+        )
     predict = make_predict_fn(
-        model, params, tokenizer, inputs_length=cfg.data.inputs_length,
+        model,
+        params,
+        tokenizer,
+        inputs_length=cfg.data.inputs_length,
         batch_size=cfg.eval.batch_size,
-        decode=DecodeConfig(method=cfg.eval.decode_method, max_new_tokens=cfg.eval.max_new_tokens,
-                            num_beams=cfg.eval.num_beams),
+        decode=DecodeConfig(
+            method=cfg.eval.decode_method,
+            max_new_tokens=cfg.eval.max_new_tokens,
+            num_beams=cfg.eval.num_beams,
+        ),
     )
-    return evaluate_generation(examples, predict, task_metrics=task_metrics,
-                               batch_size=cfg.eval.batch_size, out_dir=out_dir)
+    return evaluate_generation(
+        examples,
+        predict,
+        task_metrics=task_metrics,
+        batch_size=cfg.eval.batch_size,
+        out_dir=out_dir,
+    )
 
 
 # --------------------------------------------------------------------------
@@ -276,12 +349,14 @@ def load_params(run_dir: Path, tokenizer: Tokenizer) -> dict[str, Any]:
     meta_path = run_dir / "model.json"
     if not meta_path.exists():
         raise FileNotFoundError(
-            f"{meta_path} is missing: init_from must name a finished run's workdir.")
+            f"{meta_path} is missing: init_from must name a finished run's workdir."
+        )
     meta = json.loads(meta_path.read_text())
     if meta["tokenizer_fingerprint"] != tokenizer.fingerprint:
         raise ValueError(
             f"{run_dir} was trained with tokenizer {meta['tokenizer_fingerprint']}, this run "
-            f"uses {tokenizer.fingerprint}; set tokenizer.path to {run_dir}/tokenizer.model.")
+            f"uses {tokenizer.fingerprint}; set tokenizer.path to {run_dir}/tokenizer.model."
+        )
     with ocp.StandardCheckpointer() as ckpt:
         return ckpt.restore(run_dir / "params")
 
@@ -295,8 +370,10 @@ def overlay(state: TrainState, source: dict[str, Any]) -> TrainState:
         for path, value in flat.items():
             if path in src:
                 if np.shape(src[path]) != np.shape(value):
-                    raise ValueError(f"init_from: {path} has shape {np.shape(src[path])}, the "
-                                     f"model wants {np.shape(value)}.")
+                    raise ValueError(
+                        f"init_from: {path} has shape {np.shape(src[path])}, the "
+                        f"model wants {np.shape(value)}."
+                    )
                 flat[path] = jax.device_put(jnp.asarray(src[path], value.dtype), value.sharding)
         return traverse_util.unflatten_dict(flat, sep="/")
 
@@ -314,20 +391,30 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path) -> d
     mcfg = model_config(cfg, tokenizer)
     model = build_model(mcfg)
     mesh = make_mesh(data=cfg.mesh.data, fsdp=cfg.mesh.fsdp, tensor=cfg.mesh.tensor)
-    data_dir = cfg.data.data_dir or None
+    data_dir = data_directory(cfg)
 
     lcfg = loader_config(cfg, encoder_decoder=mcfg.is_encoder_decoder)
     example = jax.tree_util.tree_map(
         lambda x: jnp.zeros((1, *x.shape[1:]), x.dtype),
-        next(iter(make_loader(cfg.data.tasks, "train", tokenizer, dataclasses.replace(
-            lcfg, batch_size=1, read_threads=0), data_dir=data_dir))),
+        next(
+            iter(
+                make_loader(
+                    cfg.data.tasks,
+                    "train",
+                    tokenizer,
+                    dataclasses.replace(lcfg, batch_size=1, read_threads=0),
+                    data_dir=data_dir,
+                )
+            )
+        ),
     )
     args, kw = model_inputs(mcfg, example)
     init_params = lambda rng: model.init(rng, *args, **kw)["params"]
-    init_rng, state_rng = jax.random.split(jax.random.key(cfg.seed))
+    init_rng, state_rng = jax.random.split(jax.random.PRNGKey(cfg.seed))
     abstract = nn.meta.unbox(jax.eval_shape(init_params, init_rng))
     rules = peft_lib.trainability_rules(
-        abstract, mcfg.peft, tuple(s for s in cfg.selective.split(",") if s))
+        abstract, mcfg.peft, tuple(s for s in cfg.selective.split(",") if s)
+    )
     labels = label_params(abstract, rules)
     summary = peft_lib.trainable_summary(abstract, labels)
     logger.info("trainable parameters:\n%s", peft_lib.format_summary(summary))
@@ -335,18 +422,32 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path) -> d
     tx = make_optimizer(opt_cfg, labels)
     policy = get_policy(cfg.policy)
     state, shardings = sharded_train_state(
-        init_params, init_rng, labels, tx, mesh, rng=state_rng,
-        loss_scale=make_loss_scale(policy.default_loss_scale))
+        init_params,
+        init_rng,
+        labels,
+        tx,
+        mesh,
+        rng=state_rng,
+        loss_scale=make_loss_scale(policy.default_loss_scale),
+    )
     step_fn = jit_train_step(
-        make_train_step(make_loss_fn(model, label_smoothing=cfg.train.label_smoothing,
-                                     z_loss=cfg.train.z_loss), tx,
-                        schedule=make_schedule(opt_cfg), grad_accum_steps=opt_cfg.grad_accum_steps),
-        mesh, shardings)
+        make_train_step(
+            make_loss_fn(model, label_smoothing=cfg.train.label_smoothing, z_loss=cfg.train.z_loss),
+            tx,
+            schedule=make_schedule(opt_cfg),
+            grad_accum_steps=opt_cfg.grad_accum_steps,
+        ),
+        mesh,
+        shardings,
+    )
 
     ckpt = CheckpointManager(
-        workdir, save_interval_steps=cfg.train.checkpoint_every,
-        max_to_keep=cfg.train.keep_checkpoints, best_metric=cfg.train.best_metric or None,
-        best_mode=cfg.train.best_mode, config=cfg.to_dict(),
+        workdir,
+        save_interval_steps=cfg.train.checkpoint_every,
+        max_to_keep=cfg.train.keep_checkpoints,
+        best_metric=cfg.train.best_metric or None,
+        best_mode=cfg.train.best_mode,
+        config=cfg.to_dict(),
         tokenizer_path=workdir / "tokenizer.model",
     )
     loader = make_loader(cfg.data.tasks, "train", tokenizer, lcfg, data_dir=data_dir)
@@ -360,9 +461,13 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path) -> d
     iterator = loader.iterator(data_state.get("loader") if data_state else None)
 
     def validation_batches() -> Iterator[dict[str, Any]]:
-        val = make_loader(cfg.data.tasks, "validation", tokenizer,
-                          dataclasses.replace(lcfg, num_epochs=None, shuffle=False,
-                                              read_threads=0), data_dir=data_dir)
+        val = make_loader(
+            cfg.data.tasks,
+            "validation",
+            tokenizer,
+            dataclasses.replace(lcfg, num_epochs=None, shuffle=False, read_threads=0),
+            data_dir=data_dir,
+        )
         for i, batch in enumerate(val):
             if i >= cfg.eval.num_batches:
                 return
@@ -370,9 +475,12 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path) -> d
 
     results: dict[str, Any] = {"trainable": summary}
     tokens_per_batch = cfg.data.batch_size * (
-        cfg.data.targets_length + (cfg.data.inputs_length if mcfg.is_encoder_decoder else 0))
-    with MetricsWriter(workdir) as writer, ProgressBar(cfg.train.num_steps,
-                                                       initial=int(state.step)) as bar:
+        cfg.data.targets_length + (cfg.data.inputs_length if mcfg.is_encoder_decoder else 0)
+    )
+    with (
+        MetricsWriter(workdir) as writer,
+        ProgressBar(cfg.train.num_steps, initial=int(state.step)) as bar,
+    ):
         last = time.perf_counter()
         while int(state.step) < cfg.train.num_steps:
             batch = shard_batch(next(iterator), mesh)
@@ -390,14 +498,18 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path) -> d
             eval_metrics = None
             if step % cfg.train.eval_every == 0 or step == cfg.train.num_steps:
                 with mesh_context(mesh):
-                    val = eval_loss(model, merge_params(state.trainable, state.frozen),
-                                    validation_batches())
+                    val = eval_loss(
+                        model, merge_params(state.trainable, state.frozen), validation_batches()
+                    )
                 eval_metrics = {f"eval/{k}": v for k, v in val.items()}
                 writer.write_scalars(step, eval_metrics)
                 results["eval"] = val
-            ckpt.save(state, metrics=eval_metrics,
-                      data_state={"loader": iterator.get_state()},
-                      force=step == cfg.train.num_steps)
+            ckpt.save(
+                state,
+                metrics=eval_metrics,
+                data_state={"loader": iterator.get_state()},
+                force=step == cfg.train.num_steps,
+            )
     ckpt.wait_until_finished()
     ckpt.close()
 
@@ -405,10 +517,16 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path) -> d
     save_params(workdir, params, mcfg, tokenizer)
     if cfg.eval.generate_examples:
         with mesh_context(mesh):
-            scores = generation_scores(model, params, tokenizer, cfg, split=cfg.eval.split,
-                                       limit=cfg.eval.generate_examples,
-                                       out_dir=workdir / "eval")
+            scores = generation_scores(
+                model,
+                params,
+                tokenizer,
+                cfg,
+                split=cfg.eval.split,
+                limit=cfg.eval.generate_examples,
+                out_dir=workdir / "eval",
+            )
         results["scores"] = scores
-    plot_curves(workdir / "metrics.jsonl", workdir / "loss.png")
+    plot_curves(workdir / "metrics.jsonl", workdir / "loss.png", train_key="train/loss")
     (workdir / "results.json").write_text(json.dumps(results, indent=2, default=float))
     return results

@@ -1,0 +1,159 @@
+"""Base configuration of a flaxtune run; every other config starts from it.
+
+Each field has a comment above it. Override on the command line, e.g.
+``--config.optimizer.learning_rate=3e-4``; an unknown key is an error.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    # Seed of parameter init, data order, dropout and tokenizer training.
+    c.seed = 0
+    # Compute policy: fp32 | bf16 | mixed_bf16 | fp16, or a string like "p=f32,c=bf16,o=f32".
+    c.policy = "fp32"
+    # Workdir of a finished run whose final parameters initialize this one ("" = none).
+    c.init_from = ""
+    # Comma-separated selective presets (bitfit, last_layers:N, attention, ffn, embeddings,
+    # head, norms); empty with peft.method=none means full fine-tuning.
+    c.selective = ""
+
+    c.model = ml_collections.ConfigDict()
+    # A preset of flaxtune.transformer (see preset_names()).
+    c.model.preset = "tiny-t5"
+    # Field overrides of the preset (the vocabulary size always comes from the tokenizer).
+    c.model.overrides = ml_collections.ConfigDict(
+        dict(
+            d_model=128,
+            num_heads=4,
+            head_dim=32,
+            d_ff=384,
+            num_encoder_layers=2,
+            num_decoder_layers=2,
+            relative_num_buckets=32,
+            relative_max_distance=64,
+            max_length=256,
+            dropout_rate=0.0,
+        )
+    )
+
+    c.peft = ml_collections.ConfigDict()
+    # none | lora | dora | houlsby | pfeiffer | ia3 | prompt_tuning | prefix_tuning
+    c.peft.method = "none"
+    # LoRA/DoRA: module-path regex or preset (qv, qkvo, ffn, all-linear).
+    c.peft.lora_targets = "qv"
+    # LoRA/DoRA rank.
+    c.peft.lora_rank = 8
+    # LoRA/DoRA alpha (scaling alpha / rank).
+    c.peft.lora_alpha = 16.0
+    # Dropout on the LoRA branch input.
+    c.peft.lora_dropout = 0.0
+    # LoRA A initialization: kaiming | gaussian | pissa.
+    c.peft.lora_init = "kaiming"
+    # Adapters: bottleneck width is d_model // reduction factor.
+    c.peft.adapter_reduction_factor = 8
+    # Prompt and prefix tuning: number of virtual tokens.
+    c.peft.num_virtual_tokens = 16
+    # Prompt tuning init: random | vocab.
+    c.peft.prompt_init = "vocab"
+    # Prefix tuning through a reparameterization MLP.
+    c.peft.prefix_reparameterize = False
+
+    c.tokenizer = ml_collections.ConfigDict()
+    # A SentencePiece .model file; empty trains one on the bundled corpus.
+    c.tokenizer.path = ""
+    # Vocabulary size when training the tokenizer.
+    c.tokenizer.vocab_size = 2000
+
+    c.data = ml_collections.ConfigDict()
+    # A task, a comma-free mixture name (bundled/all) or a task list.
+    c.data.tasks = "bundled/all"
+    # instruction | span_corruption | causal_lm
+    c.data.objective = "instruction"
+    # Encoder length (encoder-decoder) in tokens.
+    c.data.inputs_length = 96
+    # Decoder length in tokens.
+    c.data.targets_length = 48
+    # Global batch size (a multiple of mesh data x fsdp).
+    c.data.batch_size = 32
+    # Pack several examples per row.
+    c.data.pack = False
+    # Where TFDS datasets live ("" = the TFDS default, ~/tensorflow_datasets).
+    c.data.data_dir = ""
+    # Loader prefetch threads (0 = in the training thread).
+    c.data.read_threads = 1
+
+    c.optimizer = ml_collections.ConfigDict()
+    # adamw | adafactor | sgd
+    c.optimizer.name = "adamw"
+    # Peak learning rate.
+    c.optimizer.learning_rate = 3e-3
+    # constant | warmup_cosine | linear | inverse_sqrt
+    c.optimizer.schedule = "warmup_cosine"
+    # Linear warm-up steps.
+    c.optimizer.warmup_steps = 50
+    # Decoupled weight decay (masked off biases, norms and embeddings).
+    c.optimizer.weight_decay = 0.01
+    # Global-norm gradient clipping (0 disables).
+    c.optimizer.clip_global_norm = 1.0
+    # Microbatches accumulated per update.
+    c.optimizer.grad_accum_steps = 1
+
+    c.train = ml_collections.ConfigDict()
+    # Optimizer updates.
+    c.train.num_steps = 600
+    # Log metrics every N steps.
+    c.train.log_every = 20
+    # Validation loss every N steps.
+    c.train.eval_every = 200
+    # Checkpoint every N steps.
+    c.train.checkpoint_every = 200
+    # Checkpoints to keep (plus the best one when best_metric is set).
+    c.train.keep_checkpoints = 2
+    # Metric that picks the best checkpoint ("" = none), e.g. "eval/loss".
+    c.train.best_metric = "eval/loss"
+    # min | max
+    c.train.best_mode = "min"
+    # Label smoothing of the cross-entropy.
+    c.train.label_smoothing = 0.0
+    # z-loss coefficient.
+    c.train.z_loss = 0.0
+
+    c.eval = ml_collections.ConfigDict()
+    # Validation batches per evaluation.
+    c.eval.num_batches = 8
+    # Tasks scored by generation at the end (comma-separated; "" = none).
+    c.eval.tasks = ",".join(
+        [
+            "bundled/sentiment",
+            "bundled/summarization",
+            "bundled/translation_en_zh",
+            "bundled/text_to_sql",
+            "bundled/text_to_arithmetic",
+            "bundled/extraction",
+            "bundled/qa",
+            "bundled/topic_writing",
+        ]
+    )
+    # Split scored by generation.
+    c.eval.split = "test"
+    # Examples per task scored by generation (0 disables generation).
+    c.eval.generate_examples = 64
+    # greedy | sample | beam
+    c.eval.decode_method = "greedy"
+    # Beam width for decode_method=beam.
+    c.eval.num_beams = 4
+    # Tokens generated per example.
+    c.eval.max_new_tokens = 48
+    # Prompts per generation batch.
+    c.eval.batch_size = 32
+
+    c.mesh = ml_collections.ConfigDict()
+    # Devices on the data axis (-1 = all remaining).
+    c.mesh.data = -1
+    # Devices on the fsdp axis.
+    c.mesh.fsdp = 1
+    # Devices on the tensor axis.
+    c.mesh.tensor = 1
+    return c
