@@ -271,9 +271,9 @@ def make_predict_fn(
 
     def predict(prompts: list[str]) -> list[str]:
         rows = [
-            tokenizer.encode(p)[: inputs_length - 1] + [tokenizer.eos_id]
+            [*tokenizer.encode(p)[: inputs_length - 1], tokenizer.eos_id]
             if cfg.is_encoder_decoder
-            else [cfg.decoder_start_id] + tokenizer.encode(p)[: inputs_length - 1]
+            else [cfg.decoder_start_id, *tokenizer.encode(p)[: inputs_length - 1]]
             for p in prompts
         ]
         n = len(rows)
