@@ -12,3 +12,23 @@ os.environ.setdefault(
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8",
 )
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """A small tokenizer trained on the bundled corpus, shared by the session."""
+    from flaxtune.data.bundled import train_bundled_tokenizer
+
+    return train_bundled_tokenizer(vocab_size=2000)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> str:
+    """One TFDS directory per session: the bundled dataset is built there once."""
+    import tensorflow_datasets as tfds
+
+    tfds.disable_progress_bar()
+    return str(tmp_path_factory.mktemp("tfds"))

@@ -1,0 +1,61 @@
+"""The whole run, end to end, on the bundled data: a config for a few steps,
+exact resume after an interruption, and loud configuration errors."""
+
+import json
+
+import pytest
+
+from experiments.configs import tiny
+from flaxtune.train.loop import optimizer_config, peft_config, train_and_evaluate
+from flaxtune.train.metrics_writer import read_metrics
+
+
+def tiny_config(data_dir, **train):
+    cfg = tiny.get_config()
+    cfg.data.data_dir = data_dir
+    cfg.data.read_threads = 0
+    # A fixed schedule length, so that a run cut short follows the same schedule.
+    cfg.optimizer.total_steps = 6
+    for key, value in train.items():
+        cfg.train[key] = value
+    return cfg
+
+
+def train_losses(workdir):
+    return {r["step"]: r["train/loss"] for r in read_metrics(workdir / "metrics.jsonl")
+            if "train/loss" in r}
+
+
+def test_tiny_config_runs_end_to_end(data_dir, tmp_path):
+    results = train_and_evaluate(tiny_config(data_dir), tmp_path)
+    for name in ("metrics.jsonl", "loss.png", "model.json", "tokenizer.model", "results.json",
+                 "config.json", "eval/scores.json", "eval/predictions.jsonl"):
+        assert (tmp_path / name).exists(), name
+    losses = train_losses(tmp_path)
+    assert sorted(losses) == [2, 4, 6]
+    assert losses[6] < losses[2]
+    assert set(results["scores"]) == {t for t in tiny.get_config().eval.tasks.split(",")}
+    assert json.loads((tmp_path / "results.json").read_text())["trainable"]["percent"] == 100.0
+    assert any(f.name.startswith("events.out") for f in (tmp_path / "tensorboard").iterdir())
+
+
+def test_resume_reproduces_the_uninterrupted_losses(data_dir, tmp_path):
+    full = tmp_path / "full"
+    train_and_evaluate(tiny_config(data_dir, log_every=1, checkpoint_every=3), full)
+    cut = tmp_path / "cut"
+    interrupted = tiny_config(data_dir, log_every=1, checkpoint_every=3, num_steps=3)
+    interrupted.eval.generate_examples = 0
+    train_and_evaluate(interrupted, cut)
+    train_and_evaluate(tiny_config(data_dir, log_every=1, checkpoint_every=3), cut)
+    assert train_losses(cut) == train_losses(full)
+
+
+def test_config_errors_are_loud():
+    cfg = tiny.get_config()
+    cfg.optimizer.learnin_rate = 1.0
+    with pytest.raises(ValueError, match=r"unknown optimizer option\(s\) \['learnin_rate'\]"):
+        optimizer_config(cfg)
+    cfg = tiny.get_config()
+    cfg.peft.method = "lora2"
+    with pytest.raises(ValueError, match="peft.method='lora2' is not one of"):
+        peft_config(cfg)
