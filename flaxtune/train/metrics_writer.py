@@ -26,7 +26,7 @@ from typing import Any, TextIO
 import jax
 import numpy as np
 
-__all__ = ["MetricsWriter", "ProgressBar", "plot_curves", "read_metrics"]
+__all__ = ["MetricsWriter", "ProgressBar", "curve", "plot_curves", "read_metrics"]
 
 
 def _scalar(value: Any) -> float | int | bool:
@@ -161,6 +161,23 @@ class ProgressBar:
         self.close()
 
 
+def curve(records: Iterable[Mapping[str, Any]], key: str) -> list[tuple[int, float]]:
+    """``(step, value)`` of ``key``, sorted by step, finite values only.
+
+    A resumed run re-logs the steps after its last checkpoint; the value
+    logged last for a step wins, so the curve is the resumed run's.
+    """
+    by_step: dict[int, float] = {}
+    for r in records:
+        value = r.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            if math.isfinite(value):
+                by_step[int(r["step"])] = float(value)
+            else:
+                by_step.pop(int(r["step"]), None)
+    return sorted(by_step.items())
+
+
 def plot_curves(
     metrics_jsonl: str | os.PathLike,
     out_png: str | os.PathLike,
@@ -176,15 +193,8 @@ def plot_curves(
     from matplotlib.figure import Figure
 
     records = read_metrics(metrics_jsonl)
-    series = {}
-    for key in (train_key, eval_key):
-        points = [
-            (r["step"], r[key])
-            for r in records
-            if key in r and isinstance(r[key], int | float) and math.isfinite(r[key])
-        ]
-        if points:
-            series[key] = points
+    series = {key: curve(records, key) for key in (train_key, eval_key)}
+    series = {key: points for key, points in series.items() if points}
     if train_key not in series:
         raise ValueError(
             f"{metrics_jsonl} has no finite {train_key!r} values to plot; "
