@@ -4,9 +4,9 @@
   ``workdir/metrics.jsonl`` (``{"step": 10, "loss": 2.3, ...}``) and writes
   the same scalars as TensorBoard events through ``tensorboardX`` (no
   TensorFlow needed). Values are pulled to host once per call. The JSONL
-  file is the source of truth: it is line-buffered and flushed per call, so a
-  killed run loses at most the line being written, and readers skip a torn
-  last line.
+  file is the source of truth: it is flushed per call, so a killed run loses
+  at most the line being written; readers skip such a torn last line and the
+  next writer (the resumed run) truncates it before appending.
 * ``ProgressBar`` wraps ``tqdm`` with the step count, ETA and a few metrics.
 * ``plot_curves(metrics_jsonl, out_png)`` draws train (and eval) loss vs
   step with matplotlib's Agg backend (no display needed).
@@ -30,7 +30,7 @@ __all__ = ["MetricsWriter", "ProgressBar", "curve", "plot_curves", "read_metrics
 
 
 def _scalar(value: Any) -> float | int | bool:
-    value = np.asarray(jax.device_get(value))
+    value = np.asarray(value)
     if value.size != 1:
         raise ValueError(
             f"Metrics must be scalars, got an array of shape {value.shape}; "
@@ -53,6 +53,7 @@ class MetricsWriter:
     def __init__(self, workdir: str | os.PathLike, *, tensorboard: bool = True) -> None:
         os.makedirs(workdir, exist_ok=True)
         self.path = os.path.join(workdir, "metrics.jsonl")
+        _drop_torn_last_line(self.path)
         self._file = open(self.path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
         self._tb = None
         if tensorboard:
@@ -61,7 +62,7 @@ class MetricsWriter:
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
-        values = {k: _scalar(v) for k, v in scalars.items()}
+        values = {k: _scalar(v) for k, v in jax.device_get(dict(scalars)).items()}
         if "step" in values:
             raise ValueError("'step' is reserved for the step argument; rename the metric.")
         record = {"step": int(step), **values}
@@ -89,6 +90,17 @@ class MetricsWriter:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _drop_torn_last_line(path: str) -> None:
+    """Truncates a partial last record (a run killed mid-write) before appending."""
+    if not os.path.exists(path) or os.path.getsize(path) == 0:
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        if data.endswith(b"\n"):
+            return
+        f.truncate(data.rfind(b"\n") + 1)
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:

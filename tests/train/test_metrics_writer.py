@@ -73,9 +73,13 @@ def test_appending_resumes_and_a_torn_last_line_is_skipped(tmp_path):
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write('{"step": 7, "lo')  # a run killed mid-write
     assert len(read_metrics(tmp_path / "metrics.jsonl")) == 8
+    with MetricsWriter(tmp_path, tensorboard=False) as writer:  # the resumed run
+        writer.write_scalars(7, {"loss": 0.5})
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert len(records) == 9 and records[-1] == {"step": 7, "loss": 0.5}
     with open(tmp_path / "metrics.jsonl", "a") as f:
-        f.write('\n{"step": 8}\n')
-    with pytest.raises(ValueError, match=r"metrics.jsonl:9 is not valid JSON"):
+        f.write('{"step": 8, "lo\n{"step": 9}\n')  # corruption in the middle is an error
+    with pytest.raises(ValueError, match=r"metrics.jsonl:10 is not valid JSON"):
         read_metrics(tmp_path / "metrics.jsonl")
 
 
