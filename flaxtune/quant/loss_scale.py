@@ -9,11 +9,15 @@ them. bfloat16 has float32's exponent range and rarely needs it; float16 does.
 Three scalers share one small interface (the idea of ``jmp``):
 
 * ``NoOpLossScale()``: identity; the default.
-* ``StaticLossScale(scale)``: a fixed ``S``.
-* ``DynamicLossScale(scale, counter, period, factor, min_scale)``: ``S`` is
-  divided by ``factor`` (never below ``min_scale``) after any step with a
-  non-finite gradient, and multiplied by ``factor`` after ``period``
-  consecutive finite steps.
+* ``StaticLossScale.create(scale)``: a fixed ``S``.
+* ``DynamicLossScale.create(scale, period=2000, factor=2, min_scale=1)``:
+  ``S`` is divided by ``factor`` (never below ``min_scale``) after any step
+  with a non-finite gradient, and multiplied by ``factor`` after ``period``
+  consecutive finite steps (``counter`` counts them).
+
+``make_loss_scale("none" | "static" | "dynamic", ...)`` builds one from a
+config string. The current scale is the ``loss_scale`` field (a float32
+scalar array; ``NoOpLossScale`` reports 1).
 
 All are ``flax.struct`` pytrees: they live in the train state, are donated,
 sharded (replicated scalars) and checkpointed like every other leaf, and

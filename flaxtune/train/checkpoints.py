@@ -38,6 +38,9 @@ Decisions:
   straight into its sharding. Before reading, the checkpoint's tree is
   compared with the target's: missing, unexpected or differently shaped
   entries are listed by path in one ``CheckpointMismatchError``.
+* **Run files are never overwritten.** A resumed run with a changed config
+  keeps ``config.json`` and writes the new one to ``config.1.json`` (2, ...);
+  a different tokenizer fingerprint than the one recorded is an error.
 * **The tokenizer travels with the model.** The fingerprint recorded at save
   time must equal the manager's at restore time; otherwise the error names
   both.
@@ -48,6 +51,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import shutil
 from collections.abc import Mapping
@@ -245,9 +249,29 @@ class CheckpointManager:
     # -- run files -------------------------------------------------------
 
     def _write_run_files(self, config: Any, tokenizer_path: str | os.PathLike | None) -> None:
+        """Writes the run's config and tokenizer; never overwrites what a run wrote before."""
+        fingerprint_file = self.workdir / "tokenizer_fingerprint.txt"
+        if self.tokenizer_fingerprint is not None and fingerprint_file.exists():
+            recorded = fingerprint_file.read_text().strip()
+            if recorded != self.tokenizer_fingerprint:
+                raise TokenizerMismatchError(
+                    f"{self.workdir} was written with tokenizer {recorded}, but this run uses "
+                    f"{self.tokenizer_fingerprint}. Use the tokenizer saved in "
+                    f"{self.workdir / 'tokenizer'} or start a fresh workdir."
+                )
         if config is not None:
             text = json.dumps(_config_to_json(config), indent=2, sort_keys=True)
-            _atomic_write(self.workdir / "config.json", text)
+            path = self.workdir / "config.json"
+            if path.exists() and path.read_text() != text:
+                # A resumed run with a changed config: keep the original, add the new.
+                i = 1
+                while (self.workdir / f"config.{i}.json").exists():
+                    i += 1
+                path = self.workdir / f"config.{i}.json"
+                logging.warning(
+                    "The config differs from %s/config.json; writing it to %s.", self.workdir, path
+                )
+            _atomic_write(path, text)
         if tokenizer_path is not None:
             target_dir = self.workdir / "tokenizer"
             target_dir.mkdir(exist_ok=True)
@@ -255,7 +279,7 @@ class CheckpointManager:
                 tokenizer_path, os.fspath(target_dir / os.path.basename(tokenizer_path))
             )
         if self.tokenizer_fingerprint is not None:
-            _atomic_write(self.workdir / "tokenizer_fingerprint.txt", self.tokenizer_fingerprint)
+            _atomic_write(fingerprint_file, self.tokenizer_fingerprint)
 
     # -- queries ---------------------------------------------------------
 

@@ -35,6 +35,7 @@ import jax
 import numpy as np
 import optax
 from flax import traverse_util
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -104,7 +105,9 @@ def make_mesh(
             f"{int(np.prod(sizes))} devices but {len(devices)} are available; use -1 for one "
             "axis to take the rest, or pass devices=..."
         )
-    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+    # create_device_mesh orders devices by the physical topology (TPU/GPU
+    # interconnect), so the innermost axis (tensor) gets the fastest links.
+    return Mesh(mesh_utils.create_device_mesh(sizes, devices), MESH_AXES)
 
 
 @contextlib.contextmanager

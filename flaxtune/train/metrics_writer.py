@@ -4,9 +4,9 @@
   ``workdir/metrics.jsonl`` (``{"step": 10, "loss": 2.3, ...}``) and writes
   the same scalars as TensorBoard events through ``tensorboardX`` (no
   TensorFlow needed). Values are pulled to host once per call. The JSONL
-  file is the source of truth: it is line-buffered and flushed per call, so a
-  killed run loses at most the line being written, and readers skip a torn
-  last line.
+  file is the source of truth: it is flushed per call, so a killed run loses
+  at most the line being written; readers skip such a torn last line and the
+  next writer (the resumed run) truncates it before appending.
 * ``ProgressBar`` wraps ``tqdm`` with the step count, ETA and a few metrics.
 * ``plot_curves(metrics_jsonl, out_png)`` draws train (and eval) loss vs
   step with matplotlib's Agg backend (no display needed).
@@ -26,11 +26,11 @@ from typing import Any, TextIO
 import jax
 import numpy as np
 
-__all__ = ["MetricsWriter", "ProgressBar", "plot_curves", "read_metrics"]
+__all__ = ["MetricsWriter", "ProgressBar", "curve", "plot_curves", "read_metrics"]
 
 
 def _scalar(value: Any) -> float | int | bool:
-    value = np.asarray(jax.device_get(value))
+    value = np.asarray(value)
     if value.size != 1:
         raise ValueError(
             f"Metrics must be scalars, got an array of shape {value.shape}; "
@@ -53,6 +53,7 @@ class MetricsWriter:
     def __init__(self, workdir: str | os.PathLike, *, tensorboard: bool = True) -> None:
         os.makedirs(workdir, exist_ok=True)
         self.path = os.path.join(workdir, "metrics.jsonl")
+        _drop_torn_last_line(self.path)
         self._file = open(self.path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
         self._tb = None
         if tensorboard:
@@ -61,7 +62,7 @@ class MetricsWriter:
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
-        values = {k: _scalar(v) for k, v in scalars.items()}
+        values = {k: _scalar(v) for k, v in jax.device_get(dict(scalars)).items()}
         if "step" in values:
             raise ValueError("'step' is reserved for the step argument; rename the metric.")
         record = {"step": int(step), **values}
@@ -89,6 +90,17 @@ class MetricsWriter:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _drop_torn_last_line(path: str) -> None:
+    """Truncates a partial last record (a run killed mid-write) before appending."""
+    if not os.path.exists(path) or os.path.getsize(path) == 0:
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        if data.endswith(b"\n"):
+            return
+        f.truncate(data.rfind(b"\n") + 1)
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -161,6 +173,23 @@ class ProgressBar:
         self.close()
 
 
+def curve(records: Iterable[Mapping[str, Any]], key: str) -> list[tuple[int, float]]:
+    """``(step, value)`` of ``key``, sorted by step, finite values only.
+
+    A resumed run re-logs the steps after its last checkpoint; the value
+    logged last for a step wins, so the curve is the resumed run's.
+    """
+    by_step: dict[int, float] = {}
+    for r in records:
+        value = r.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            if math.isfinite(value):
+                by_step[int(r["step"])] = float(value)
+            else:
+                by_step.pop(int(r["step"]), None)
+    return sorted(by_step.items())
+
+
 def plot_curves(
     metrics_jsonl: str | os.PathLike,
     out_png: str | os.PathLike,
@@ -176,15 +205,8 @@ def plot_curves(
     from matplotlib.figure import Figure
 
     records = read_metrics(metrics_jsonl)
-    series = {}
-    for key in (train_key, eval_key):
-        points = [
-            (r["step"], r[key])
-            for r in records
-            if key in r and isinstance(r[key], int | float) and math.isfinite(r[key])
-        ]
-        if points:
-            series[key] = points
+    series = {key: curve(records, key) for key in (train_key, eval_key)}
+    series = {key: points for key, points in series.items() if points}
     if train_key not in series:
         raise ValueError(
             f"{metrics_jsonl} has no finite {train_key!r} values to plot; "

@@ -73,6 +73,18 @@ def test_round_trip_with_run_files(tmp_path):
     assert (run / "tokenizer_fingerprint.txt").read_text() == file_fingerprint(tokenizer)
 
 
+def test_a_resumed_run_never_overwrites_the_run_files(tmp_path):
+    CheckpointManager(tmp_path, config={"lr": 1}, tokenizer_fingerprint="tok-A").close()
+    CheckpointManager(tmp_path, config={"lr": 1}, tokenizer_fingerprint="tok-A").close()
+    assert not (tmp_path / "config.1.json").exists()  # same config: nothing new
+    CheckpointManager(tmp_path, config={"lr": 2}, tokenizer_fingerprint="tok-A").close()
+    assert json.loads((tmp_path / "config.json").read_text()) == {"lr": 1}
+    assert json.loads((tmp_path / "config.1.json").read_text()) == {"lr": 2}
+    with pytest.raises(TokenizerMismatchError, match=r"written with tokenizer tok-A.*uses tok-B"):
+        CheckpointManager(tmp_path, tokenizer_fingerprint="tok-B")
+    assert (tmp_path / "tokenizer_fingerprint.txt").read_text() == "tok-A"
+
+
 def test_keeps_the_last_k_and_the_best(tmp_path):
     state = _state(steps=0)
     eval_losses = {1: 3.0, 2: 1.0, 3: 2.5, 4: 2.0, 5: 2.2, 6: 2.4}
@@ -149,6 +161,8 @@ def test_mismatched_checkpoints_name_the_paths(tmp_path):
 def test_tokenizer_mismatch_names_both(tmp_path):
     with CheckpointManager(tmp_path, save_interval_steps=1, tokenizer_fingerprint="tok-A") as c:
         c.save(_state(steps=0))
+    # Even without the run directory's record, each checkpoint carries its own.
+    (tmp_path / "tokenizer_fingerprint.txt").unlink()
     with (
         CheckpointManager(tmp_path, tokenizer_fingerprint="tok-B") as c,
         pytest.raises(TokenizerMismatchError, match=r"tokenizer tok-A.*uses tok-B"),

@@ -83,6 +83,25 @@ def test_one_device_and_a_data_fsdp_tensor_mesh_give_the_same_losses():
     assert previous.trainable["wi"]["kernel"].is_deleted()
 
 
+def test_accumulation_on_the_mesh_equals_one_device_one_batch():
+    batch = toy.batch_at(0, batch_size=16)
+    results = []
+    for mesh, k in ((make_mesh(1, 1, 1, devices=jax.devices()[:1]), 1), (make_mesh(2, 2, 2), 2)):
+        labels = label_params(jax.eval_shape(toy.init_params, toy.rng()), toy.RULES_ALL)
+        tx = make_optimizer(OptimizerConfig(name="sgd", momentum=0.0, learning_rate=0.5), labels)
+        state, shardings = sharded_train_state(
+            toy.init_params, toy.rng(), labels, tx, mesh, rng=toy.rng(1)
+        )
+        step = jit_train_step(
+            make_train_step(toy.deterministic_loss_fn, tx, grad_accum_steps=k), mesh, shardings
+        )
+        state, metrics = step(state, shard_batch(batch, mesh))
+        results.append((float(metrics["loss"]), jax.device_get(state.trainable)))
+    assert results[1][0] == pytest.approx(results[0][0], rel=1e-6)
+    for a, b in zip(jax.tree.leaves(results[1][1]), jax.tree.leaves(results[0][1]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
 def test_shard_batch_rejects_an_indivisible_batch():
     with pytest.raises(ValueError, match="multiple of it"):
         shard_batch(toy.batch_at(0, batch_size=6), make_mesh(2, 2, 2))

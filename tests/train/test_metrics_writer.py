@@ -12,7 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flaxtune.train.metrics_writer import MetricsWriter, ProgressBar, plot_curves, read_metrics
+from flaxtune.train.metrics_writer import (
+    MetricsWriter,
+    ProgressBar,
+    curve,
+    plot_curves,
+    read_metrics,
+)
 from flaxtune.train.throughput import (
     compiled_flops,
     measure_peak_flops,
@@ -67,10 +73,27 @@ def test_appending_resumes_and_a_torn_last_line_is_skipped(tmp_path):
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write('{"step": 7, "lo')  # a run killed mid-write
     assert len(read_metrics(tmp_path / "metrics.jsonl")) == 8
+    with MetricsWriter(tmp_path, tensorboard=False) as writer:  # the resumed run
+        writer.write_scalars(7, {"loss": 0.5})
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert len(records) == 9 and records[-1] == {"step": 7, "loss": 0.5}
     with open(tmp_path / "metrics.jsonl", "a") as f:
-        f.write('\n{"step": 8}\n')
-    with pytest.raises(ValueError, match=r"metrics.jsonl:9 is not valid JSON"):
+        f.write('{"step": 8, "lo\n{"step": 9}\n')  # corruption in the middle is an error
+    with pytest.raises(ValueError, match=r"metrics.jsonl:10 is not valid JSON"):
         read_metrics(tmp_path / "metrics.jsonl")
+
+
+def test_curves_take_the_last_value_logged_for_a_step():
+    records = [
+        {"step": 1, "loss": 3.0},
+        {"step": 2, "loss": 2.0},
+        {"step": 3, "loss": 9.0},  # logged, then the run died and resumed from step 2
+        {"step": 3, "loss": 1.5},
+        {"step": 4, "loss": float("nan")},
+        {"step": 4, "eval/loss": 1.0},
+    ]
+    assert curve(records, "loss") == [(1, 3.0), (2, 2.0), (3, 1.5)]
+    assert curve(records, "eval/loss") == [(4, 1.0)]
 
 
 def test_non_scalar_and_reserved_names_are_rejected(tmp_path):

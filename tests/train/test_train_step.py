@@ -84,17 +84,21 @@ def test_gradient_accumulation_equals_one_big_batch():
     batch = toy.batch_at(0, batch_size=16)  # ragged weights: microbatches differ in tokens
     assert len({batch["weights"][i::4].sum() for i in range(4)}) > 1
     results = {}
-    for k in (1, 4):
-        state, tx, _ = _setup(rules=toy.RULES_ALL, name="sgd", momentum=0.0, learning_rate=0.5)
+    for k, scaler in ((1, None), (4, None), (4, StaticLossScale.create(2.0**10))):
+        state, tx, _ = _setup(
+            rules=toy.RULES_ALL, loss_scale=scaler, name="sgd", momentum=0.0, learning_rate=0.5
+        )
         step = jax.jit(make_train_step(toy.deterministic_loss_fn, tx, grad_accum_steps=k))
         state, metrics = step(state, batch)
-        results[k] = (state.trainable, metrics)
-    (p1, m1), (p4, m4) = results[1], results[4]
-    np.testing.assert_allclose(m4["loss"], m1["loss"], rtol=1e-6)
-    np.testing.assert_allclose(m4["grad_norm"], m1["grad_norm"], rtol=1e-5)
-    assert float(m4["num_tokens"]) == float(m1["num_tokens"])
-    for a, b in zip(jax.tree.leaves(p4), jax.tree.leaves(p1), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+        results[k, scaler is not None] = (state.trainable, metrics)
+    p1, m1 = results[1, False]
+    for key in ((4, False), (4, True)):  # accumulated, and accumulated under loss scaling
+        p4, m4 = results[key]
+        np.testing.assert_allclose(m4["loss"], m1["loss"], rtol=1e-6)
+        np.testing.assert_allclose(m4["grad_norm"], m1["grad_norm"], rtol=1e-5)
+        assert float(m4["num_tokens"]) == float(m1["num_tokens"])
+        for a, b in zip(jax.tree.leaves(p4), jax.tree.leaves(p1), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
     # Equal microbatch weights (what optax.MultiSteps does) would be wrong here.
     def unweighted(params, batch, rng):
