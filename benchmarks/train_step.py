@@ -5,7 +5,7 @@ shape of the Hugging Face peer's ``t5_full`` measurement. ``--peer`` runs the
 peer's matching measurement back to back in the same invocation and reports
 the tokens/s ratio. Prints one JSON object per method.
 
-    python -m benchmarks.train_step [--method full lora prompt_tuning] [--policy mixed_bf16] [--peer]
+    python -m benchmarks.train_step [--method full lora] [--policy mixed_bf16] [--peer]
 
 Reported: median step time and tokens/s (source + target tokens, as the peer
 counts them), MFU = XLA's FLOP count of the compiled step / step time /
