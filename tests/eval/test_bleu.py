@@ -4,7 +4,7 @@ import re
 
 import pytest
 import sacrebleu
-from _eval_strategies import texts
+from tests.eval._eval_strategies import texts
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a

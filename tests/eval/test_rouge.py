@@ -4,7 +4,7 @@ import math
 
 import numpy as np
 import pytest
-from _eval_strategies import CJK_WORDS, non_cjk_texts, reference_lists, texts
+from tests.eval._eval_strategies import CJK_WORDS, non_cjk_texts, reference_lists, texts
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from rouge_score import rouge_scorer, scoring
