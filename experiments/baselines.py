@@ -41,7 +41,7 @@ def baselines(data_dir: str, limit: int) -> dict:
         out[task] = {
             "copy": evaluate(examples, lambda p: p, task_metrics={task: scorer})[task],
             "majority": evaluate(
-                examples, lambda p: [majority] * len(p), task_metrics={task: scorer}
+                examples, lambda p, m=majority: [m] * len(p), task_metrics={task: scorer}
             )[task],
         }
     return out
