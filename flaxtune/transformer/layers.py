@@ -185,8 +185,19 @@ class Embed(nn.Module):
         return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
 
     def attend(self, x: Array) -> Array:
-        """``x @ embedding.T``: logits over the vocabulary."""
-        return matmul(x, self.embedding.T, 1, self.dtype)
+        """``x @ embedding.T``: logits over the vocabulary.
+
+        Contracts against the embedding's feature axis directly, so no
+        transposed copy of the ``[vocab, d_model]`` table is made.
+        """
+        half = _is_half(self.dtype)
+        logits = jax.lax.dot_general(
+            x.astype(self.dtype),
+            self.embedding.astype(self.dtype),
+            (((x.ndim - 1,), (1,)), ((), ())),
+            preferred_element_type=jnp.float32 if half else None,
+        )
+        return logits.astype(self.dtype)
 
 
 class RMSNorm(nn.Module):
