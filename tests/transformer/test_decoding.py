@@ -172,12 +172,25 @@ def test_beam_search_finds_sequences_at_least_as_likely_as_greedy(name):
     np.testing.assert_allclose(jnp.sum(chosen * valid, 1), beam.scores, rtol=1e-4, atol=1e-4)
 
 
+def eos_loving_model():
+    """A decoder whose every position prefers EOS by a wide margin.
+
+    The final LayerNorm is set to output the constant e_0 (scale 0, bias e_0),
+    so the logits are row 0 of the head for every input; EOS gets +50 there.
+    """
+    config, model, params = tiny_model("tiny-llama", norm="layernorm")
+    final = params["decoder"]["final_norm"]
+    final["scale"] = jnp.zeros_like(final["scale"])
+    final["bias"] = jnp.zeros_like(final["bias"]).at[0].set(1.0)
+    head = params["decoder"]["logits_dense"]["kernel"]
+    params["decoder"]["logits_dense"]["kernel"] = head.at[0, config.eos_id].add(50.0)
+    return config, model, params
+
+
 @pytest.mark.parametrize("method", ["greedy", "sample", "beam"])
 def test_eos_ends_sequences_and_pads_the_rest(method):
     """A model that always prefers EOS stops after one token, for every method."""
-    config, model, params = tiny_model("tiny-llama")
-    head = params["decoder"]["logits_dense"]["kernel"]
-    params["decoder"]["logits_dense"]["kernel"] = head.at[:, config.eos_id].add(50.0)
+    config, model, params = eos_loving_model()
     inputs = random_tokens(np.random.RandomState(5), (2, 4), config.vocab_size)
     out = generate(
         model, params, inputs, DecodeConfig(method=method, max_new_tokens=5), rng=jax.random.key(0)
@@ -255,9 +268,7 @@ def test_decoding_errors_are_clear():
 
 @pytest.mark.parametrize("method", ["greedy", "beam"])
 def test_min_new_tokens_suppresses_early_eos(method):
-    config, model, params = tiny_model("tiny-llama")
-    head = params["decoder"]["logits_dense"]["kernel"]
-    params["decoder"]["logits_dense"]["kernel"] = head.at[:, config.eos_id].add(50.0)
+    config, model, params = eos_loving_model()
     inputs = random_tokens(np.random.RandomState(5), (2, 4), config.vocab_size)
     out = generate(
         model,
