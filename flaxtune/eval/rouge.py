@@ -37,7 +37,7 @@ import math
 import re
 from collections import Counter
 from collections.abc import Callable, Sequence
-from itertools import chain
+from itertools import chain, compress
 from typing import NamedTuple
 
 from flaxtune.eval.tokenize import rouge_tokenizer
@@ -57,6 +57,7 @@ class Score(NamedTuple):
 
 
 _ZERO = Score(0.0, 0.0, 0.0)
+_BINARY_DIGITS = bytes.maketrans(b"01", b"\x00\x01")
 
 
 def _fmeasure(precision: float, recall: float) -> float:
@@ -79,19 +80,16 @@ def _ngrams(tokens: list[str], n: int) -> Counter:
 
 def _ngram_score(target: Counter, prediction: Counter, n_target: int, n_pred: int) -> Score:
     """rouge-score's ``_score_ngrams``; ``n_*`` are the n-gram totals."""
+    common = target.keys() & prediction.keys()
     if len(target) == n_target or len(prediction) == n_pred:
         # One side has no repeated n-gram, so min(count_t, count_p) is 1 on
-        # every shared n-gram: the overlap is a set intersection, done in C.
-        overlap = len(target.keys() & prediction.keys())
+        # every shared n-gram: the overlap is the size of the intersection.
+        overlap = len(common)
     else:
-        if len(prediction) < len(target):
-            target, prediction = prediction, target  # the overlap is symmetric
         overlap = 0
-        get = prediction.get
-        for gram, count in target.items():
-            other = get(gram)
-            if other:
-                overlap += count if count < other else other
+        for gram in common:
+            t, p = target[gram], prediction[gram]
+            overlap += t if t < p else p
     precision = overlap / max(n_pred, 1)
     recall = overlap / max(n_target, 1)
     return Score(precision, recall, _fmeasure(precision, recall))
@@ -168,30 +166,44 @@ def _summary_lcs_score(
     if not m or not n:
         return _ZERO
     masks, starts, _, full = target
-    union = [0] * len(target_sents)  # bitmask of LCS hits per reference sentence
+    # Per candidate sentence, per token j (last first): the rows of every
+    # reference sentence where column j holds a match or an increment
+    # (`~v | p`), and the matches `p`; and all rows matching any token.
+    candidates = []
     for cand in pred_sents:
-        if not cand:
-            continue
-        # Per candidate token j: the rows of every reference sentence where
-        # column j holds a match or an increment (`~v | p`), and the matches.
         columns = []
         v = full
+        matchable = 0
         for token in cand:
             p = masks.get(token, 0)
             if p:
+                matchable |= p
                 u = v & p
                 v = ((v + u) | (v - u)) & full
             columns.append((~v | p, p))
-        if v == full:
-            continue  # no common token with any reference sentence
-        columns.reverse()
-        for r, sent in enumerate(target_sents):
-            # Backtrack from (i = len_r, j = len(cand)); rows 1..i of sentence r
-            # are the bits in [base, limit).
-            base = 1 << starts[r]
+        if matchable:
+            columns.reverse()
+            candidates.append((matchable, columns))
+
+    union = [0] * len(target_sents)  # bitmask of LCS hits per reference sentence
+    for r, sent in enumerate(target_sents):
+        base = 1 << starts[r]
+        segment = (base << len(sent)) - base
+        # The union of LCS hits does not depend on the order of candidates.
+        # Taking the most overlapping first lets later ones be skipped when
+        # every row they could hit is already in the union.
+        order = sorted(
+            ((c & segment, columns) for c, columns in candidates if c & segment),
+            key=lambda item: item[0].bit_count(),
+            reverse=True,
+        )
+        hits = 0
+        for matchable, columns in order:
+            if not matchable & ~hits:
+                continue
+            # Backtrack from (i = len_r, j = len(cand)); rows 1..i are [base, limit).
             limit = base << len(sent)
-            window = limit - base
-            hits = union[r]
+            window = segment
             matched = True
             for rows, p in columns:
                 if not matched and not p & window:
@@ -212,21 +224,23 @@ def _summary_lcs_score(
                 else:  # no match, and the rows above lose length: move left
                     limit = top << 1
                 window = limit - base
-            union[r] = hits
+        union[r] = hits
 
     # Count each token at most as often as it occurs on both sides (ROUGE 1.5.5).
     left_target = Counter(chain.from_iterable(target_sents))
     left_pred = Counter(chain.from_iterable(pred_sents))
     hit_count = 0
     for sent, start, hits in zip(target_sents, starts, union, strict=True):
-        while hits:
-            low = hits & -hits
-            token = sent[low.bit_length() - 1 - start]
+        if not hits:
+            continue
+        # The hit bits of this sentence as 0/1 bytes in token order, to select
+        # the hit tokens (in index order, as rouge-score's sorted union) in C.
+        selectors = bin(hits >> start)[:1:-1].encode().translate(_BINARY_DIGITS)
+        for token in compress(sent, selectors):
             if left_pred[token] > 0 and left_target[token] > 0:
                 hit_count += 1
                 left_pred[token] -= 1
                 left_target[token] -= 1
-            hits ^= low
     recall = hit_count / m
     precision = hit_count / n
     return Score(precision, recall, _fmeasure(precision, recall))

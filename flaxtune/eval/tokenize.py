@@ -168,9 +168,10 @@ _SYMBOLS = '{|}~[\\]^_`!"#$%&()*+:;<=>?@/'
 _SYMBOL_PADDING = tuple((c, f" {c} ") for c in _SYMBOLS)
 _PERIOD_COMMA_AFTER_NON_DIGIT = re.compile(r"([^0-9])([\.,])")
 _PERIOD_COMMA_BEFORE_NON_DIGIT = re.compile(r"([\.,])([^0-9])")
-# Rule 4 as a lookbehind with a literal replacement (the same string: a digit
-# is never a dash, so consecutive matches cannot overlap).
-_DASH_AFTER_DIGIT = re.compile(r"(?<=[0-9])-")
+# Rule 4 as a dash preceded by a digit, with a literal replacement (the same
+# string: a digit is never a dash, so matches cannot overlap). Leading with
+# the literal lets the regex engine jump from dash to dash.
+_DASH_AFTER_DIGIT = re.compile(r"-(?<=[0-9]-)")
 # Rules 2 and 3 leave a period or comma attached to a neighbour only when a
 # run of them is followed by a digit or ends the line ("3.5", "1,000", a
 # final "."). Each character of every other run gets spaces on both sides
