@@ -212,10 +212,12 @@ def _summary_lcs_score(
                     # step would land on the same row again: skip it.
                     continue
                 matched = p & window
-                rows &= window
-                if not rows:
-                    break  # LCS(rows 1..i, columns 1..j) is 0: nothing left
-                top = 1 << (rows.bit_length() - 1)
+                top = limit >> 1  # row i
+                if not p & top:  # else row i matches: it is the highest candidate
+                    rows &= window
+                    if not rows:
+                        break  # LCS(rows 1..i, columns 1..j) is 0: nothing left
+                    top = 1 << (rows.bit_length() - 1)
                 if p & top:  # a match: diagonal step
                     hits |= top
                     if top == base:
@@ -226,21 +228,26 @@ def _summary_lcs_score(
                 window = limit - base
         union[r] = hits
 
-    # Count each token at most as often as it occurs on both sides (ROUGE 1.5.5).
-    left_target = Counter(chain.from_iterable(target_sents))
-    left_pred = Counter(chain.from_iterable(pred_sents))
-    hit_count = 0
-    for sent, start, hits in zip(target_sents, starts, union, strict=True):
-        if not hits:
-            continue
-        # The hit bits of this sentence as 0/1 bytes in token order, to select
-        # the hit tokens (in index order, as rouge-score's sorted union) in C.
-        selectors = bin(hits >> start)[:1:-1].encode().translate(_BINARY_DIGITS)
-        for token in compress(sent, selectors):
-            if left_pred[token] > 0 and left_target[token] > 0:
-                hit_count += 1
-                left_pred[token] -= 1
-                left_target[token] -= 1
+    # rouge-score walks the union hits in order and counts a hit only while
+    # the token has occurrences left on both sides (ROUGE 1.5.5), decrementing
+    # both. A token hit u times (u <= its count in the reference, the hits
+    # being distinct reference positions) thus counts min(u, its count in the
+    # prediction) times, whatever the order: one Counter, and a correction
+    # for the few tokens hit more often than the prediction holds them.
+    hit_tokens = Counter(
+        chain.from_iterable(
+            # The hit bits of each sentence as 0/1 bytes in token order.
+            compress(sent, bin(hits >> start)[:1:-1].encode().translate(_BINARY_DIGITS))
+            for sent, start, hits in zip(target_sents, starts, union, strict=True)
+            if hits
+        )
+    )
+    hit_count = sum(union_bits.bit_count() for union_bits in union)
+    if len(hit_tokens) < hit_count:
+        pred_counts = Counter(chain.from_iterable(pred_sents))
+        for token, count in hit_tokens.items():
+            if count > 1 and count > pred_counts[token]:
+                hit_count -= count - pred_counts[token]
     recall = hit_count / m
     precision = hit_count / n
     return Score(precision, recall, _fmeasure(precision, recall))
