@@ -40,7 +40,7 @@ from collections.abc import Callable, Sequence
 from itertools import chain, compress
 from typing import NamedTuple
 
-from flaxtune.eval.tokenize import rouge_tokenizer
+from flaxtune.eval.tokenize import rouge_line_tokenizer, rouge_tokenizer
 
 __all__ = ["DEFAULT_ROUGE_TYPES", "Score", "rouge", "rouge_per_example"]
 
@@ -72,10 +72,10 @@ def _fmeasure(precision: float, recall: float) -> float:
 # ----------------------------------------------------------------------------
 
 
-def _ngrams(tokens: list[str], n: int) -> Counter:
-    if n == 1:
-        return Counter(tokens)
-    return Counter(zip(*[tokens[i:] for i in range(n)], strict=False))
+def _ngrams(tokens: list[str], n: int) -> tuple[Counter, int]:
+    """Counts of the n-grams of ``tokens`` (tokens for n = 1, tuples above), and their number."""
+    grams = tokens if n == 1 else zip(*[tokens[i:] for i in range(n)], strict=False)
+    return Counter(grams), max(len(tokens) - n + 1, 0)
 
 
 def _ngram_score(target: Counter, prediction: Counter, n_target: int, n_pred: int) -> Score:
@@ -274,26 +274,23 @@ class _Text:
         self,
         text: str,
         tokenize: Callable[[str], list[str]],
+        tokenize_lines: Callable[[str], list[list[str]]] | None,
         orders: tuple[int, ...],
-        need_sentences: bool,
         lines_concatenate: bool,
     ):
         self._lcs_layout = self._sentence_layout = None
         self._concatenated = False
-        if need_sentences:
-            # rouge-score drops empty lines; lines of only spaces stay (empty).
-            self.sentences = [tokenize(line) for line in text.split("\n") if line]
+        if tokenize_lines is not None:
+            self.sentences = tokenize_lines(text)
             if lines_concatenate:
-                self.tokens = [t for sent in self.sentences for t in sent]
+                self.tokens = list(chain.from_iterable(self.sentences))
                 self._concatenated = True
             else:
                 self.tokens = tokenize(text)
         else:
             self.sentences = []
             self.tokens = tokenize(text)
-        self.ngrams = {
-            n: (_ngrams(self.tokens, n), max(len(self.tokens) - n + 1, 0)) for n in orders
-        }
+        self.ngrams = {n: _ngrams(self.tokens, n) for n in orders}
 
     def sentence_layout(self) -> _Layout:
         if self._sentence_layout is None:
@@ -395,13 +392,15 @@ def rouge_per_example(
     """Per-example ROUGE scores; see :func:`rouge` for the arguments."""
     rouge_types = _check_rouge_types(rouge_types)
     tokenize = rouge_tokenizer(tokenizer, use_stemmer)
+    tokenize_lines = (
+        rouge_line_tokenizer(tokenizer, use_stemmer) if "rougeLsum" in rouge_types else None
+    )
     all_refs = normalize_references(predictions, references)
     orders = tuple(sorted({int(t[5:]) for t in rouge_types if _ROUGE_N.fullmatch(t)}))
-    need_sentences = "rougeLsum" in rouge_types
     lines_concatenate = isinstance(tokenizer, str)
 
     def text(s: str) -> _Text:
-        return _Text(s, tokenize, orders, need_sentences, lines_concatenate)
+        return _Text(s, tokenize, tokenize_lines, orders, lines_concatenate)
 
     results = []
     for prediction, refs in zip(predictions, all_refs, strict=True):

@@ -43,6 +43,7 @@ __all__ = [
     "ROUGE_TOKENIZERS",
     "bleu_tokenizer",
     "is_cjk",
+    "rouge_line_tokenizer",
     "rouge_tokenizer",
 ]
 
@@ -147,6 +148,23 @@ def rouge_tokenizer(
         return [t for t in tokens if valid(t) or (len(t) == 1 and _CJK_CHAR_RE.match(t))]
 
     return tokenize_and_stem
+
+
+def rouge_line_tokenizer(
+    tokenizer: str | Callable[[str], list[str]], use_stemmer: bool
+) -> Callable[[str], list[list[str]]]:
+    """Returns ``text -> one token list per line`` (ROUGE-Lsum's sentences).
+
+    rouge-score drops empty lines; here they are empty token lists, which is
+    the same for every score (a sentence without tokens contributes nothing).
+    For the built-in tokenizers without stemming the text is lowercased once
+    and each line goes straight to the compiled ``findall``.
+    """
+    tokenize = rouge_tokenizer(tokenizer, use_stemmer)
+    if isinstance(tokenizer, str) and not use_stemmer:
+        findall = (_ROUGE_TOKEN_RE if tokenizer == "rouge_score" else _AUTO_TOKEN_RE).findall
+        return lambda text: list(map(findall, text.lower().split("\n")))
+    return lambda text: [tokenize(line) for line in text.split("\n") if line]
 
 
 # ----------------------------------------------------------------------------
