@@ -23,7 +23,13 @@ Speed, with the same results:
   DP columns against every reference sentence. rouge-score's backtracking
   (diagonal on a match, else up unless that loses length, else left) is
   replayed on those columns: in column j it jumps straight to the highest row
-  holding a match or an increment, one ``bit_length`` per column.
+  holding a match or an increment, one ``bit_length`` per column, and skips
+  columns that provably land on the same row. The union of LCS hits does not
+  depend on the order of candidate sentences, so the most overlapping go
+  first and a candidate whose matching rows are all in the union already is
+  not walked at all. The final count, which rouge-score takes token by token
+  with two decrementing counters, is min(hits, count in the prediction) per
+  token type, which is what that loop computes in any order.
 
 Aggregation. ``aggregate=True`` returns the plain mean over examples of
 precision, recall and F. rouge-score's ``BootstrapAggregator`` reports, as
