@@ -148,15 +148,18 @@ def _lcs_score(target: _Layout, n_target: int, prediction: list[str]) -> Score:
         if m:
             u = v & m
             v = ((v + u) | (v - u)) & full
-    lcs = target.width - v.bit_count()
-    precision = lcs / len(prediction)
+    return _lcs_length_score(target.width - v.bit_count(), n_target, len(prediction))
+
+
+def _lcs_length_score(lcs: int, n_target: int, n_pred: int) -> Score:
+    precision = lcs / n_pred
     recall = lcs / n_target
     return Score(precision, recall, _fmeasure(precision, recall))
 
 
 def _summary_lcs_score(
     target_sents: list[list[str]], target: _Layout, pred_sents: list[list[str]]
-) -> Score:
+) -> tuple[Score, int]:
     """rouge-score's ``_summary_level_lcs`` (ROUGE-Lsum), bit-parallel.
 
     For every candidate sentence, one pass computes its LCS-table columns
@@ -166,12 +169,19 @@ def _summary_lcs_score(
     on a match, else up unless that loses length, else left) then visits, in
     column j, the highest row at or below the current one that holds a match
     or an increment: one ``bit_length`` per column.
+
+    The same pass also runs the recurrence over the whole texts (no reset
+    between sentences, guard bits as non-matching positions), so it returns,
+    with the ROUGE-Lsum score, the LCS length of the concatenated sentences
+    (ROUGE-L's, for the built-in tokenizers).
     """
     m = sum(map(len, target_sents))
     n = sum(map(len, pred_sents))
     if not m or not n:
-        return _ZERO
-    masks, starts, _, full = target
+        return _ZERO, 0
+    masks, starts, width, full = target
+    whole_full = (1 << width) - 1
+    whole = whole_full
     # Per candidate sentence, per token j (last first): the rows of every
     # reference sentence where column j holds a match or an increment
     # (`~v | p`), and the matches `p`; and all rows matching any token.
@@ -186,6 +196,8 @@ def _summary_lcs_score(
                 matchable |= p
                 u = v & p
                 v = ((v + u) | (v - u)) & full
+                u = whole & p
+                whole = ((whole + u) | (whole - u)) & whole_full
             columns.append((~v | p, p))
         if matchable:
             columns.reverse()
@@ -256,7 +268,7 @@ def _summary_lcs_score(
                 hit_count -= count - pred_counts[token]
     recall = hit_count / m
     precision = hit_count / n
-    return Score(precision, recall, _fmeasure(precision, recall))
+    return Score(precision, recall, _fmeasure(precision, recall)), width - whole.bit_count()
 
 
 # ----------------------------------------------------------------------------
@@ -268,9 +280,9 @@ class _Text:
     """A text tokenized once, with what each ROUGE type needs of it."""
 
     __slots__ = (
-        "_concatenated",
         "_lcs_layout",
         "_sentence_layout",
+        "concatenated",
         "ngrams",
         "sentences",
         "tokens",
@@ -285,12 +297,12 @@ class _Text:
         lines_concatenate: bool,
     ):
         self._lcs_layout = self._sentence_layout = None
-        self._concatenated = False
+        self.concatenated = False
         if tokenize_lines is not None:
             self.sentences = tokenize_lines(text)
             if lines_concatenate:
                 self.tokens = list(chain.from_iterable(self.sentences))
-                self._concatenated = True
+                self.concatenated = True
             else:
                 self.tokens = tokenize(text)
         else:
@@ -307,7 +319,7 @@ class _Text:
         if self._lcs_layout is None:
             # When the text is its sentences back to back, ROUGE-L reuses the
             # sentence layout: guard bits are positions that match nothing.
-            if self._concatenated:
+            if self.concatenated:
                 self._lcs_layout = self.sentence_layout()
             else:
                 self._lcs_layout = _layout([self.tokens])
@@ -316,21 +328,31 @@ class _Text:
 
 def _score_pair(target: _Text, prediction: _Text, rouge_types: Sequence[str]) -> dict[str, Score]:
     scores = {}
+    if "rougeLsum" in rouge_types:
+        scores["rougeLsum"], whole_lcs = _summary_lcs_score(
+            target.sentences, target.sentence_layout(), prediction.sentences
+        )
+        if "rougeL" in rouge_types and target.concatenated and prediction.concatenated:
+            # The texts are their sentences back to back: ROUGE-L came along.
+            if target.tokens and prediction.tokens:
+                scores["rougeL"] = _lcs_length_score(
+                    whole_lcs, len(target.tokens), len(prediction.tokens)
+                )
+            else:
+                scores["rougeL"] = _ZERO
     for rouge_type in rouge_types:
+        if rouge_type in scores:
+            continue
         if rouge_type == "rougeL":
             scores[rouge_type] = _lcs_score(
                 target.lcs_layout(), len(target.tokens), prediction.tokens
-            )
-        elif rouge_type == "rougeLsum":
-            scores[rouge_type] = _summary_lcs_score(
-                target.sentences, target.sentence_layout(), prediction.sentences
             )
         else:
             n = int(rouge_type[5:])
             t_counts, t_total = target.ngrams[n]
             p_counts, p_total = prediction.ngrams[n]
             scores[rouge_type] = _ngram_score(t_counts, p_counts, t_total, p_total)
-    return scores
+    return {rouge_type: scores[rouge_type] for rouge_type in rouge_types}
 
 
 def _check_rouge_types(rouge_types: Sequence[str]) -> tuple[str, ...]:
