@@ -27,7 +27,8 @@ METRICS = ("rouge", "bleu", "exact_match")
 
 def read_segments(path: str) -> list[str]:
     """Lines of a UTF-8 file, keeping empty lines; a trailing newline ends the last line."""
-    with open(path, encoding="utf-8", newline="") as f:
+    # utf-8-sig: a byte-order mark, if an editor wrote one, is not part of line 1.
+    with open(path, encoding="utf-8-sig", newline="") as f:
         text = f.read()
     if not text:
         return []

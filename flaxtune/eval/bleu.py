@@ -101,6 +101,54 @@ def _closest_ref_len(hyp_len: int, ref_lens: list[int]) -> int:
     return min(ref_lens, key=lambda ref_len: (abs(hyp_len - ref_len), ref_len))
 
 
+def _single_reference_statistics(hyp: list[str], ref: list[str], max_order: int) -> list[int]:
+    """``_segment_statistics`` for the common case of one reference, streamlined.
+
+    The hypothesis n-grams go into a set; the reference n-grams only probe it
+    (``set.intersection`` of an iterator builds nothing else), unless both
+    sides repeat an n-gram and the counts must be clipped.
+    """
+    hyp_len, ref_len = len(hyp), len(ref)
+    totals = [hyp_len - n if hyp_len > n else 0 for n in range(max_order)]
+    matches = [0] * max_order
+    hyp_shifts = [hyp[n:] for n in range(max_order)]
+    ref_shifts = [ref[n:] for n in range(max_order)]
+    # Unigrams: words repeat on both sides in almost every segment, so count.
+    if not totals[0]:
+        return [hyp_len, ref_len, *matches, *totals]
+    hyp_counts, ref_counts = Counter(hyp), Counter(ref)
+    common = hyp_counts.keys() & ref_counts.keys()
+    hyp_repeats = len(hyp_counts) < hyp_len
+    ref_repeats = len(ref_counts) < ref_len
+    if hyp_repeats and ref_repeats:
+        for gram in common:
+            h, r = hyp_counts[gram], ref_counts[gram]
+            matches[0] += h if h < r else r
+    else:
+        matches[0] = len(common)
+    for n in range(2, max_order + 1):
+        total = totals[n - 1]
+        if not total or not common:
+            break
+        hyp_set = set(zip(*hyp_shifts[:n], strict=False))
+        hyp_repeats = hyp_repeats and len(hyp_set) < total
+        ref_grams = zip(*ref_shifts[:n], strict=False)
+        if not hyp_repeats:
+            common = hyp_set.intersection(ref_grams)
+            matches[n - 1] = len(common)
+        else:
+            ref_set = set(ref_grams)
+            ref_repeats = ref_repeats and len(ref_set) < ref_len - n + 1
+            common = hyp_set & ref_set
+            if ref_repeats and common:
+                matches[n - 1] = _clipped_matches(
+                    zip(*hyp_shifts[:n], strict=False), [zip(*ref_shifts[:n], strict=False)], common
+                )
+            else:
+                matches[n - 1] = len(common)
+    return [hyp_len, ref_len, *matches, *totals]
+
+
 def _segment_statistics(hyp: list[str], refs: list[list[str]], max_order: int) -> list[int]:
     """[hyp_len, ref_len, matches_1..N, totals_1..N] for one segment (sacrebleu's layout).
 
@@ -110,8 +158,10 @@ def _segment_statistics(hyp: list[str], refs: list[list[str]], max_order: int) -
     the intersection. An n-gram repeats only if its (n-1)-gram prefix does,
     and no n-gram matches once no (n-1)-gram does.
     """
+    if len(refs) == 1:
+        return _single_reference_statistics(hyp, refs[0], max_order)
     hyp_len = len(hyp)
-    ref_len = len(refs[0]) if len(refs) == 1 else _closest_ref_len(hyp_len, list(map(len, refs)))
+    ref_len = _closest_ref_len(hyp_len, list(map(len, refs)))
     totals = [hyp_len - n if hyp_len > n else 0 for n in range(max_order)]
     matches = [0] * max_order
     hyp_shifts = [hyp]

@@ -23,7 +23,13 @@ Speed, with the same results:
   DP columns against every reference sentence. rouge-score's backtracking
   (diagonal on a match, else up unless that loses length, else left) is
   replayed on those columns: in column j it jumps straight to the highest row
-  holding a match or an increment, one ``bit_length`` per column.
+  holding a match or an increment, one ``bit_length`` per column, and skips
+  columns that provably land on the same row. The union of LCS hits does not
+  depend on the order of candidate sentences, so the most overlapping go
+  first and a candidate whose matching rows are all in the union already is
+  not walked at all. The final count, which rouge-score takes token by token
+  with two decrementing counters, is min(hits, count in the prediction) per
+  token type, which is what that loop computes in any order.
 
 Aggregation. ``aggregate=True`` returns the plain mean over examples of
 precision, recall and F. rouge-score's ``BootstrapAggregator`` reports, as
@@ -37,10 +43,10 @@ import math
 import re
 from collections import Counter
 from collections.abc import Callable, Sequence
-from itertools import chain
+from itertools import chain, compress
 from typing import NamedTuple
 
-from flaxtune.eval.tokenize import rouge_tokenizer
+from flaxtune.eval.tokenize import rouge_line_tokenizer, rouge_tokenizer
 
 __all__ = ["DEFAULT_ROUGE_TYPES", "Score", "rouge", "rouge_per_example"]
 
@@ -57,6 +63,7 @@ class Score(NamedTuple):
 
 
 _ZERO = Score(0.0, 0.0, 0.0)
+_BINARY_DIGITS = bytes.maketrans(b"01", b"\x00\x01")
 
 
 def _fmeasure(precision: float, recall: float) -> float:
@@ -71,27 +78,24 @@ def _fmeasure(precision: float, recall: float) -> float:
 # ----------------------------------------------------------------------------
 
 
-def _ngrams(tokens: list[str], n: int) -> Counter:
-    if n == 1:
-        return Counter(tokens)
-    return Counter(zip(*[tokens[i:] for i in range(n)], strict=False))
+def _ngrams(tokens: list[str], n: int) -> tuple[Counter, int]:
+    """Counts of the n-grams of ``tokens`` (tokens for n = 1, tuples above), and their number."""
+    grams = tokens if n == 1 else zip(*[tokens[i:] for i in range(n)], strict=False)
+    return Counter(grams), max(len(tokens) - n + 1, 0)
 
 
 def _ngram_score(target: Counter, prediction: Counter, n_target: int, n_pred: int) -> Score:
     """rouge-score's ``_score_ngrams``; ``n_*`` are the n-gram totals."""
+    common = target.keys() & prediction.keys()
     if len(target) == n_target or len(prediction) == n_pred:
         # One side has no repeated n-gram, so min(count_t, count_p) is 1 on
-        # every shared n-gram: the overlap is a set intersection, done in C.
-        overlap = len(target.keys() & prediction.keys())
+        # every shared n-gram: the overlap is the size of the intersection.
+        overlap = len(common)
     else:
-        if len(prediction) < len(target):
-            target, prediction = prediction, target  # the overlap is symmetric
         overlap = 0
-        get = prediction.get
-        for gram, count in target.items():
-            other = get(gram)
-            if other:
-                overlap += count if count < other else other
+        for gram in common:
+            t, p = target[gram], prediction[gram]
+            overlap += t if t < p else p
     precision = overlap / max(n_pred, 1)
     recall = overlap / max(n_target, 1)
     return Score(precision, recall, _fmeasure(precision, recall))
@@ -144,15 +148,18 @@ def _lcs_score(target: _Layout, n_target: int, prediction: list[str]) -> Score:
         if m:
             u = v & m
             v = ((v + u) | (v - u)) & full
-    lcs = target.width - v.bit_count()
-    precision = lcs / len(prediction)
+    return _lcs_length_score(target.width - v.bit_count(), n_target, len(prediction))
+
+
+def _lcs_length_score(lcs: int, n_target: int, n_pred: int) -> Score:
+    precision = lcs / n_pred
     recall = lcs / n_target
     return Score(precision, recall, _fmeasure(precision, recall))
 
 
 def _summary_lcs_score(
     target_sents: list[list[str]], target: _Layout, pred_sents: list[list[str]]
-) -> Score:
+) -> tuple[Score, int]:
     """rouge-score's ``_summary_level_lcs`` (ROUGE-Lsum), bit-parallel.
 
     For every candidate sentence, one pass computes its LCS-table columns
@@ -162,36 +169,59 @@ def _summary_lcs_score(
     on a match, else up unless that loses length, else left) then visits, in
     column j, the highest row at or below the current one that holds a match
     or an increment: one ``bit_length`` per column.
+
+    The same pass also runs the recurrence over the whole texts (no reset
+    between sentences, guard bits as non-matching positions), so it returns,
+    with the ROUGE-Lsum score, the LCS length of the concatenated sentences
+    (ROUGE-L's, for the built-in tokenizers).
     """
     m = sum(map(len, target_sents))
     n = sum(map(len, pred_sents))
     if not m or not n:
-        return _ZERO
-    masks, starts, _, full = target
-    union = [0] * len(target_sents)  # bitmask of LCS hits per reference sentence
+        return _ZERO, 0
+    masks, starts, width, full = target
+    whole_full = (1 << width) - 1
+    whole = whole_full
+    # Per candidate sentence, per token j (last first): the rows of every
+    # reference sentence where column j holds a match or an increment
+    # (`~v | p`), and the matches `p`; and all rows matching any token.
+    candidates = []
     for cand in pred_sents:
-        if not cand:
-            continue
-        # Per candidate token j: the rows of every reference sentence where
-        # column j holds a match or an increment (`~v | p`), and the matches.
         columns = []
         v = full
+        matchable = 0
         for token in cand:
             p = masks.get(token, 0)
             if p:
+                matchable |= p
                 u = v & p
                 v = ((v + u) | (v - u)) & full
+                u = whole & p
+                whole = ((whole + u) | (whole - u)) & whole_full
             columns.append((~v | p, p))
-        if v == full:
-            continue  # no common token with any reference sentence
-        columns.reverse()
-        for r, sent in enumerate(target_sents):
-            # Backtrack from (i = len_r, j = len(cand)); rows 1..i of sentence r
-            # are the bits in [base, limit).
-            base = 1 << starts[r]
+        if matchable:
+            columns.reverse()
+            candidates.append((matchable, columns))
+
+    union = [0] * len(target_sents)  # bitmask of LCS hits per reference sentence
+    for r, sent in enumerate(target_sents):
+        base = 1 << starts[r]
+        segment = (base << len(sent)) - base
+        # The union of LCS hits does not depend on the order of candidates.
+        # Taking the most overlapping first lets later ones be skipped when
+        # every row they could hit is already in the union.
+        order = sorted(
+            ((c & segment, columns) for c, columns in candidates if c & segment),
+            key=lambda item: item[0].bit_count(),
+            reverse=True,
+        )
+        hits = 0
+        for matchable, columns in order:
+            if not matchable & ~hits:
+                continue
+            # Backtrack from (i = len_r, j = len(cand)); rows 1..i are [base, limit).
             limit = base << len(sent)
-            window = limit - base
-            hits = union[r]
+            window = segment
             matched = True
             for rows, p in columns:
                 if not matched and not p & window:
@@ -200,10 +230,12 @@ def _summary_lcs_score(
                     # step would land on the same row again: skip it.
                     continue
                 matched = p & window
-                rows &= window
-                if not rows:
-                    break  # LCS(rows 1..i, columns 1..j) is 0: nothing left
-                top = 1 << (rows.bit_length() - 1)
+                top = limit >> 1  # row i
+                if not p & top:  # else row i matches: it is the highest candidate
+                    rows &= window
+                    if not rows:
+                        break  # LCS(rows 1..i, columns 1..j) is 0: nothing left
+                    top = 1 << (rows.bit_length() - 1)
                 if p & top:  # a match: diagonal step
                     hits |= top
                     if top == base:
@@ -212,24 +244,31 @@ def _summary_lcs_score(
                 else:  # no match, and the rows above lose length: move left
                     limit = top << 1
                 window = limit - base
-            union[r] = hits
+        union[r] = hits
 
-    # Count each token at most as often as it occurs on both sides (ROUGE 1.5.5).
-    left_target = Counter(chain.from_iterable(target_sents))
-    left_pred = Counter(chain.from_iterable(pred_sents))
-    hit_count = 0
-    for sent, start, hits in zip(target_sents, starts, union, strict=True):
-        while hits:
-            low = hits & -hits
-            token = sent[low.bit_length() - 1 - start]
-            if left_pred[token] > 0 and left_target[token] > 0:
-                hit_count += 1
-                left_pred[token] -= 1
-                left_target[token] -= 1
-            hits ^= low
+    # rouge-score walks the union hits in order and counts a hit only while
+    # the token has occurrences left on both sides (ROUGE 1.5.5), decrementing
+    # both. A token hit u times (u <= its count in the reference, the hits
+    # being distinct reference positions) thus counts min(u, its count in the
+    # prediction) times, whatever the order: one Counter, and a correction
+    # for the few tokens hit more often than the prediction holds them.
+    hit_tokens = Counter(
+        chain.from_iterable(
+            # The hit bits of each sentence as 0/1 bytes in token order.
+            compress(sent, bin(hits >> start)[:1:-1].encode().translate(_BINARY_DIGITS))
+            for sent, start, hits in zip(target_sents, starts, union, strict=True)
+            if hits
+        )
+    )
+    hit_count = sum(union_bits.bit_count() for union_bits in union)
+    if len(hit_tokens) < hit_count:
+        pred_counts = Counter(chain.from_iterable(pred_sents))
+        for token, count in hit_tokens.items():
+            if count > 1 and count > pred_counts[token]:
+                hit_count -= count - pred_counts[token]
     recall = hit_count / m
     precision = hit_count / n
-    return Score(precision, recall, _fmeasure(precision, recall))
+    return Score(precision, recall, _fmeasure(precision, recall)), width - whole.bit_count()
 
 
 # ----------------------------------------------------------------------------
@@ -241,9 +280,9 @@ class _Text:
     """A text tokenized once, with what each ROUGE type needs of it."""
 
     __slots__ = (
-        "_concatenated",
         "_lcs_layout",
         "_sentence_layout",
+        "concatenated",
         "ngrams",
         "sentences",
         "tokens",
@@ -253,26 +292,23 @@ class _Text:
         self,
         text: str,
         tokenize: Callable[[str], list[str]],
+        tokenize_lines: Callable[[str], list[list[str]]] | None,
         orders: tuple[int, ...],
-        need_sentences: bool,
         lines_concatenate: bool,
     ):
         self._lcs_layout = self._sentence_layout = None
-        self._concatenated = False
-        if need_sentences:
-            # rouge-score drops empty lines; lines of only spaces stay (empty).
-            self.sentences = [tokenize(line) for line in text.split("\n") if line]
+        self.concatenated = False
+        if tokenize_lines is not None:
+            self.sentences = tokenize_lines(text)
             if lines_concatenate:
-                self.tokens = [t for sent in self.sentences for t in sent]
-                self._concatenated = True
+                self.tokens = list(chain.from_iterable(self.sentences))
+                self.concatenated = True
             else:
                 self.tokens = tokenize(text)
         else:
             self.sentences = []
             self.tokens = tokenize(text)
-        self.ngrams = {
-            n: (_ngrams(self.tokens, n), max(len(self.tokens) - n + 1, 0)) for n in orders
-        }
+        self.ngrams = {n: _ngrams(self.tokens, n) for n in orders}
 
     def sentence_layout(self) -> _Layout:
         if self._sentence_layout is None:
@@ -283,7 +319,7 @@ class _Text:
         if self._lcs_layout is None:
             # When the text is its sentences back to back, ROUGE-L reuses the
             # sentence layout: guard bits are positions that match nothing.
-            if self._concatenated:
+            if self.concatenated:
                 self._lcs_layout = self.sentence_layout()
             else:
                 self._lcs_layout = _layout([self.tokens])
@@ -292,21 +328,31 @@ class _Text:
 
 def _score_pair(target: _Text, prediction: _Text, rouge_types: Sequence[str]) -> dict[str, Score]:
     scores = {}
+    if "rougeLsum" in rouge_types:
+        scores["rougeLsum"], whole_lcs = _summary_lcs_score(
+            target.sentences, target.sentence_layout(), prediction.sentences
+        )
+        if "rougeL" in rouge_types and target.concatenated and prediction.concatenated:
+            # The texts are their sentences back to back: ROUGE-L came along.
+            if target.tokens and prediction.tokens:
+                scores["rougeL"] = _lcs_length_score(
+                    whole_lcs, len(target.tokens), len(prediction.tokens)
+                )
+            else:
+                scores["rougeL"] = _ZERO
     for rouge_type in rouge_types:
+        if rouge_type in scores:
+            continue
         if rouge_type == "rougeL":
             scores[rouge_type] = _lcs_score(
                 target.lcs_layout(), len(target.tokens), prediction.tokens
-            )
-        elif rouge_type == "rougeLsum":
-            scores[rouge_type] = _summary_lcs_score(
-                target.sentences, target.sentence_layout(), prediction.sentences
             )
         else:
             n = int(rouge_type[5:])
             t_counts, t_total = target.ngrams[n]
             p_counts, p_total = prediction.ngrams[n]
             scores[rouge_type] = _ngram_score(t_counts, p_counts, t_total, p_total)
-    return scores
+    return {rouge_type: scores[rouge_type] for rouge_type in rouge_types}
 
 
 def _check_rouge_types(rouge_types: Sequence[str]) -> tuple[str, ...]:
@@ -374,13 +420,15 @@ def rouge_per_example(
     """Per-example ROUGE scores; see :func:`rouge` for the arguments."""
     rouge_types = _check_rouge_types(rouge_types)
     tokenize = rouge_tokenizer(tokenizer, use_stemmer)
+    tokenize_lines = (
+        rouge_line_tokenizer(tokenizer, use_stemmer) if "rougeLsum" in rouge_types else None
+    )
     all_refs = normalize_references(predictions, references)
     orders = tuple(sorted({int(t[5:]) for t in rouge_types if _ROUGE_N.fullmatch(t)}))
-    need_sentences = "rougeLsum" in rouge_types
     lines_concatenate = isinstance(tokenizer, str)
 
     def text(s: str) -> _Text:
-        return _Text(s, tokenize, orders, need_sentences, lines_concatenate)
+        return _Text(s, tokenize, tokenize_lines, orders, lines_concatenate)
 
     results = []
     for prediction, refs in zip(predictions, all_refs, strict=True):

@@ -43,6 +43,7 @@ __all__ = [
     "ROUGE_TOKENIZERS",
     "bleu_tokenizer",
     "is_cjk",
+    "rouge_line_tokenizer",
     "rouge_tokenizer",
 ]
 
@@ -149,6 +150,23 @@ def rouge_tokenizer(
     return tokenize_and_stem
 
 
+def rouge_line_tokenizer(
+    tokenizer: str | Callable[[str], list[str]], use_stemmer: bool
+) -> Callable[[str], list[list[str]]]:
+    """Returns ``text -> one token list per line`` (ROUGE-Lsum's sentences).
+
+    rouge-score drops empty lines; here they are empty token lists, which is
+    the same for every score (a sentence without tokens contributes nothing).
+    For the built-in tokenizers without stemming the text is lowercased once
+    and each line goes straight to the compiled ``findall``.
+    """
+    tokenize = rouge_tokenizer(tokenizer, use_stemmer)
+    if isinstance(tokenizer, str) and not use_stemmer:
+        findall = (_ROUGE_TOKEN_RE if tokenizer == "rouge_score" else _AUTO_TOKEN_RE).findall
+        return lambda text: list(map(findall, text.lower().split("\n")))
+    return lambda text: [tokenize(line) for line in text.split("\n") if line]
+
+
 # ----------------------------------------------------------------------------
 # BLEU
 # ----------------------------------------------------------------------------
@@ -168,9 +186,10 @@ _SYMBOLS = '{|}~[\\]^_`!"#$%&()*+:;<=>?@/'
 _SYMBOL_PADDING = tuple((c, f" {c} ") for c in _SYMBOLS)
 _PERIOD_COMMA_AFTER_NON_DIGIT = re.compile(r"([^0-9])([\.,])")
 _PERIOD_COMMA_BEFORE_NON_DIGIT = re.compile(r"([\.,])([^0-9])")
-# Rule 4 as a lookbehind with a literal replacement (the same string: a digit
-# is never a dash, so consecutive matches cannot overlap).
-_DASH_AFTER_DIGIT = re.compile(r"(?<=[0-9])-")
+# Rule 4 as a dash preceded by a digit, with a literal replacement (the same
+# string: a digit is never a dash, so matches cannot overlap). Leading with
+# the literal lets the regex engine jump from dash to dash.
+_DASH_AFTER_DIGIT = re.compile(r"-(?<=[0-9]-)")
 # Rules 2 and 3 leave a period or comma attached to a neighbour only when a
 # run of them is followed by a digit or ends the line ("3.5", "1,000", a
 # final "."). Each character of every other run gets spaces on both sides

@@ -4,7 +4,6 @@ import re
 
 import pytest
 import sacrebleu
-from tests.eval._eval_strategies import texts
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
@@ -14,6 +13,8 @@ from sacrebleu.tokenizers.tokenizer_zh import TokenizerZh
 
 from flaxtune.eval import BleuResult, bleu, sentence_bleu
 from flaxtune.eval.tokenize import _SYMBOLS, bleu_tokenizer
+
+from ._eval_strategies import texts
 
 TOKENIZERS = ["13a", "intl", "zh", "char", "none"]
 SMOOTHING = [

@@ -4,13 +4,14 @@ import math
 
 import numpy as np
 import pytest
-from tests.eval._eval_strategies import CJK_WORDS, non_cjk_texts, reference_lists, texts
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from rouge_score import rouge_scorer, scoring
 
 from flaxtune.eval import Score, rouge
 from flaxtune.eval.rouge import rouge_per_example
+
+from ._eval_strategies import CJK_WORDS, non_cjk_texts, reference_lists, texts
 
 ALL_TYPES = ("rouge1", "rouge2", "rouge3", "rouge9", "rougeL", "rougeLsum")
 PROPERTY = settings(max_examples=150, deadline=None)
