@@ -116,13 +116,17 @@ def config_from_hf(
         ``param_dtype``, ``dropout_rate``, ``max_length``, ...).
     """
     family = family_of(hf_config)
-    fields = _t5_fields(hf_config, tied_head) if family == "t5" else _llama_fields(hf_config)
+    fields = _t5_fields(hf_config) if family == "t5" else _llama_fields(hf_config)
     fields["tie_embeddings"] = tied_head
+    if tied_head:
+        # T5 scales a tied head as its config says; LLaMA never does. (An
+        # untied head keeps the field's default, which it does not read.)
+        fields["rescale_tied_logits"] = family == "t5" and t5_scales_decoder_output(hf_config)
     fields.update(overrides)
     return TransformerConfig(**fields)
 
 
-def _t5_fields(c: Mapping[str, Any], tied_head: bool) -> dict[str, Any]:
+def _t5_fields(c: Mapping[str, Any]) -> dict[str, Any]:
     problems = []
     proj = c.get("feed_forward_proj", "relu")
     if proj not in _T5_ACTIVATIONS:
@@ -149,8 +153,6 @@ def _t5_fields(c: Mapping[str, Any], tied_head: bool) -> dict[str, Any]:
         max_length=_T5_MAX_LENGTH,
         relative_num_buckets=int(c.get("relative_attention_num_buckets", 32)),
         relative_max_distance=int(c.get("relative_attention_max_distance", 128)),
-        # An untied head folds the factor into its kernel instead (names.py).
-        rescale_tied_logits=tied_head and t5_scales_decoder_output(c),
         scale_attention_logits=False,
         scale_embeddings=False,
         dropout_rate=float(c.get("dropout_rate", 0.1)),
@@ -206,7 +208,6 @@ def _llama_fields(c: Mapping[str, Any]) -> dict[str, Any]:
         position_encoding="rope",
         max_length=int(c.get("max_position_embeddings", 2048)),
         rope_theta=theta,
-        rescale_tied_logits=False,
         scale_attention_logits=True,
         scale_embeddings=False,
         dropout_rate=float(c.get("attention_dropout", 0.0)),
