@@ -145,6 +145,9 @@ def write_checkpoint(
     if max_shard_bytes is None or total <= max_shard_bytes:
         path = directory / single_file
         _write_file(tensors, path)
+        # A sharded checkpoint left from an earlier export would shadow this one
+        # (readers prefer the index), so it goes once the new file is in place.
+        _remove_shards(directory / index_file)
         return [path]
     if max_shard_bytes <= 0:
         raise InteropError(f"max_shard_bytes must be positive, got {max_shard_bytes}.")
@@ -165,7 +168,26 @@ def write_checkpoint(
         weight_map.update(dict.fromkeys(shard, path.name))
     index = {"metadata": {"total_size": int(total)}, "weight_map": weight_map}
     index_path = directory / index_file
+    stale = _shard_files(index_path) - set(paths)
     tmp = index_path.with_name(index_path.name + ".tmp")
     tmp.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, index_path)
+    for path in stale:
+        path.unlink(missing_ok=True)
+    (directory / single_file).unlink(missing_ok=True)
     return [*paths, index_path]
+
+
+def _shard_files(index_path: Path) -> set[Path]:
+    """The shard files an existing index names (none if there is no readable index)."""
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+    except (OSError, json.JSONDecodeError, KeyError):
+        return set()
+    return {index_path.parent / name for name in set(weight_map.values())}
+
+
+def _remove_shards(index_path: Path) -> None:
+    for path in _shard_files(index_path):
+        path.unlink(missing_ok=True)
+    index_path.unlink(missing_ok=True)

@@ -77,6 +77,19 @@ def test_sharded_checkpoint_round_trips(tmp_path):
     assert_trees_equal(import_hf(tmp_path, max_length=config.max_length).params, params)
 
 
+def test_re_export_replaces_the_other_layout(tmp_path):
+    config = tiny_config("llama")
+    first, second = random_params(config, seed=1), random_params(config, seed=2)
+    export_hf(first, config, tmp_path, max_shard_bytes=4000)
+    export_hf(second, config, tmp_path)
+    assert not (tmp_path / INDEX_FILE).exists()
+    assert not list(tmp_path.glob("model-*.safetensors"))
+    assert_trees_equal(import_hf(tmp_path, max_length=config.max_length).params, second)
+    export_hf(first, config, tmp_path, max_shard_bytes=4000)
+    assert not (tmp_path / SINGLE_FILE).exists()
+    assert_trees_equal(import_hf(tmp_path, max_length=config.max_length).params, first)
+
+
 def test_missing_shard_file_is_named(tmp_path):
     config = tiny_config("llama")
     export_hf(random_params(config), config, tmp_path, max_shard_bytes=4000)
