@@ -22,12 +22,14 @@ transformers = pytest.importorskip(
 )
 
 import jax.numpy as jnp  # noqa: E402
+from flax.traverse_util import flatten_dict, unflatten_dict  # noqa: E402
 
 from flaxtune.interop import (  # noqa: E402
     LoraHyperparams,
     export_hf,
     export_lora_adapter,
     import_hf,
+    import_lora_adapter,
     merge_lora,
 )
 from flaxtune.transformer import DecodeConfig, build_model, generate  # noqa: E402
@@ -223,8 +225,12 @@ def test_export_loads_in_transformers_with_the_same_logits(tmp_path, name):
             torch.testing.assert_close(reloaded.state_dict()[key], value, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("name", ["t5-v1.1", "llama"])
-def test_lora_adapter_loads_in_peft_with_the_same_logits(tmp_path, name):
+@pytest.mark.parametrize(
+    "name, layers", [("t5-v1.1", None), ("llama", None), ("llama", ("layers_1",))]
+)
+def test_lora_adapter_loads_in_peft_with_the_same_logits(tmp_path, name, layers):
+    """LoRA on q and v of every attention layer (or of ``layers`` only: then
+    target_modules is a regular expression that PEFT must match exactly)."""
     peft = pytest.importorskip(
         "peft", reason="the LoRA parity test needs the [hf] extras: pip install -e '.[hf]'"
     )
@@ -235,7 +241,9 @@ def test_lora_adapter_loads_in_peft_with_the_same_logits(tmp_path, name):
     # ill-conditioned that torch's own float32 PEFT and merged models both sit
     # ~1.5e-4 from a float64 run (measured), so nothing could be compared at 1e-4.
     d_in = imported.config.d_model
-    params = add_lora(imported.params, rank=4, targets=("query", "value"), std=(d_in**-0.5, 0.1))
+    params = add_lora(
+        imported.params, rank=4, targets=("query", "value"), std=(d_in**-0.5, 0.1), layers=layers
+    )
     lora = LoraHyperparams(rank=4, alpha=8.0)
     encoder, decoder = inputs(name)
     expected = flax_logits(imported.config, merge_lora(params, lora), encoder, decoder)
@@ -251,3 +259,36 @@ def test_lora_adapter_loads_in_peft_with_the_same_logits(tmp_path, name):
     export_hf(params, imported.config, tmp_path / "merged", lora=lora)
     merged = _hf_class(name).from_pretrained(tmp_path / "merged").eval()
     assert_logits_close(hf_logits(merged, name, encoder, decoder), expected)
+
+
+def test_adapter_saved_by_peft_imports_with_the_same_logits(tmp_path):
+    peft = pytest.importorskip(
+        "peft", reason="the LoRA parity test needs the [hf] extras: pip install -e '.[hf]'"
+    )
+    name = "llama"
+    hf_model, directory = hf_model_dir(tmp_path, name)
+    lora_config = peft.LoraConfig(
+        r=3, lora_alpha=5, target_modules=["q_proj", "o_proj"], task_type="CAUSAL_LM"
+    )
+    peft_model = peft.get_peft_model(hf_model, lora_config)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for key, p in peft_model.named_parameters():
+            if "lora_" in key:  # PEFT starts B at zero; give the adapter an effect
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    encoder, decoder = inputs(name)
+    expected = hf_logits(peft_model.eval(), name, encoder, decoder)
+
+    imported = import_hf(directory)
+    lora, factors = import_lora_adapter(tmp_path / "adapter", imported.config)
+    assert lora == LoraHyperparams(rank=3, alpha=5.0)
+    out = factors["decoder"]["layers_0"]["attention"]["out"]
+    assert out["lora_a"].shape == (6, 6, 3) and out["lora_b"].shape == (3, 24)
+    # Graft the factors next to their kernels.
+    flat = {**flatten_dict(imported.params), **flatten_dict(factors)}
+    params = unflatten_dict(flat)
+    base = flax_logits(imported.config, imported.params, encoder, decoder)
+    assert np.max(np.abs(expected - base)) > 0.1  # the adapter changes the model
+    got = flax_logits(imported.config, merge_lora(params, lora), encoder, decoder)
+    assert_logits_close(got, expected)

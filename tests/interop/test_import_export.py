@@ -232,3 +232,15 @@ def test_export_refuses_params_that_do_not_fit_the_config(tmp_path):
     with pytest.raises(CheckpointMismatchError, match="mlp/wi/kernel"):
         export_hf(params, config, tmp_path)
     assert not (tmp_path / SINGLE_FILE).exists()
+
+
+def test_bfloat16_export_reads_back_as_the_rounded_weights(tmp_path):
+    config = tiny_config("llama")
+    params = random_params(config)
+    export_hf(params, config, tmp_path, dtype="bfloat16")
+    hf_config = json.loads((tmp_path / "config.json").read_text())
+    assert hf_config["torch_dtype"] == "bfloat16"
+    assert {t.dtype.name for t in load_file(tmp_path / SINGLE_FILE).values()} == {"bfloat16"}
+    imported = import_hf(tmp_path, max_length=config.max_length)
+    rounded = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16).astype(jnp.float32), params)
+    assert_trees_equal(imported.params, rounded)
