@@ -56,6 +56,18 @@ _T5_ACTIVATIONS = {
 }
 _T5_ACTIVATIONS_BACK = {v: k for k, v in _T5_ACTIVATIONS.items()}
 
+# Fields without which the model's shape is unknown.
+_REQUIRED = {
+    "t5": ("vocab_size", "d_model", "d_kv", "d_ff", "num_heads"),
+    "llama": (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+    ),
+}
+
 # Positions are relative in T5: no table bounds the length, so this is only
 # flaxtune's default cache length.
 _T5_MAX_LENGTH = 512
@@ -116,6 +128,12 @@ def config_from_hf(
         ``param_dtype``, ``dropout_rate``, ``max_length``, ...).
     """
     family = family_of(hf_config)
+    missing = [key for key in _REQUIRED[family] if hf_config.get(key) is None]
+    if missing:
+        raise InteropError(
+            f"config.json of this {hf_config['model_type']} model lacks {missing}; "
+            "it is incomplete or belongs to another architecture."
+        )
     fields = _t5_fields(hf_config) if family == "t5" else _llama_fields(hf_config)
     fields["tie_embeddings"] = tied_head
     if tied_head:
@@ -123,7 +141,10 @@ def config_from_hf(
         # untied head keeps the field's default, which it does not read.)
         fields["rescale_tied_logits"] = family == "t5" and t5_scales_decoder_output(hf_config)
     fields.update(overrides)
-    return TransformerConfig(**fields)
+    try:
+        return TransformerConfig(**fields)
+    except TypeError as err:  # an override that is not a TransformerConfig field
+        raise InteropError(f"bad config override: {err}") from None
 
 
 def _t5_fields(c: Mapping[str, Any]) -> dict[str, Any]:

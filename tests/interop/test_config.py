@@ -175,3 +175,11 @@ def test_every_parameter_has_a_distinct_hugging_face_name(kind):
     names = [m.hf_name for m in mappings]
     assert len(names) == len(set(names))
     assert len(mappings) == len(param_shapes(abstract_params(config)))
+
+
+def test_incomplete_config_names_the_missing_fields():
+    hf = {k: v for k, v in TINYLLAMA.items() if k not in ("hidden_size", "intermediate_size")}
+    with pytest.raises(InteropError, match=r"lacks \['hidden_size', 'intermediate_size'\]"):
+        config_from_hf(hf, tied_head=False)
+    with pytest.raises(InteropError, match="d_modell"):
+        config_from_hf(T5_SMALL, tied_head=True, d_modell=3)
