@@ -235,7 +235,7 @@ def import_hf(
             _check_aliases(m, array, reader)
             value = np.asarray(m.to_flax(array), dtype=storage)
             del array
-            placed = jax.device_put(value, shardings.get(m.flax_path))
+            placed = _place(value, shardings.get(m.flax_path))
             flat[m.flax_path] = transform(m.flax_path, placed) if transform else placed
     return ImportedModel(
         config=config,
@@ -244,6 +244,18 @@ def import_hf(
         hf_config=hf_config,
         tokenizer_path=find_tokenizer(hf_dir),
     )
+
+
+def _place(value: np.ndarray, sharding: NamedSharding | None) -> jax.Array:
+    """On the default device, or each device given only its own piece.
+
+    ``make_array_from_callback`` (rather than ``device_put``) also works when
+    the mesh spans several hosts: every process hands over the pieces of its
+    own devices.
+    """
+    if sharding is None:
+        return jax.device_put(value)
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
 
 def _check_aliases(m: TensorMapping, array: np.ndarray, reader: CheckpointReader) -> None:
