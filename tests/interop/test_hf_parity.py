@@ -14,12 +14,10 @@ then hold for almost any bug.
 import numpy as np
 import pytest
 
-torch = pytest.importorskip(
-    "torch", reason="Hugging Face parity tests need the [hf] extras: pip install -e '.[hf]'"
-)
-transformers = pytest.importorskip(
-    "transformers", reason="Hugging Face parity tests need the [hf] extras: pip install -e '.[hf]'"
-)
+HF_EXTRAS = "the Hugging Face parity tests need the [hf] extras: pip install -e '.[hf]'"
+# exc_type=ImportError: a broken install (not only a missing one) skips too.
+torch = pytest.importorskip("torch", reason=HF_EXTRAS, exc_type=ImportError)
+transformers = pytest.importorskip("transformers", reason=HF_EXTRAS, exc_type=ImportError)
 
 import jax.numpy as jnp  # noqa: E402
 from flax.traverse_util import flatten_dict, unflatten_dict  # noqa: E402
@@ -33,7 +31,7 @@ from flaxtune.interop import (  # noqa: E402
     merge_lora,
 )
 from flaxtune.transformer import DecodeConfig, build_model, generate  # noqa: E402
-from tests.interop.test_lora_and_cli import add_lora  # noqa: E402
+from tests.interop.util import add_lora  # noqa: E402
 
 pytestmark = pytest.mark.hf
 
@@ -231,9 +229,7 @@ def test_export_loads_in_transformers_with_the_same_logits(tmp_path, name):
 def test_lora_adapter_loads_in_peft_with_the_same_logits(tmp_path, name, layers):
     """LoRA on q and v of every attention layer (or of ``layers`` only: then
     target_modules is a regular expression that PEFT must match exactly)."""
-    peft = pytest.importorskip(
-        "peft", reason="the LoRA parity test needs the [hf] extras: pip install -e '.[hf]'"
-    )
+    peft = pytest.importorskip("peft", reason=HF_EXTRAS, exc_type=ImportError)
     _, directory = hf_model_dir(tmp_path, name)
     imported = import_hf(directory)
     # A realistic adapter: a perturbation of the base weights (here ~40%). With
@@ -262,9 +258,7 @@ def test_lora_adapter_loads_in_peft_with_the_same_logits(tmp_path, name, layers)
 
 
 def test_adapter_saved_by_peft_imports_with_the_same_logits(tmp_path):
-    peft = pytest.importorskip(
-        "peft", reason="the LoRA parity test needs the [hf] extras: pip install -e '.[hf]'"
-    )
+    peft = pytest.importorskip("peft", reason=HF_EXTRAS, exc_type=ImportError)
     name = "llama"
     hf_model, directory = hf_model_dir(tmp_path, name)
     lora_config = peft.LoraConfig(

@@ -20,33 +20,13 @@ from flaxtune.interop import (
 from flaxtune.interop.__main__ import main
 from flaxtune.interop.peft_export import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from flaxtune.interop.safetensors_io import SINGLE_FILE
-from tests.interop.util import assert_trees_equal, hf_dir_of, random_params, tiny_config
-
-
-def add_lora(params, rank, targets=("query", "value"), seed=1, layers=None, std=(0.5, 0.5)):
-    """Random lora_a/lora_b (standard deviations ``std``) next to the ``targets``
-    kernels of every attention block (of ``layers``, default all)."""
-    rng = np.random.RandomState(seed)
-    params = {k: v for k, v in params.items()}
-
-    def visit(tree, path):
-        out = {}
-        for key, value in tree.items():
-            sub = (*path, key)
-            if isinstance(value, dict):
-                out[key] = visit(value, sub)
-            else:
-                out[key] = value
-        is_attention = len(path) >= 2 and path[-2] in ("attention", "cross_attention")
-        in_layer = layers is None or any(p in layers for p in path)
-        if is_attention and path[-1] in targets and in_layer and "kernel" in tree:
-            kernel = np.asarray(tree["kernel"])
-            n_in = 2 if path[-1] == "out" else 1
-            out["lora_a"] = rng.normal(0, std[0], (*kernel.shape[:n_in], rank)).astype(np.float32)
-            out["lora_b"] = rng.normal(0, std[1], (rank, *kernel.shape[n_in:])).astype(np.float32)
-        return out
-
-    return visit(params, ())
+from tests.interop.util import (
+    add_lora,
+    assert_trees_equal,
+    hf_dir_of,
+    random_params,
+    tiny_config,
+)
 
 
 @pytest.mark.parametrize("use_rslora", [False, True])

@@ -62,3 +62,29 @@ def assert_trees_equal(a, b):
     assert [p for p, _ in flat_a] == [p for p, _ in flat_b]
     for (path, x), (_, y) in zip(flat_a, flat_b, strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=str(path))
+
+
+def add_lora(params, rank, targets=("query", "value"), seed=1, layers=None, std=(0.5, 0.5)):
+    """Random lora_a/lora_b (standard deviations ``std``) next to the ``targets``
+    kernels of every attention block (of ``layers``, default all)."""
+    rng = np.random.RandomState(seed)
+    params = {k: v for k, v in params.items()}
+
+    def visit(tree, path):
+        out = {}
+        for key, value in tree.items():
+            sub = (*path, key)
+            if isinstance(value, dict):
+                out[key] = visit(value, sub)
+            else:
+                out[key] = value
+        is_attention = len(path) >= 2 and path[-2] in ("attention", "cross_attention")
+        in_layer = layers is None or any(p in layers for p in path)
+        if is_attention and path[-1] in targets and in_layer and "kernel" in tree:
+            kernel = np.asarray(tree["kernel"])
+            n_in = 2 if path[-1] == "out" else 1
+            out["lora_a"] = rng.normal(0, std[0], (*kernel.shape[:n_in], rank)).astype(np.float32)
+            out["lora_b"] = rng.normal(0, std[1], (rank, *kernel.shape[n_in:])).astype(np.float32)
+        return out
+
+    return visit(params, ())
