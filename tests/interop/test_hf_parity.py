@@ -54,6 +54,12 @@ T5_SIZES = dict(
 MODELS = {
     "t5-v1.0": (dict(T5_SIZES, feed_forward_proj="relu"), False),
     "t5-v1.1": (dict(T5_SIZES, feed_forward_proj="gated-gelu", tie_word_embeddings=False), True),
+    # The other two T5 feed-forward kinds: SiLU-gated (flaxtune's swiglu) and exact GELU.
+    "t5-gated-silu": (
+        dict(T5_SIZES, feed_forward_proj="gated-silu", tie_word_embeddings=False),
+        True,
+    ),
+    "t5-gelu": (dict(T5_SIZES, feed_forward_proj="gelu"), False),
     # A v1.0 config whose checkpoint holds its own head: transformers unties it
     # and still scales the decoder output, which flaxtune folds into the kernel.
     "t5-v1.0-own-head": (dict(T5_SIZES, feed_forward_proj="relu"), True),
