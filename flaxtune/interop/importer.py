@@ -8,10 +8,11 @@
             ▼
     for each parameter: read ─▶ to flaxtune layout ─▶ cast ─▶ device_put ─▶ transform
 
-Nothing is read before the whole checkpoint has been checked, so a wrong
-config, a truncated download or a different architecture fails in
-milliseconds with one error listing every missing, unexpected and
-mis-shaped tensor.
+No tensor is converted before the whole checkpoint has been checked (from
+the file headers; only the head and the embedding are read early, to decide
+whether they are tied), so a wrong config, a truncated download or a
+different architecture fails at once with one error listing every missing,
+unexpected and mis-shaped tensor.
 
 **Placement.** Each tensor is placed as soon as it is converted: on the
 default device, or, given a ``mesh`` and logical ``axis_rules``, straight

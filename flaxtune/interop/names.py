@@ -210,11 +210,17 @@ def _llama_name(parts: list[str]) -> str | None:
     return None
 
 
+def dense_input_axes(kernel_path: str) -> int:
+    """Input axes of the Dense kernel at ``kernel_path`` (``.../kernel``).
+
+    1 everywhere except the attention output projection, which contracts
+    heads and head_dim.
+    """
+    return 2 if kernel_path.split("/")[-2] == "out" else 1
+
+
 def _n_in(parts: list[str]) -> int | None:
-    """Input axes of a Dense kernel (the attention output contracts heads and head_dim)."""
-    if parts[-1] != "kernel":
-        return None
-    return 2 if parts[-2] == "out" else 1
+    return dense_input_axes("/".join(parts)) if parts[-1] == "kernel" else None
 
 
 def tensor_mappings(

@@ -47,6 +47,7 @@ from flaxtune.interop.hf_config import family_of_config
 from flaxtune.interop.names import (
     TensorMapping,
     abstract_params,
+    dense_input_axes,
     flat_numpy_params,
     param_shapes,
     tensor_mappings,
@@ -117,12 +118,16 @@ def _factors(
             f"{module}: lora_a {a.shape} / lora_b {b.shape} have rank "
             f"{a.shape[-1]}/{b.shape[0]}, but LoraHyperparams.rank={r}."
         )
-    a2, b2 = a.reshape(-1, r), b.reshape(r, -1)
-    if a2.shape[0] * b2.shape[1] != math.prod(kernel_shape):
+    n_in = dense_input_axes(f"{module}/kernel")
+    in_shape, out_shape = tuple(kernel_shape[:n_in]), tuple(kernel_shape[n_in:])
+    # lora_a may flatten its input axes ([heads * head_dim, r] for the output projection).
+    a_ok = a.shape == (*in_shape, r) or a.shape == (math.prod(in_shape), r)
+    if not a_ok or b.shape != (r, *out_shape):
         raise InteropError(
-            f"{module}: lora_a {a.shape} @ lora_b {b.shape} does not fit kernel {kernel_shape}."
+            f"{module}: lora_a {a.shape} @ lora_b {b.shape} does not fit kernel {kernel_shape} "
+            f"(expected lora_a {(*in_shape, r)} and lora_b {(r, *out_shape)})."
         )
-    return a2, b2
+    return a.reshape(-1, r), b.reshape(r, -1)
 
 
 def merge_lora_flat(
@@ -195,8 +200,6 @@ def export_lora_adapter(
         if m is None or not m.is_dense:
             raise InteropError(f"{module} has LoRA but no Hugging Face Linear counterpart.")
         a, b = _factors(flat, module, lora, m.shape)
-        if a.shape[0] != math.prod(m.in_shape):
-            raise InteropError(f"{module}: lora_a {a.shape} does not match inputs {m.in_shape}.")
         tensors[f"{_PEFT_PREFIX}{m.hf_module}.lora_A.weight"] = np.ascontiguousarray(a.T)
         tensors[f"{_PEFT_PREFIX}{m.hf_module}.lora_B.weight"] = np.ascontiguousarray(b.T)
         hf_modules.append(m.hf_module)

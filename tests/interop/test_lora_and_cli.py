@@ -118,6 +118,17 @@ def test_partial_targets_are_written_as_an_exact_regex(tmp_path):
     ]
 
 
+def test_swapped_lora_factors_are_refused(tmp_path):
+    config = tiny_config("t5-v1.0")  # d_model 24, heads 3 x head_dim 5
+    params = add_lora(random_params(config), rank=2, targets=("query",))
+    query = params["encoder"]["layers_0"]["attention"]["query"]
+    # Same number of elements, wrong axes: [15, 2] / [2, 24] instead of [24, 2] / [2, 3, 5].
+    query["lora_a"] = np.zeros((15, 2), np.float32)
+    query["lora_b"] = np.zeros((2, 24), np.float32)
+    with pytest.raises(InteropError, match=r"expected lora_a \(24, 2\) and lora_b \(2, 3, 5\)"):
+        merge_lora(params, LoraHyperparams(rank=2, alpha=2))
+
+
 def test_adapter_with_unknown_modules_is_refused(tmp_path):
     config = tiny_config("llama")
     params = add_lora(random_params(config), rank=2)
