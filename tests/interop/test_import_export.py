@@ -4,6 +4,7 @@ The Hugging Face directories are written by export_hf (and then edited to
 break them); parity with transformers itself is in test_hf_parity.py.
 """
 
+import dataclasses
 import json
 
 import jax
@@ -176,6 +177,30 @@ def test_transform_sees_every_tensor_once_and_its_result_is_kept(tmp_path):
     assert_trees_equal(imported.params, doubled)
 
 
+@dataclasses.dataclass(frozen=True)
+class FakeQArray:
+    """Stands in for flaxtune.quant's QArray (Dense recognises it by these fields)."""
+
+    qvalue: np.ndarray
+    scale: np.ndarray
+    qtype: str = "int8"
+
+
+def test_transform_may_return_quantized_leaves_which_export_refuses(tmp_path):
+    config, _, directory = hf_dir_of(tmp_path, "llama")
+
+    def quantize(path, x):
+        if not path.endswith("mlp/wo/kernel"):
+            return x
+        scale = np.max(np.abs(np.asarray(x)), axis=0) / 127
+        return FakeQArray(np.round(np.asarray(x) / scale).astype(np.int8), scale)
+
+    imported = import_hf(directory, transform=quantize, max_length=config.max_length)
+    assert isinstance(imported.params["decoder"]["layers_1"]["mlp"]["wo"]["kernel"], FakeQArray)
+    with pytest.raises(InteropError, match=r"quantized parameters.*mlp/wo/kernel"):
+        export_hf(imported.params, imported.config, tmp_path / "out")
+
+
 def _mesh():
     devices = np.asarray(jax.devices()[:8]).reshape(2, 2, 2)
     return Mesh(devices, ("data", "fsdp", "tensor"))
@@ -189,7 +214,17 @@ def test_loading_onto_a_mesh_shards_every_tensor_and_keeps_the_logits(tmp_path, 
         sizes.update(num_kv_heads=2)
     config, params, directory = hf_dir_of(tmp_path, kind, **sizes)
     mesh = _mesh()
-    sharded = import_hf(directory, mesh=mesh, axis_rules=RULES, max_length=config.max_length)
+    seen_by_transform = {}
+
+    def transform(path, x):
+        seen_by_transform[path] = x.sharding
+        return x
+
+    sharded = import_hf(
+        directory, mesh=mesh, axis_rules=RULES, transform=transform, max_length=config.max_length
+    )
+    # The hook receives each tensor already in place (a jitted quantizer runs sharded).
+    assert all(isinstance(s, NamedSharding) for s in seen_by_transform.values())
     kernel = sharded.params["decoder"]["layers_0"]["mlp"]["wi_0"]["kernel"]
     assert kernel.sharding == NamedSharding(mesh, PartitionSpec("fsdp", "tensor"))
     query = sharded.params["decoder"]["layers_0"]["attention"]["query"]["kernel"]
