@@ -1,0 +1,298 @@
+"""LoRA adapters in Hugging Face PEFT format, both ways, and LoRA merging.
+
+flaxtune's LoRA lives next to the kernel it adapts (DESIGN contract 2)::
+
+    query/kernel [d_model, heads, head_dim]     frozen base weight W
+    query/lora_a [d_model, r]                   A (input side)
+    query/lora_b [r, heads, head_dim]           B (output side)
+    y = x W + scaling * (x A) B,   scaling = alpha / r   (alpha / sqrt(r): rsLoRA)
+
+``lora_a`` is ``in_shape + (r,)`` and ``lora_b`` ``(r,) + out_shape``; for
+the attention output (two input axes) ``lora_a`` may also be flat,
+``[heads * head_dim, r]``. PEFT stores the same factors as torch Linear
+weights of the module they adapt::
+
+    base_model.model.<module>.lora_A.weight  [r, in]    = lora_a.reshape(in, r).T
+    base_model.model.<module>.lora_B.weight  [out, r]   = lora_b.reshape(r, out).T
+
+with ``<module>`` the Hugging Face name from ``names.py`` and the same
+``scaling`` (PEFT: ``lora_alpha / r``, or ``/ sqrt(r)`` with
+``use_rslora``), so ``PeftModel.from_pretrained(base, dir)`` computes what
+flaxtune computes. ``target_modules`` is written as module names
+(``["q", "v"]``) when LoRA covers every module of those names, and otherwise
+as a regular expression of the exact module paths (PEFT full-matches a
+string ``target_modules``), so that PEFT adds LoRA exactly where flaxtune has
+it.
+
+The hyper-parameters travel as an explicit :class:`LoraHyperparams`, which
+``flaxtune.peft`` fills from its own config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flax import traverse_util
+
+from flaxtune.interop.errors import InteropError
+from flaxtune.interop.hf_config import family_of_config
+from flaxtune.interop.names import (
+    TensorMapping,
+    abstract_params,
+    dense_input_axes,
+    flat_numpy_params,
+    param_shapes,
+    tensor_mappings,
+)
+from flaxtune.interop.safetensors_io import CheckpointReader, write_checkpoint
+from flaxtune.transformer import TransformerConfig
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_PEFT_PREFIX = "base_model.model."
+_PEFT_NAME = re.compile(re.escape(_PEFT_PREFIX) + r"(?P<module>.+)\.lora_(?P<side>[AB])\.weight")
+_TASK_TYPES = {"t5": "SEQ_2_SEQ_LM", "llama": "CAUSAL_LM"}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoraHyperparams:
+    """What a LoRA adapter needs besides its factors.
+
+    Attributes:
+      rank: r, the inner dimension of ``lora_a @ lora_b``.
+      alpha: the numerator of the scaling.
+      use_rslora: scale by ``alpha / sqrt(r)`` (rank-stabilized LoRA, Kalajdzievski
+        2023) instead of ``alpha / r``.
+      dropout: dropout on the LoRA input during training (recorded for PEFT).
+    """
+
+    rank: int
+    alpha: float
+    use_rslora: bool = False
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise InteropError(f"LoRA rank must be >= 1, got {self.rank}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise InteropError(f"LoRA dropout must be in [0, 1), got {self.dropout}.")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+
+def _lora_modules(flat: Mapping[str, Any]) -> list[str]:
+    """Paths of the Dense modules that carry LoRA factors (``.../query``)."""
+    modules = sorted(p.removesuffix("/lora_a") for p in flat if p.endswith("/lora_a"))
+    b_only = sorted(
+        p.removesuffix("/lora_b")
+        for p in flat
+        if p.endswith("/lora_b") and p.removesuffix("/lora_b") not in modules
+    )
+    incomplete = [m for m in modules if f"{m}/lora_b" not in flat or f"{m}/kernel" not in flat]
+    if b_only or incomplete:
+        raise InteropError(
+            "LoRA needs lora_a, lora_b and kernel side by side; incomplete at "
+            f"{b_only + incomplete}."
+        )
+    return modules
+
+
+def _factors(
+    flat: Mapping[str, np.ndarray], module: str, lora: LoraHyperparams, kernel_shape: tuple
+) -> tuple[np.ndarray, np.ndarray]:
+    """``lora_a`` as ``[in, r]`` and ``lora_b`` as ``[r, out]``, checked against the kernel."""
+    a, b = flat[f"{module}/lora_a"], flat[f"{module}/lora_b"]
+    r = lora.rank
+    if a.shape[-1] != r or b.shape[0] != r:
+        raise InteropError(
+            f"{module}: lora_a {a.shape} / lora_b {b.shape} have rank "
+            f"{a.shape[-1]}/{b.shape[0]}, but LoraHyperparams.rank={r}."
+        )
+    n_in = dense_input_axes(f"{module}/kernel")
+    in_shape, out_shape = tuple(kernel_shape[:n_in]), tuple(kernel_shape[n_in:])
+    # lora_a may flatten its input axes ([heads * head_dim, r] for the output projection).
+    a_ok = a.shape == (*in_shape, r) or a.shape == (math.prod(in_shape), r)
+    if not a_ok or b.shape != (r, *out_shape):
+        raise InteropError(
+            f"{module}: lora_a {a.shape} @ lora_b {b.shape} does not fit kernel {kernel_shape} "
+            f"(expected lora_a {(*in_shape, r)} and lora_b {(r, *out_shape)})."
+        )
+    return a.reshape(-1, r), b.reshape(r, -1)
+
+
+def merge_lora_flat(
+    flat: Mapping[str, np.ndarray], lora: LoraHyperparams | None
+) -> dict[str, np.ndarray]:
+    """``flat`` (``/``-joined paths) with every LoRA folded into its kernel and removed."""
+    modules = _lora_modules(flat)
+    if not modules:
+        return dict(flat)
+    if lora is None:
+        raise InteropError(
+            f"the parameters hold LoRA factors ({modules[:3]}...); pass lora=LoraHyperparams"
+            "(rank=..., alpha=...) so that they can be merged with the right scaling."
+        )
+    merged = {p: v for p, v in flat.items() if not p.endswith(("/lora_a", "/lora_b"))}
+    for module in modules:
+        kernel = flat[f"{module}/kernel"]
+        a, b = _factors(flat, module, lora, kernel.shape)
+        delta = lora.scaling * (a.astype(np.float32) @ b.astype(np.float32))
+        merged[f"{module}/kernel"] = (
+            kernel.astype(np.float32) + delta.reshape(kernel.shape)
+        ).astype(kernel.dtype)
+    return merged
+
+
+def merge_lora(params: Mapping[str, Any], lora: LoraHyperparams | None) -> dict[str, Any]:
+    """Nested ``params`` with LoRA merged into the kernels (numpy arrays on the host)."""
+    return traverse_util.unflatten_dict(merge_lora_flat(flat_numpy_params(params), lora), sep="/")
+
+
+def _base_mappings(config: TransformerConfig) -> dict[str, TensorMapping]:
+    base = config.replace(peft=None)
+    return {m.flax_path: m for m in tensor_mappings(base, param_shapes(abstract_params(base)))}
+
+
+def _target_modules(lora_modules: list[str], dense: list[str]) -> list[str] | str:
+    """Module names if they pick exactly ``lora_modules`` among ``dense``, else a regex."""
+    names = sorted({m.rsplit(".", 1)[-1] for m in lora_modules})
+    if sorted(m for m in dense if m.rsplit(".", 1)[-1] in names) == sorted(lora_modules):
+        return names
+    return "(" + "|".join(re.escape(m) for m in sorted(lora_modules)) + ")"
+
+
+def export_lora_adapter(
+    params: Mapping[str, Any],
+    config: TransformerConfig,
+    out_dir: str | os.PathLike,
+    lora: LoraHyperparams,
+    *,
+    base_model_name_or_path: str | None = None,
+) -> Path:
+    """Writes the LoRA factors in ``params`` as a PEFT adapter directory.
+
+    Args:
+      params: parameters holding ``lora_a`` / ``lora_b`` siblings (the base
+        weights may be present too; they are not written).
+      config: the model config (its ``peft`` field is ignored).
+      out_dir: receives ``adapter_config.json`` and ``adapter_model.safetensors``.
+      lora: rank, alpha, rsLoRA and dropout of the adapter.
+      base_model_name_or_path: recorded for PEFT (a hub id or a local path).
+    """
+    flat = flat_numpy_params(params)
+    modules = _lora_modules(flat)
+    if not modules:
+        raise InteropError("the parameters hold no lora_a/lora_b factors: nothing to export.")
+    mappings = _base_mappings(config)
+    tensors, hf_modules = {}, []
+    for module in modules:
+        m = mappings.get(f"{module}/kernel")
+        if m is None or not m.is_dense:
+            raise InteropError(f"{module} has LoRA but no Hugging Face Linear counterpart.")
+        a, b = _factors(flat, module, lora, m.shape)
+        tensors[f"{_PEFT_PREFIX}{m.hf_module}.lora_A.weight"] = np.ascontiguousarray(a.T)
+        tensors[f"{_PEFT_PREFIX}{m.hf_module}.lora_B.weight"] = np.ascontiguousarray(b.T)
+        hf_modules.append(m.hf_module)
+    dense = [m.hf_module for m in mappings.values() if m.is_dense]
+    adapter_config = {
+        "peft_type": "LORA",
+        "task_type": _TASK_TYPES[family_of_config(config)],
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": lora.rank,
+        "lora_alpha": lora.alpha,
+        "use_rslora": lora.use_rslora,
+        "lora_dropout": lora.dropout,
+        "target_modules": _target_modules(hf_modules, dense),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+    out_dir = Path(out_dir)
+    write_checkpoint(tensors, out_dir, single_file=ADAPTER_WEIGHTS)
+    (out_dir / ADAPTER_CONFIG).write_text(
+        json.dumps(adapter_config, indent=2, sort_keys=True) + "\n"
+    )
+    return out_dir
+
+
+def import_lora_adapter(
+    adapter_dir: str | os.PathLike, config: TransformerConfig
+) -> tuple[LoraHyperparams, dict[str, Any]]:
+    """Reads a PEFT LoRA adapter as flaxtune factors.
+
+    Returns ``(hyper-parameters, params)`` where ``params`` is a nested tree
+    holding only ``lora_a`` / ``lora_b`` leaves at the flaxtune paths of the
+    modules they adapt; merge it into the base parameters with
+    ``flax.core.copy`` or a dict update.
+    """
+    adapter_dir = Path(adapter_dir)
+    path = adapter_dir / ADAPTER_CONFIG
+    if not path.exists():
+        raise InteropError(f"{adapter_dir} has no {ADAPTER_CONFIG}: not a PEFT adapter directory.")
+    c = json.loads(path.read_text())
+    problems = []
+    if c.get("peft_type") != "LORA":
+        problems.append(f"peft_type={c.get('peft_type')!r} (only LORA is supported)")
+    for key, ok in (
+        ("use_dora", False),
+        ("fan_in_fan_out", False),
+        ("bias", "none"),
+        ("rank_pattern", {}),
+        ("alpha_pattern", {}),
+        ("modules_to_save", None),
+    ):
+        value = c.get(key, ok)
+        if value != ok and not (value in (None, {}) and ok in (None, {})):
+            problems.append(f"{key}={c[key]!r} (flaxtune supports {ok!r})")
+    if problems:
+        raise InteropError(f"{path} describes an adapter flaxtune cannot load: {problems}.")
+    lora = LoraHyperparams(
+        rank=int(c["r"]),
+        alpha=float(c["lora_alpha"]),
+        use_rslora=bool(c.get("use_rslora", False)),
+        dropout=float(c.get("lora_dropout", 0.0)),
+    )
+    by_module = {m.hf_module: m for m in _base_mappings(config).values() if m.is_dense}
+    flat, unknown = {}, []
+    with CheckpointReader(adapter_dir, single_file=ADAPTER_WEIGHTS) as reader:
+        for name in reader.names():
+            match = _PEFT_NAME.fullmatch(name)
+            m = by_module.get(match["module"]) if match else None
+            if m is None:
+                unknown.append(name)
+                continue
+            array = reader.read(name)
+            r = lora.rank
+            if match["side"] == "A":
+                expected, leaf = (r, math.prod(m.in_shape)), array.T.reshape(*m.in_shape, r)
+            else:
+                expected, leaf = (math.prod(m.out_shape), r), array.T.reshape(r, *m.out_shape)
+            if array.shape != expected:
+                raise InteropError(f"{name} has shape {array.shape}, expected {expected}.")
+            module = m.flax_path.removesuffix("/kernel")
+            flat[f"{module}/lora_{match['side'].lower()}"] = np.ascontiguousarray(leaf)
+    if unknown:
+        raise InteropError(
+            f"adapter tensors that match no LoRA-able module of this model: {unknown[:10]}."
+        )
+    half = {p.rsplit("/", 1)[0] for p in flat if p.endswith("/lora_a")} ^ {
+        p.rsplit("/", 1)[0] for p in flat if p.endswith("/lora_b")
+    }
+    if half:
+        raise InteropError(f"adapter modules with only one of lora_A/lora_B: {sorted(half)}.")
+    return lora, traverse_util.unflatten_dict(flat, sep="/")
