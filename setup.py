@@ -30,6 +30,9 @@ INSTALL_REQUIRES = [
     "etils[epath]>=1.5",
     # tensorflow-datasets builds datasets through it; not pulled in without TensorFlow.
     "importlib_resources>=6.0",
+    # flaxtune.eval: the Porter stemmer of ROUGE and the "intl" BLEU tokenizer.
+    "nltk>=3.8",
+    "regex>=2023.0",
 ]
 
 EXTRAS_REQUIRE = {
