@@ -35,7 +35,7 @@ import jax.numpy as jnp
 
 from flaxtune.peft import modules as peft_modules
 from flaxtune.transformer.config import TransformerConfig
-from flaxtune.transformer.layers import Dense, _kernel_fan_in_init
+from flaxtune.transformer.layers import Dense, Dropout, _kernel_fan_in_init
 from flaxtune.transformer.positions import apply_rope
 
 Array = jax.Array
@@ -140,9 +140,7 @@ class MultiHeadAttention(nn.Module):
         if cfg.scale_attention_logits:
             q = q * jnp.asarray(d**-0.5, q.dtype)
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
-        dropout = (
-            nn.Dropout(rate=cfg.attention_dropout_rate) if cfg.attention_dropout_rate else None
-        )
+        dropout = Dropout(rate=cfg.attention_dropout_rate) if cfg.attention_dropout_rate else None
         out, weights = dot_product_attention(
             q,
             k,

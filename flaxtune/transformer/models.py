@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from flaxtune.peft.modules import BottleneckAdapter, PromptEmbedding
 from flaxtune.transformer.attention import MultiHeadAttention
 from flaxtune.transformer.config import TransformerConfig
-from flaxtune.transformer.layers import MLP, Dense, Embed, make_norm
+from flaxtune.transformer.layers import MLP, Dense, Dropout, Embed, make_norm
 from flaxtune.transformer.positions import (
     LearnedPositionEmbedding,
     RelativePositionBias,
@@ -59,7 +59,7 @@ class EncoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x, *, mask, bias, rope, deterministic: bool) -> Array:
         cfg = self.config
-        drop = nn.Dropout(rate=cfg.dropout_rate)
+        drop = Dropout(rate=cfg.dropout_rate)
         attention = MultiHeadAttention(cfg, name="attention")
         mlp = MLP(cfg, name="mlp")
         attention_norm = make_norm(cfg, "attention_norm")
@@ -92,7 +92,7 @@ class DecoderLayer(nn.Module):
         self, x, encoded, *, mask, cross_mask, bias, rope, decode, cache_slot, deterministic
     ) -> Array:
         cfg = self.config
-        drop = nn.Dropout(rate=cfg.dropout_rate)
+        drop = Dropout(rate=cfg.dropout_rate)
         attention = MultiHeadAttention(cfg, name="attention")
 
         def self_attend(h):
@@ -224,7 +224,7 @@ class _Stack(nn.Module):
                 cfg.max_length, cfg.d_model, cfg.dtype, cfg.param_dtype, name="position_embed"
             )(positions)
         x = nn.with_logical_constraint(x, ACT_AXES)
-        return nn.Dropout(rate=cfg.dropout_rate)(x, deterministic=deterministic)
+        return Dropout(rate=cfg.dropout_rate)(x, deterministic=deterministic)
 
     def relative_bias(self, q_pos: Array, k_pos: Array, *, bidirectional: bool) -> Array | None:
         cfg = self.config
@@ -250,7 +250,7 @@ class _Stack(nn.Module):
         cfg = self.config
         if cfg.norm_position == "pre":
             x = make_norm(cfg, "final_norm")(x)
-        return nn.Dropout(rate=cfg.dropout_rate)(x, deterministic=deterministic)
+        return Dropout(rate=cfg.dropout_rate)(x, deterministic=deterministic)
 
 
 class Encoder(_Stack):

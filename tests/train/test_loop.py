@@ -22,14 +22,25 @@ def tiny_config(data_dir, **train):
 
 
 def train_losses(workdir):
-    return {r["step"]: r["train/loss"] for r in read_metrics(workdir / "metrics.jsonl")
-            if "train/loss" in r}
+    return {
+        r["step"]: r["train/loss"]
+        for r in read_metrics(workdir / "metrics.jsonl")
+        if "train/loss" in r
+    }
 
 
 def test_tiny_config_runs_end_to_end(data_dir, tmp_path):
     results = train_and_evaluate(tiny_config(data_dir), tmp_path)
-    for name in ("metrics.jsonl", "loss.png", "model.json", "tokenizer.model", "results.json",
-                 "config.json", "eval/scores.json", "eval/predictions.jsonl"):
+    for name in (
+        "metrics.jsonl",
+        "loss.png",
+        "model.json",
+        "tokenizer.model",
+        "results.json",
+        "config.json",
+        "eval/scores.json",
+        "eval/predictions.jsonl",
+    ):
         assert (tmp_path / name).exists(), name
     losses = train_losses(tmp_path)
     assert sorted(losses) == [2, 4, 6]

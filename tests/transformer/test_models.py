@@ -201,3 +201,20 @@ def test_attention_weights_can_be_captured():
     cross_w = inter["decoder"]["layers_1"]["cross_attention"]["attention_weights"][0]
     assert enc_w.shape == (1, 3, 6, 6) and cross_w.shape == (1, 3, 4, 6)
     np.testing.assert_allclose(jnp.sum(cross_w, -1), 1.0, rtol=1e-5)
+
+
+def test_dropout_rate_and_scale():
+    from flaxtune.transformer.layers import Dropout
+
+    x = jnp.ones((64, 1001), jnp.float32)  # odd size: the last 32-bit draw is split unevenly
+    layer = Dropout(rate=0.3)
+    y = layer.apply({}, x, deterministic=False, rngs={"dropout": jax.random.key(0)})
+    kept = np.asarray(y) != 0
+    n = kept.size
+    # Binomial(n, 0.7): within 5 standard deviations.
+    assert abs(kept.mean() - 0.7) < 5 * np.sqrt(0.21 / n)
+    threshold = round(0.3 * 65536)
+    np.testing.assert_allclose(np.asarray(y)[kept], 65536 / (65536 - threshold), rtol=1e-6)
+    np.testing.assert_array_equal(layer.apply({}, x, deterministic=True), x)
+    other = layer.apply({}, x, deterministic=False, rngs={"dropout": jax.random.key(1)})
+    assert not np.array_equal(np.asarray(other) != 0, kept)
