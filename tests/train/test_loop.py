@@ -68,5 +68,5 @@ def test_config_errors_are_loud():
         optimizer_config(cfg)
     cfg = tiny.get_config()
     cfg.peft.method = "lora2"
-    with pytest.raises(ValueError, match="peft.method='lora2' is not one of"):
+    with pytest.raises(ValueError, match=r"peft\.method='lora2' is not one of"):
         peft_config(cfg)
