@@ -7,9 +7,9 @@ flaxtune's LoRA lives next to the kernel it adapts (DESIGN contract 2)::
     query/lora_b [r, heads, head_dim]           B (output side)
     y = x W + scaling * (x A) B,   scaling = alpha / r   (alpha / sqrt(r): rsLoRA)
 
-``lora_a`` is ``in_shape + (r,)`` and ``lora_b`` ``(r,) + out_shape``; for
-the attention output (two input axes) ``lora_a`` may also be flat,
-``[heads * head_dim, r]``. PEFT stores the same factors as torch Linear
+``lora_a`` is ``[prod(in_shape), r]`` (the layout ``flaxtune.peft`` creates;
+export also accepts the unflattened ``in_shape + (r,)``) and ``lora_b``
+``(r,) + out_shape``. PEFT stores the same factors as torch Linear
 weights of the module they adapt::
 
     base_model.model.<module>.lora_A.weight  [r, in]    = lora_a.reshape(in, r).T
@@ -279,7 +279,8 @@ def import_lora_adapter(
             array = reader.read(name)
             r = lora.rank
             if match["side"] == "A":
-                expected, leaf = (r, math.prod(m.in_shape)), array.T.reshape(*m.in_shape, r)
+                # flaxtune.peft's layout: the input axes flattened, [in, r].
+                expected, leaf = (r, math.prod(m.in_shape)), array.T
             else:
                 expected, leaf = (math.prod(m.out_shape), r), array.T.reshape(r, *m.out_shape)
             if array.shape != expected:

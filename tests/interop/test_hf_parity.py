@@ -19,7 +19,9 @@ HF_EXTRAS = "the Hugging Face parity tests need the [hf] extras: pip install -e 
 torch = pytest.importorskip("torch", reason=HF_EXTRAS, exc_type=ImportError)
 transformers = pytest.importorskip("transformers", reason=HF_EXTRAS, exc_type=ImportError)
 
+import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import flax.linen as nn  # noqa: E402
 from flax.traverse_util import flatten_dict, unflatten_dict  # noqa: E402
 
 from flaxtune.interop import (  # noqa: E402
@@ -284,11 +286,23 @@ def test_adapter_saved_by_peft_imports_with_the_same_logits(tmp_path):
     lora, factors = import_lora_adapter(tmp_path / "adapter", imported.config)
     assert lora == LoraHyperparams(rank=3, alpha=5.0)
     out = factors["decoder"]["layers_0"]["attention"]["out"]
-    assert out["lora_a"].shape == (6, 6, 3) and out["lora_b"].shape == (3, 24)
+    assert out["lora_a"].shape == (36, 3) and out["lora_b"].shape == (3, 24)
     # Graft the factors next to their kernels.
     flat = {**flatten_dict(imported.params), **flatten_dict(factors)}
     params = unflatten_dict(flat)
     base = flax_logits(imported.config, imported.params, encoder, decoder)
     assert np.max(np.abs(expected - base)) > 0.1  # the adapter changes the model
     got = flax_logits(imported.config, merge_lora(params, lora), encoder, decoder)
+    assert_logits_close(got, expected)
+
+    # The same factors in a flaxtune LoRA model (unmerged: the PEFT forward of
+    # flaxtune.peft) give PEFT's logits too.
+    from flaxtune.peft import LoraConfig, PeftConfig, insert_adapter
+
+    peft_config = PeftConfig(lora=LoraConfig(targets=r".*attention/(query|out)", rank=3, alpha=5.0))
+    lora_config = imported.config.replace(peft=peft_config)
+    model = build_model(lora_config)
+    fresh = model.init(jax.random.key(0), jnp.asarray(decoder))["params"]
+    fresh = insert_adapter(insert_adapter(nn.meta.unbox(fresh), imported.params), factors)
+    got = np.asarray(model.apply({"params": fresh}, jnp.asarray(decoder)))
     assert_logits_close(got, expected)

@@ -46,8 +46,10 @@ def test_merge_adds_the_scaled_product_to_each_kernel(use_rslora):
     np.testing.assert_allclose(got_q["kernel"], expected_q, rtol=0, atol=1e-6)
     assert set(got_q) == {"kernel"}
     o = params["decoder"]["layers_0"]["attention"]["out"]
+    # lora_a flattens the two input axes (heads, head_dim): [heads * head_dim, r].
+    a_o = o["lora_a"].astype(np.float64).reshape(*o["kernel"].shape[:2], -1)
     expected_o = np.asarray(o["kernel"], np.float64) + scaling * np.einsum(
-        "hkr,rd->hkd", o["lora_a"].astype(np.float64), o["lora_b"]
+        "hkr,rd->hkd", a_o, o["lora_b"]
     )
     np.testing.assert_allclose(
         merged["decoder"]["layers_0"]["attention"]["out"]["kernel"], expected_o, rtol=0, atol=1e-6

@@ -83,7 +83,9 @@ def add_lora(params, rank, targets=("query", "value"), seed=1, layers=None, std=
         if is_attention and path[-1] in targets and in_layer and "kernel" in tree:
             kernel = np.asarray(tree["kernel"])
             n_in = 2 if path[-1] == "out" else 1
-            out["lora_a"] = rng.normal(0, std[0], (*kernel.shape[:n_in], rank)).astype(np.float32)
+            # flaxtune.peft's layout: input axes flattened.
+            fan_in = int(np.prod(kernel.shape[:n_in]))
+            out["lora_a"] = rng.normal(0, std[0], (fan_in, rank)).astype(np.float32)
             out["lora_b"] = rng.normal(0, std[1], (rank, *kernel.shape[n_in:])).astype(np.float32)
         return out
 
