@@ -19,9 +19,9 @@ HF_EXTRAS = "the Hugging Face parity tests need the [hf] extras: pip install -e 
 torch = pytest.importorskip("torch", reason=HF_EXTRAS, exc_type=ImportError)
 transformers = pytest.importorskip("transformers", reason=HF_EXTRAS, exc_type=ImportError)
 
+import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import flax.linen as nn  # noqa: E402
 from flax.traverse_util import flatten_dict, unflatten_dict  # noqa: E402
 
 from flaxtune.interop import (  # noqa: E402
