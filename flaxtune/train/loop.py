@@ -56,7 +56,12 @@ from flaxtune.train.mesh import (
     sharded_train_state,
 )
 from flaxtune.train.metrics_writer import MetricsWriter, ProgressBar, plot_curves
-from flaxtune.train.optimizer import OptimizerConfig, make_optimizer, make_schedule
+from flaxtune.train.optimizer import (
+    OptimizerConfig,
+    count_optimizer_state_bytes,
+    make_optimizer,
+    make_schedule,
+)
 from flaxtune.train.partition import label_params, merge_params
 from flaxtune.train.state import TrainState
 from flaxtune.train.step import make_train_step
@@ -429,6 +434,10 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path) -> d
         mesh,
         rng=state_rng,
         loss_scale=make_loss_scale(policy.default_loss_scale),
+    )
+    summary["optimizer_state_bytes"] = count_optimizer_state_bytes(state.opt_state)
+    logger.info(
+        "optimizer state: %d bytes (trainable parameters only)", summary["optimizer_state_bytes"]
     )
     step_fn = jit_train_step(
         make_train_step(

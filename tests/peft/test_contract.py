@@ -290,3 +290,24 @@ def test_adapter_that_does_not_fit_is_a_clear_error(tmp_path):
         load_adapter(tmp_path / "a", expected_tokenizer_fingerprint="xyz")
     with pytest.raises(FileExistsError):
         save_adapter(tmp_path / "a", adapter, config.peft, base_model="tiny-t5")
+
+
+def test_named_adapters_switch_the_model():
+    config, model, params, enc, dec = setup("tiny-llama", "lora")
+    from flaxtune.peft import AdapterSet
+
+    adapters = AdapterSet()
+    adapters["a"] = extract_adapter(perturb(params, config.peft), config.peft)
+    adapters["b"] = extract_adapter(params, config.peft)  # B = 0: the base model
+    with_a = forward(config, model, adapters.activate(params, "a"), enc, dec)
+    with_b = forward(config, model, adapters.activate(params, "b"), enc, dec)
+    base_config, base_model, _ = tiny_model("tiny-llama")
+    np.testing.assert_allclose(
+        with_b,
+        forward(base_config, base_model, base_only(params, config.peft), enc, dec),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    assert not np.allclose(with_a, with_b)
+    with pytest.raises(KeyError, match="no adapter named 'c'"):
+        adapters.activate(params, "c")
