@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from safetensors.numpy import load_file, save_file
 
@@ -279,3 +280,41 @@ def test_bfloat16_export_reads_back_as_the_rounded_weights(tmp_path):
     imported = import_hf(tmp_path, max_length=config.max_length)
     rounded = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16).astype(jnp.float32), params)
     assert_trees_equal(imported.params, rounded)
+
+
+@pytest.mark.parametrize("kind", ["t5-v1.1", "llama"])
+def test_import_straight_into_int8_kernels(tmp_path, kind):
+    """Quantized loading: each kernel becomes an int8 QArray as it is read,
+    and the model runs on them close to the float logits."""
+    # The model's own initialization (realistic scales): with the unit-scale
+    # random weights of hf_dir_of, T5's unscaled attention logits saturate and
+    # any perturbation, rounding included, flips the attention pattern.
+    import flax.linen as nn
+
+    from flaxtune.quant import quantize
+    from flaxtune.transformer import build_model
+
+    config = tiny_config(kind)
+    tokens = jnp.ones((1, 4), jnp.int32)
+    args = (tokens, tokens) if config.is_encoder_decoder else (tokens,)
+    params = nn.meta.unbox(build_model(config).init(jax.random.key(0), *args)["params"])
+    directory = export_hf(params, config, tmp_path / kind)
+
+    def to_int8(path, x):
+        if not path.endswith("/kernel"):
+            return x
+        n_in = 2 if path.endswith("attention/out/kernel") else 1
+        return quantize(x, "int8", n_in=n_in)
+
+    imported = import_hf(directory, transform=to_int8, max_length=config.max_length)
+    flat = traverse_util.flatten_dict(
+        imported.params, sep="/", is_leaf=lambda _, x: hasattr(x, "qtype")
+    )
+    kernels = [v for p, v in flat.items() if p.endswith("/kernel")]
+    assert kernels and all(getattr(k, "qtype", None) == "int8" for k in kernels)
+    rng = np.random.RandomState(0)
+    enc = jnp.asarray(rng.randint(3, config.vocab_size, (2, 6)))
+    dec = jnp.asarray(rng.randint(3, config.vocab_size, (2, 5)))
+    exact = forward(config, params, enc, dec)
+    approx = forward(imported.config, imported.params, enc, dec)
+    assert float(jnp.linalg.norm(approx - exact) / jnp.linalg.norm(exact)) < 0.05
