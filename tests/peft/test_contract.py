@@ -32,8 +32,7 @@ from flaxtune.peft import (
     trainability_rules,
     unmerge,
 )
-from flaxtune.transformer.decoding import _zeros_cache
-from tests.transformer.util import random_tokens, tiny_model
+from tests.transformer.util import cached_logits, random_tokens, tiny_model
 
 METHODS = {
     "lora": PeftConfig(lora=LoraConfig(targets="qv", rank=2, alpha=4.0)),
@@ -200,48 +199,8 @@ def test_training_changes_only_trainable_parameters(kind, method):
 
 def cached_equals_full(config, model, params, enc, dec):
     full = forward(config, model, params, enc, dec)
-    if config.is_encoder_decoder:
-        encoded = model.apply({"params": params}, enc, method=model.encode)
-        mask = model.apply({"params": params}, enc, method=model.encoder_mask)
-        cache = _zeros_cache(
-            lambda: model.apply(
-                {"params": params},
-                encoded,
-                mask,
-                dec,
-                decode=True,
-                method=model.decode,
-                mutable=["cache"],
-            )[1]["cache"]
-        )
-    else:
-        cache = _zeros_cache(
-            lambda: model.apply({"params": params}, dec, decode=True, mutable=["cache"])[1]["cache"]
-        )
-    outs = []
-    for t in range(dec.shape[1]):
-        first = t == 0
-        if config.is_encoder_decoder:
-            logits, state = model.apply(
-                {"params": params, "cache": cache},
-                encoded if first else None,
-                mask if first else None,
-                dec[:, t : t + 1],
-                decode=True,
-                method=model.decode,
-                mutable=["cache"],
-            )
-        else:
-            logits, state = model.apply(
-                {"params": params, "cache": cache},
-                dec[:, t : t + 1],
-                decode=True,
-                prepend_prompt=first,
-                mutable=["cache"],
-            )
-        cache = state["cache"]
-        outs.append(logits)
-    np.testing.assert_allclose(jnp.concatenate(outs, 1), full, rtol=1e-5, atol=2e-5)
+    cached = cached_logits(config, model, params, enc, dec, (1,) * dec.shape[1])
+    np.testing.assert_allclose(cached, full, rtol=1e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from flaxtune.transformer import DecodeConfig, generate
-from flaxtune.transformer.decoding import _zeros_cache, filter_logits
-from tests.transformer.util import random_tokens, tiny_model
+from flaxtune.transformer.decoding import filter_logits
+from tests.transformer.util import cached_logits, random_tokens, tiny_model
 
 POSITION_VARIANTS = [
     ("tiny-t5", dict(position_encoding="relative")),
@@ -20,52 +20,6 @@ POSITION_VARIANTS = [
     ("tiny-llama", dict(position_encoding="sinusoidal")),
     ("tiny-llama", dict(position_encoding="learned")),
 ]
-
-
-def cached_logits(config, model, params, enc, dec, chunks):
-    """Runs ``dec`` through the decoder with the KV cache, chunk by chunk."""
-    length = dec.shape[1]
-    if config.is_encoder_decoder:
-        encoded = model.apply({"params": params}, enc, method=model.encode)
-        mask = enc != config.pad_id
-        cache = _zeros_cache(
-            lambda: model.apply(
-                {"params": params},
-                encoded,
-                mask,
-                dec,
-                decode=True,
-                method=model.decode,
-                mutable=["cache"],
-            )[1]["cache"]
-        )
-    else:
-        cache = _zeros_cache(
-            lambda: model.apply({"params": params}, dec, decode=True, mutable=["cache"])[1]["cache"]
-        )
-    outputs, start = [], 0
-    for i, size in enumerate(chunks):
-        piece = dec[:, start : start + size]
-        if config.is_encoder_decoder:
-            first = i == 0
-            logits, state = model.apply(
-                {"params": params, "cache": cache},
-                encoded if first else None,
-                mask if first else None,
-                piece,
-                decode=True,
-                method=model.decode,
-                mutable=["cache"],
-            )
-        else:
-            logits, state = model.apply(
-                {"params": params, "cache": cache}, piece, decode=True, mutable=["cache"]
-            )
-        cache = state["cache"]
-        outputs.append(logits)
-        start += size
-    assert start == length
-    return jnp.concatenate(outputs, axis=1)
 
 
 @pytest.mark.parametrize("name, overrides", POSITION_VARIANTS)
