@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -232,56 +232,45 @@ class Embed(nn.Module):
         return logits.astype(self.dtype)
 
 
-class RMSNorm(nn.Module):
+class _Norm(nn.Module):
+    """Normalization over the feature axis, computed in float32."""
+
+    eps: float = 1e-6
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    # Subtract the mean and add a bias (LayerNorm) or not (RMSNorm).
+    center: ClassVar[bool] = False
+
+    def _feature_param(self, name: str, init: Initializer, features: int) -> Array:
+        param = self.param(
+            name, nn.with_logical_partitioning(init, ("embed",)), (features,), self.param_dtype
+        )
+        return param.astype(jnp.float32)
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        features = x.shape[-1]
+        x32 = x.astype(jnp.float32)
+        if self.center:
+            x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+        y = x32 * jax.lax.rsqrt(var + self.eps)
+        y = y * self._feature_param("scale", nn.initializers.ones_init(), features)
+        if self.center:
+            y = y + self._feature_param("bias", nn.initializers.zeros_init(), features)
+        return y.astype(self.dtype)
+
+
+class RMSNorm(_Norm):
     """Root-mean-square norm (T5's "LayerNorm", LLaMA's RMSNorm), in float32."""
 
-    eps: float = 1e-6
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        features = x.shape[-1]
-        scale = self.param(
-            "scale",
-            nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
-            (features,),
-            self.param_dtype,
-        )
-        x32 = x.astype(jnp.float32)
-        var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
-        y = x32 * jax.lax.rsqrt(var + self.eps) * scale.astype(jnp.float32)
-        return y.astype(self.dtype)
+    center: ClassVar[bool] = False
 
 
-class LayerNorm(nn.Module):
+class LayerNorm(_Norm):
     """Mean-and-variance norm with scale and bias, in float32."""
 
-    eps: float = 1e-6
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        features = x.shape[-1]
-        scale = self.param(
-            "scale",
-            nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
-            (features,),
-            self.param_dtype,
-        )
-        bias = self.param(
-            "bias",
-            nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
-            (features,),
-            self.param_dtype,
-        )
-        x32 = x.astype(jnp.float32)
-        mean = jnp.mean(x32, axis=-1, keepdims=True)
-        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
-        y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
-        return y.astype(self.dtype)
+    center: ClassVar[bool] = True
 
 
 def make_norm(config: TransformerConfig, name: str) -> nn.Module:
