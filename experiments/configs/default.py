@@ -6,6 +6,8 @@ Each field has a comment above it. Override on the command line, e.g.
 
 import ml_collections
 
+from flaxtune.data.tasks import BUNDLED_TASKS
+
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -124,18 +126,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Validation batches per evaluation.
     c.eval.num_batches = 8
     # Tasks scored by generation at the end (comma-separated; "" = none).
-    c.eval.tasks = ",".join(
-        [
-            "bundled/sentiment",
-            "bundled/summarization",
-            "bundled/translation_en_zh",
-            "bundled/text_to_sql",
-            "bundled/text_to_arithmetic",
-            "bundled/extraction",
-            "bundled/qa",
-            "bundled/topic_writing",
-        ]
-    )
+    c.eval.tasks = ",".join(BUNDLED_TASKS)
     # Split scored by generation.
     c.eval.split = "test"
     # Examples per task scored by generation (0 disables generation).

@@ -61,6 +61,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from flaxtune.data.tokenizer import TokenizerMismatchError
 from flaxtune.train.state import TrainState
 
 PyTree = Any
@@ -77,10 +78,6 @@ _STATE, _DATA, _META = "state", "data", "meta"
 
 class CheckpointMismatchError(ValueError):
     """The checkpoint's tree does not fit the state it is restored into."""
-
-
-class TokenizerMismatchError(ValueError):
-    """The checkpoint was written with a different tokenizer."""
 
 
 def file_fingerprint(path: str | os.PathLike) -> str:

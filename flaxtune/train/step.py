@@ -171,6 +171,7 @@ def make_train_step(
             )
         grads = loss_scale.unscale(grads)
         grads_finite = all_finite(grads)
+
         # A conditional rather than a select over the trees: a select reads and
         # writes every parameter and optimizer moment once more per step (a
         # tenth of a t5-small step on CPU); the skip branch costs nothing.
