@@ -12,6 +12,10 @@ os.environ.setdefault(
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8",
 )
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Exact float32 matmuls on accelerators too: GPUs default to TF32, which moves
+# fp32 results by ~1e-3 and would fail the tight cached-vs-full comparisons.
+# (No effect on CPU.)
+os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 
 
 import pytest
