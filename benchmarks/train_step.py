@@ -98,9 +98,11 @@ def memory_analysis(compiled) -> dict[str, int]:
 def measure(method: str, args, peak_flops: float) -> dict:
     peft = METHODS.get(method)
     policy = get_policy(args.policy)
+    # Attention weights are dropped at the same rate, as T5 (and HF's T5) do.
     config = get_config(
         args.preset,
         dropout_rate=args.dropout,
+        attention_dropout_rate=args.dropout,
         peft=peft,
         dtype=policy.compute_dtype.name,
         param_dtype=policy.param_dtype.name,

@@ -177,6 +177,8 @@ def _t5_fields(c: Mapping[str, Any]) -> dict[str, Any]:
         scale_attention_logits=False,
         scale_embeddings=False,
         dropout_rate=float(c.get("dropout_rate", 0.1)),
+        # Hugging Face's T5 drops attention weights at the same rate.
+        attention_dropout_rate=float(c.get("dropout_rate", 0.1)),
         pad_id=pad_id,
         eos_id=_first_id(c.get("eos_token_id"), 1),
         decoder_start_id=_first_id(c.get("decoder_start_token_id"), pad_id),

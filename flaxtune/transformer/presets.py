@@ -37,6 +37,8 @@ _T5_COMMON = dict(
     scale_attention_logits=False,
     use_bias=False,
     dropout_rate=0.1,
+    # T5 drops attention weights at the same rate as activations.
+    attention_dropout_rate=0.1,
 )
 _T5_V1_0 = dict(_T5_COMMON, activation="relu", tie_embeddings=True, rescale_tied_logits=True)
 _T5_V1_1 = dict(_T5_COMMON, activation="gated-gelu", tie_embeddings=False)
@@ -127,6 +129,7 @@ _PRESETS: dict[str, dict[str, Any]] = {
         relative_num_buckets=8,
         relative_max_distance=20,
         dropout_rate=0.0,
+        attention_dropout_rate=0.0,
         max_length=64,
     ),
     "tiny-llama": dict(
