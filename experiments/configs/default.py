@@ -127,7 +127,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.num_batches = 8
     # Tasks scored by generation at the end (comma-separated; "" = none).
     c.eval.tasks = ",".join(BUNDLED_TASKS)
-    # Split scored by generation.
+    # Also score generation on the validation split at every evaluation (slower;
+    # lets train.best_metric be e.g. "eval/bundled/sentiment/accuracy").
+    c.eval.generate_during_training = False
+    # Split scored by generation at the end of the run.
     c.eval.split = "test"
     # Examples per task scored by generation (0 disables generation).
     c.eval.generate_examples = 64

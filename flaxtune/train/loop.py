@@ -511,6 +511,26 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path) -> d
                         model, merge_params(state.trainable, state.frozen), validation_batches()
                     )
                 eval_metrics = {f"eval/{k}": v for k, v in val.items()}
+                if cfg.eval.generate_during_training and cfg.eval.generate_examples:
+                    # Generation scores on the validation split, e.g.
+                    # "eval/bundled/sentiment/accuracy": usable as best_metric.
+                    with mesh_context(mesh):
+                        scores = generation_scores(
+                            model,
+                            merge_params(state.trainable, state.frozen),
+                            tokenizer,
+                            cfg,
+                            split="validation",
+                            limit=cfg.eval.generate_examples,
+                        )
+                    eval_metrics.update(
+                        {
+                            f"eval/{task}/{name}": value
+                            for task, row in scores.items()
+                            for name, value in row.items()
+                            if name != "num_examples"
+                        }
+                    )
                 writer.write_scalars(step, eval_metrics)
                 results["eval"] = val
             ckpt.save(

@@ -70,3 +70,19 @@ def test_config_errors_are_loud():
     cfg.peft.method = "lora2"
     with pytest.raises(ValueError, match=r"peft\.method='lora2' is not one of"):
         peft_config(cfg)
+
+
+def test_generation_scores_during_training_pick_the_best_checkpoint(data_dir, tmp_path):
+    cfg = tiny_config(data_dir)
+    cfg.eval.generate_during_training = True
+    cfg.eval.tasks = "bundled/sentiment"
+    cfg.train.best_metric = "eval/bundled/sentiment/accuracy"
+    cfg.train.best_mode = "max"
+    train_and_evaluate(cfg, tmp_path)
+    records = [
+        r
+        for r in read_metrics(tmp_path / "metrics.jsonl")
+        if "eval/bundled/sentiment/accuracy" in r
+    ]
+    assert [r["step"] for r in records] == [3, 6]
+    assert all(0.0 <= r["eval/bundled/sentiment/macro_f1"] <= 1.0 for r in records)
