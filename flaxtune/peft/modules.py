@@ -14,9 +14,8 @@ where a method acts, so reading a layer tells you what it computes:
 * ``PromptEmbedding`` / ``prefix_keys_values`` — the soft prompts.
 
 This module imports nothing from ``flaxtune.transformer`` (the Transformer
-imports it), so it does its own dtype handling: parameters in
-``param_dtype``, products in the compute dtype, 16-bit products accumulated
-in float32.
+imports it); its products go through ``flaxtune.quant.qdot.float_dot``, the
+same matmul as Dense: compute dtype, 16-bit products accumulated in float32.
 """
 
 from __future__ import annotations
@@ -29,20 +28,15 @@ import jax
 import jax.numpy as jnp
 
 from flaxtune.peft.config import AdapterConfig, LoraConfig, PrefixTuningConfig
+from flaxtune.quant.qarray import QArray, dequantize
+from flaxtune.quant.qdot import float_dot
 
 Array = jax.Array
 
 
 def _dot(x: Array, w: Array, n_in: int, dtype: Any) -> Array:
     """``x`` contracted over its last ``n_in`` axes with the first ones of ``w``."""
-    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-    y = jax.lax.dot_general(
-        x.astype(dtype),
-        w.astype(dtype),
-        ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())),
-        preferred_element_type=jnp.float32 if half else None,
-    )
-    return y.astype(dtype)
+    return float_dot(x, w, n_in=n_in, compute_dtype=dtype)
 
 
 def _kaiming_uniform_a(key, shape, dtype):
@@ -118,9 +112,7 @@ def _column_norm(weight: Array, n_in: int) -> Array:
 
 
 def _dense_weight(kernel: Any) -> Array:
-    if hasattr(kernel, "qtype"):  # a QArray: DoRA needs the float weight's norm
-        from flaxtune.quant import dequantize
-
+    if isinstance(kernel, QArray):  # DoRA needs the float weight's norm
         return dequantize(kernel)
     return kernel
 

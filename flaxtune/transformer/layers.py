@@ -37,31 +37,12 @@ import jax
 import jax.numpy as jnp
 
 from flaxtune.peft import modules as peft_modules
+from flaxtune.quant.qarray import QArray
+from flaxtune.quant.qdot import qdot
 from flaxtune.transformer.config import TransformerConfig
 
 Array = jax.Array
 Initializer = Callable[..., Array]
-
-
-def _is_half(dtype: Any) -> bool:
-    return jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-
-
-def matmul(x: Array, kernel: Array, n_in: int, dtype: Any) -> Array:
-    """``x`` contracted over its last ``n_in`` axes with ``kernel``'s first ones.
-
-    Runs in ``dtype``; 16-bit inputs accumulate in float32 and the result is
-    cast back to ``dtype``.
-    """
-    x = x.astype(dtype)
-    kernel = kernel.astype(dtype)
-    contract_x = tuple(range(x.ndim - n_in, x.ndim))
-    contract_k = tuple(range(n_in))
-    preferred = jnp.float32 if _is_half(dtype) else None
-    y = jax.lax.dot_general(
-        x, kernel, ((contract_x, contract_k), ((), ())), preferred_element_type=preferred
-    )
-    return y.astype(dtype)
 
 
 def _kernel_fan_in_init(scale: float = 1.0, n_in: int = 1) -> Initializer:
@@ -110,7 +91,7 @@ class Dense(nn.Module):
         if self.has_variable("params", "kernel"):
             stored = self.get_variable("params", "kernel")
             stored = nn.meta.unbox(stored)
-            if _is_qarray(stored):
+            if isinstance(stored, QArray):
                 return stored
         init = self.kernel_init or _kernel_fan_in_init(1.0, len(in_shape))
         return self.param(
@@ -125,13 +106,10 @@ class Dense(nn.Module):
         n_in = self.in_features
         in_shape = tuple(x.shape[-n_in:])
         kernel = self._kernel(in_shape)
-        if _is_qarray(kernel):
-            from flaxtune.quant.qdot import qdot  # quant builds on transformer
-
-            w8a8 = self.int8_activations and kernel.qtype == "int8"
-            y = qdot(x, kernel, n_in=n_in, compute_dtype=self.dtype, quantize_activations=w8a8)
-        else:
-            y = matmul(x, kernel, n_in, self.dtype)
+        # One code path for float and quantized kernels; 16-bit products
+        # accumulate in float32 (twice as fast on CPU as bf16 accumulation).
+        w8a8 = self.int8_activations and isinstance(kernel, QArray) and kernel.qtype == "int8"
+        y = qdot(x, kernel, n_in=n_in, compute_dtype=self.dtype, quantize_activations=w8a8)
         lora = self.peft.lora_for(self.path) if self.peft is not None else None
         if lora is not None:
             y = peft_modules.lora(
@@ -156,11 +134,6 @@ class Dense(nn.Module):
             )
             y = y + bias.astype(self.dtype)
         return y
-
-
-def _is_qarray(value: Any) -> bool:
-    # Duck-typed so that this module does not import flaxtune.quant.
-    return hasattr(value, "qtype") and hasattr(value, "scale")
 
 
 class Dropout(nn.Module):
@@ -222,7 +195,7 @@ class Embed(nn.Module):
         Contracts against the embedding's feature axis directly, so no
         transposed copy of the ``[vocab, d_model]`` table is made.
         """
-        half = _is_half(self.dtype)
+        half = jnp.dtype(self.dtype).itemsize < 4
         logits = jax.lax.dot_general(
             x.astype(self.dtype),
             self.embedding.astype(self.dtype),
