@@ -1,30 +1,41 @@
-"""Entry point: ``python -m experiments.main --config=experiments/configs/<name>.py --workdir=DIR``.
+"""Entry point: ``python -m experiments.main [--config=configs/<name>.py] --workdir=DIR``.
 
-Parses flags and calls ``train_and_evaluate``; nothing else lives here.
-Without ``--config`` it runs the demo: pretraining on the bundled corpus,
-then instruction fine-tuning on the bundled task mixture, in
-``<workdir>/pretrain`` and ``<workdir>/instruct``.
+Parses flags and hands the config to the code that runs it; nothing else
+lives here. Without ``--config`` it runs the seed study
+(``experiments/configs/seed_study.py`` through ``experiments/seed_study.py``);
+a study config is recognised by its ``methods`` field. Any other config is
+one training run: ``train_and_evaluate(config, workdir)``.
+
+    python -m experiments.main --workdir=/tmp/study --config.quick=True
+    python -m experiments.main --config=experiments/configs/instruct.py --workdir=/tmp/run
 """
+
+import sys
+from pathlib import Path
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from flaxtune.train.loop import train_and_evaluate
-
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/flaxtune_demo", "Directory of the run.")
-_CONFIG = config_flags.DEFINE_config_file("config", None, "A config file (get_config()).")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config",
+    str(Path(__file__).parent / "configs" / "seed_study.py"),
+    "A config file (get_config()); the default is the seed study.",
+)
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.INFO)
-    if _CONFIG.value is not None:
-        train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-        return
-    from experiments import demo
+    config = _CONFIG.value
+    if "methods" in config:
+        from experiments import seed_study
 
-    demo.run(_WORKDIR.value)
+        sys.exit(seed_study.run(config, _WORKDIR.value))
+    from flaxtune.train.loop import train_and_evaluate
+
+    train_and_evaluate(config, _WORKDIR.value)
 
 
 if __name__ == "__main__":

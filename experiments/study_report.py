@@ -1,0 +1,214 @@
+"""``report.md`` of the seed study: the tables, from ``results.json`` alone.
+
+``render(results)`` is a pure function of the results dict, so a report can be
+regenerated (or restyled) from a finished study without rerunning anything::
+
+    python -m experiments.study_report /tmp/flaxtune_demo/results.json
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+from flaxtune.data.tasks import get_task
+
+MIB = 2**20
+
+
+def _short(task: str) -> str:
+    return task.split("/", 1)[-1]
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+    return lines
+
+
+def _task_cells(scores: dict[str, dict[str, float]], tasks: list[str]) -> list[str]:
+    """Per task, the scores the issue asks for, as one cell each."""
+    cells = []
+    for task in tasks:
+        row = scores.get(task)
+        if row is None:
+            cells.append("–")
+            continue
+        kind = get_task(task).metric
+        if kind == "classification":
+            cells.append(f"{row['accuracy']:.2f} / {row['macro_f1']:.2f}")
+        elif kind == "rouge":
+            cells.append(f"{row['rouge1']:.2f} / {row['rouge2']:.2f} / {row['rougeL']:.2f}")
+        elif kind.startswith("bleu"):
+            cells.append(f"{row['bleu']:.1f}")
+        elif kind.startswith("execution"):
+            cells.append(f"{row['execution_accuracy']:.2f}")
+        else:
+            cells.append(f"{row['exact_match']:.2f}")
+    return cells
+
+
+def _metric_legend(tasks: list[str]) -> str:
+    names = {
+        "classification": "accuracy / macro-F1",
+        "rouge": "ROUGE-1 / ROUGE-2 / ROUGE-L",
+        "bleu": "BLEU",
+        "bleu_zh": "BLEU (zh tokenizer)",
+        "exact_match": "exact match",
+    }
+
+    def name(task: str) -> str:
+        kind = get_task(task).metric
+        return "execution accuracy" if kind.startswith("execution") else names[kind]
+
+    return "; ".join(f"{_short(t)}: {name(t)}" for t in tasks)
+
+
+def render(results: dict[str, Any]) -> str:
+    methods = results["methods"]
+    tasks = list(results["pretrained"]["scores"])
+    cfg = results["config"]
+    versions = ", ".join(f"{k} {results['versions'][k]}" for k in ("jax", "flax", "optax"))
+    out = [
+        "# flaxtune seed study",
+        "",
+        f"Seed {results['seed']}; {len(methods)} fine-tuning methods, "
+        f"{cfg['finetune_steps']} steps each from the same pretrained model "
+        f"({cfg['pretrain_steps']} steps of span corruption); {cfg['eval_examples']} test "
+        f"examples per task; total time {results.get('seconds', 0) / 60:.1f} min. "
+        f"Versions: {versions}.",
+        "",
+    ]
+    if results["failures"]:
+        out += ["## Failures", ""]
+        out += [f"- **{name}**: `{f['error']}`" for name, f in results["failures"].items()]
+        out.append("")
+
+    out += ["## Methods", "", f"Scores: {_metric_legend(tasks)}.", ""]
+    header = ["method", "trainable", "%", "peak MiB (XLA)", "step s"]
+    header += [_short(t) for t in tasks] + ["mean", "forgetting Δ"]
+    pre_loss = results["pretrained"]["objective_loss"]
+    rows = []
+    for name, row in methods.items():
+        mem = row.get("memory", {})
+        peak = mem.get("xla_peak_bytes")
+        rows.append(
+            [
+                name,
+                row["trainable"]["trainable"],
+                f"{row['trainable']['percent']:.3g}",
+                None if peak is None else f"{peak / MIB:.1f}",
+                row.get("step_seconds"),
+                *_task_cells(row["scores"], tasks),
+                statistics.mean(row["primary"].values()),
+                f"{row['objective_loss'] - pre_loss:+.3f}",
+            ]
+        )
+    pre = results["pretrained"]
+    rows.append(
+        [
+            "pretrained only",
+            0,
+            "0",
+            None,
+            None,
+            *_task_cells(pre["scores"], tasks),
+            statistics.mean(pre["primary"].values()),
+            "+0.000",
+        ]
+    )
+    for kind in ("copy", "majority"):
+        base = {t: results["baselines"][t][kind] for t in tasks if t in results["baselines"]}
+        rows.append(
+            [f"baseline: {kind}", 0, "0", None, None, *_task_cells(base, tasks), None, None]
+        )
+    out += _table(header, rows)
+    out += [
+        "",
+        f"Forgetting Δ: change of the span-corruption validation loss (pretrained model: "
+        f"{pre_loss:.3f}) after fine-tuning; larger means more of the pretraining objective lost.",
+        "",
+    ]
+
+    if results["precisions"]:
+        out += [
+            f"## Precisions (inference of {results.get('best_method')})",
+            "",
+            f"Scores: {_metric_legend(tasks)}.",
+            "",
+        ]
+        header = ["precision", "model MiB", "s / batch", *[_short(t) for t in tasks], "mean"]
+        rows = []
+        for name, row in results["precisions"].items():
+            rows.append(
+                [
+                    name,
+                    f"{row['model_bytes'] / MIB:.2f}",
+                    row["batch_seconds"],
+                    *_task_cells(row["scores"], tasks),
+                    statistics.mean(row["primary"].values()),
+                ]
+            )
+        out += [*_table(header, rows), ""]
+
+    with_memory = {n: r["memory"] for n, r in methods.items() if "memory" in r}
+    if with_memory:
+        out += ["## Memory: planner against XLA", ""]
+        header = [
+            "method",
+            "weights MiB",
+            "gradients MiB",
+            "optimizer MiB",
+            "W+G+O planned / XLA",
+            "activations MiB (est.)",
+            "planned total MiB",
+            "XLA peak MiB",
+        ]
+        rows = []
+        for name, m in with_memory.items():
+            rows.append(
+                [
+                    name,
+                    *(f"{m[k] / MIB:.3f}" for k in ("weights", "gradients", "optimizer")),
+                    f"{m['planned_wgo_bytes'] / MIB:.3f} / {m['xla_wgo_bytes'] / MIB:.3f} "
+                    f"({m['wgo_ratio']:.2f})",
+                    f"{m['activations'] / MIB:.2f}",
+                    f"{m['planned_peak_bytes'] / MIB:.2f}",
+                    f"{m['xla_peak_bytes'] / MIB:.2f}",
+                ]
+            )
+        out += [*_table(header, rows), ""]
+        out += [
+            "W+G+O: weights + gradients + optimizer state, which the planner counts exactly "
+            "and XLA's compiled step holds as arguments (and gradient outputs); activations "
+            "are the planner's estimate, XLA's temporaries hold them and the fused "
+            "kernels' scratch.",
+            "",
+        ]
+
+    if results.get("plots"):
+        out += ["## Plots", ""]
+        out += [f"![{name}](plots/{file})" for name, file in results["plots"].items()]
+        out.append("")
+    return "\n".join(out)
+
+
+def main(argv: list[str]) -> None:
+    path = Path(argv[1])
+    results = json.loads(path.read_text())
+    (path.parent / "report.md").write_text(render(results))
+
+
+if __name__ == "__main__":
+    main(sys.argv)

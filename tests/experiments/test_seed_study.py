@@ -1,0 +1,122 @@
+"""The seed study end to end (quick variant, tiny settings), its report and its errors."""
+
+import json
+import shutil
+
+import pytest
+
+from experiments import seed_study, study_report
+from experiments.configs import seed_study as study_config
+
+
+def tiny_study(data_dir, **changes):
+    """The quick variant with a tiny model, a few steps and a few examples per task."""
+    c = study_config.get_config()
+    c.quick = True
+    c.quick_sizes.update(
+        dict(pretrain_steps=12, finetune_steps=6, eval_examples=3, max_new_tokens=6)
+    )
+    c.forgetting_batches = 1
+    r = c.run
+    r.data.data_dir = data_dir
+    r.model.overrides.update(
+        dict(
+            d_model=24,
+            num_heads=3,
+            head_dim=8,
+            d_ff=40,
+            num_encoder_layers=1,
+            num_decoder_layers=1,
+        )
+    )
+    r.tokenizer.vocab_size = 1000
+    r.data.batch_size = 8
+    r.data.inputs_length = 64
+    r.data.targets_length = 32
+    r.optimizer.warmup_steps = 2
+    r.train.update(dict(log_every=2, eval_every=6, checkpoint_every=6))
+    r.eval.num_batches = 1
+    r.eval.batch_size = 8
+    for key, value in changes.items():
+        c[key] = value
+    return c
+
+
+@pytest.fixture(scope="module")
+def study(data_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    code = seed_study.run(tiny_study(data_dir), root)
+    return code, root, json.loads((root / "results.json").read_text())
+
+
+def test_quick_study_fills_every_method_and_precision(study):
+    code, root, results = study
+    assert code == 0, results["failures"]
+    assert list(results["methods"]) == list(study_config.ALL_METHODS)
+    tasks = set(results["pretrained"]["scores"])
+    assert len(tasks) == 8
+    for name, row in results["methods"].items():
+        assert set(row["scores"]) == tasks, name
+        assert 0 < row["trainable"]["trainable"] <= row["trainable"]["total"]
+        assert row["step_seconds"] > 0
+        assert row["memory"]["xla_peak_bytes"] > 0
+        assert len(row["curve"]) == 3  # steps 2, 4, 6
+    full = results["methods"]["full"]["trainable"]
+    assert full["trainable"] == full["total"]
+    assert results["methods"]["lora"]["trainable"]["percent"] < 50
+    assert list(results["precisions"]) == list(study_config.ALL_PRECISIONS)
+    sizes = {p: row["model_bytes"] for p, row in results["precisions"].items()}
+    assert sizes["bf16"] * 2 == sizes["fp32"]
+    assert sizes["nf4"] < sizes["int8"] < sizes["bf16"]
+    report = (root / "report.md").read_text()
+    for name in [*study_config.ALL_METHODS, *study_config.ALL_PRECISIONS]:
+        assert f"| {name} |" in report
+    for name in ("curves", "score_vs_params", "memory", "attention", "float_formats"):
+        assert (root / "plots" / f"{name}.png").stat().st_size > 1000
+
+
+def test_pretraining_is_reused_and_a_failing_method_is_reported(study, data_dir, tmp_path):
+    _, root, results = study
+    shutil.copytree(root / "pretrain", tmp_path / "pretrain")
+    marker = (tmp_path / "pretrain" / "metrics.jsonl").stat().st_mtime_ns
+    cfg = tiny_study(data_dir, methods="full,lora", precisions="", check_memory=False)
+    cfg.method_overrides.lora = "peft.lora_rank=1000"  # larger than the layer
+    assert seed_study.run(cfg, tmp_path) == 1
+    assert (tmp_path / "pretrain" / "metrics.jsonl").stat().st_mtime_ns == marker
+    again = json.loads((tmp_path / "results.json").read_text())
+    assert "rank" in again["failures"]["lora"]["error"]
+    assert list(again["methods"]) == ["full"]
+    assert "## Failures" in (tmp_path / "report.md").read_text()
+    # Same seed, same pretrained model: the same numbers as the first study.
+    assert again["methods"]["full"]["scores"] == results["methods"]["full"]["scores"]
+    assert again["methods"]["full"]["curve"] == results["methods"]["full"]["curve"]
+
+
+def test_config_errors_name_the_problem(data_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"unknown.*lorra"):
+        seed_study.resolve(tiny_study(data_dir, methods="full,lorra"))
+    with pytest.raises(ValueError, match="precisions"):
+        seed_study.resolve(tiny_study(data_dir, precisions="fp8"))
+    bad = tiny_study(data_dir)
+    bad.method_overrides.lora = "peft.lora_rank"
+    with pytest.raises(ValueError, match="key=value"):
+        seed_study.resolve(bad)
+    cfg = seed_study.resolve(tiny_study(data_dir))
+    with pytest.raises(KeyError, match="no_such_key"):
+        seed_study.set_dotted(cfg.run, "peft.no_such_key", "1")
+
+
+def test_method_configs_change_only_what_the_method_needs(data_dir, tmp_path):
+    cfg = seed_study.resolve(tiny_study(data_dir))
+    full = seed_study.method_config(cfg, "full", tmp_path)
+    qlora = seed_study.method_config(cfg, "qlora", tmp_path)
+    assert full.peft.method == "none" and full.selective == ""
+    assert (qlora.peft.method, qlora.quant.base) == ("lora", "nf4")
+    assert qlora.optimizer.learning_rate == cfg.learning_rates.qlora
+    assert full.train.num_steps == cfg.quick_sizes.finetune_steps
+    assert full.init_from == str(tmp_path)
+
+
+def test_report_renders_from_results_alone(study):
+    _, root, results = study
+    assert study_report.render(results) == (root / "report.md").read_text()
