@@ -62,6 +62,21 @@ def get_config() -> ml_collections.ConfigDict:
     # Prefix tuning through a reparameterization MLP.
     c.peft.prefix_reparameterize = False
 
+    c.quant = ml_collections.ConfigDict()
+    # Quantize the frozen base's Dense kernels: "" (float) | int8 | int4 | nf4 (QLoRA is
+    # nf4 with peft.method=lora). Needs frozen kernels: an error under full fine-tuning.
+    c.quant.base = ""
+    # Largest scale group along a kernel's contraction (per kernel, the largest power of two
+    # <= this dividing it; 4-bit kernels with an odd contraction stay float); 0 = one group.
+    c.quant.group_size = 64
+    # Quantize the scales too (QLoRA's double quantization).
+    c.quant.double_quant = False
+    # Also quantize the untied output projection (the token embedding is never quantized).
+    c.quant.include_head = False
+    # Store the frozen float parameters in the policy's compute dtype (bf16 under mixed_bf16);
+    # False keeps them in the param dtype. Trainable parameters always stay in the param dtype.
+    c.quant.frozen_in_compute_dtype = True
+
     c.tokenizer = ml_collections.ConfigDict()
     # A SentencePiece .model file; empty trains one on the bundled corpus.
     c.tokenizer.path = ""

@@ -9,11 +9,14 @@
   ``dequantize``; ``rules``: quantizing a parameter tree by path rules;
   ``qdot``: the products a Dense layer computes with a (quantized) kernel;
   ``checkpoint``: quantized checkpoints that are small on disk; ``sharding``:
-  partition specs for QArray leaves.
+  partition specs for QArray leaves; ``memory``: the memory planner (bytes of
+  weights, gradients, optimizer state and activations of a train step) and its
+  check against XLA (``python -m flaxtune.quant.memory --preset t5-base``).
 """
 
 from flaxtune.quant.checkpoint import load_quantized, save_quantized
 from flaxtune.quant.formats import Explanation, FormatSpec, explain, explain_all, format_spec
+from flaxtune.quant.memory import MemoryPlan, XlaCheck, check_against_xla, plan
 from flaxtune.quant.nf4 import nf4_codebook
 from flaxtune.quant.policy import PRESETS, Policy, cast_floating, get_policy
 from flaxtune.quant.qarray import (
@@ -32,12 +35,15 @@ __all__ = [
     "PRESETS",
     "Explanation",
     "FormatSpec",
+    "MemoryPlan",
     "Policy",
     "QArray",
     "QuantError",
     "QuantReport",
     "QuantSpec",
+    "XlaCheck",
     "cast_floating",
+    "check_against_xla",
     "dequantize",
     "dequantize_params",
     "explain",
@@ -48,6 +54,7 @@ __all__ = [
     "kernel_param",
     "load_quantized",
     "nf4_codebook",
+    "plan",
     "qarray_partition_spec",
     "qdot",
     "quantization_error",

@@ -47,6 +47,14 @@ from flaxtune.eval.harness import metric
 from flaxtune.quant.loss_scale import make_loss_scale
 from flaxtune.quant.policy import get_policy
 from flaxtune.train.checkpoints import CheckpointManager
+from flaxtune.train.frozen_base import (
+    BaseQuantConfig,
+    apply_frozen_base,
+    dequantize_frozen,
+    describe_frozen,
+    logical_axes_by_path,
+    plan_frozen_base,
+)
 from flaxtune.train.losses import cross_entropy_with_logits, token_accuracy
 from flaxtune.train.mesh import (
     jit_train_step,
@@ -156,6 +164,19 @@ def model_config(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer):
         param_dtype=policy.param_dtype.name,
         peft=peft_config(cfg),
         **overrides,
+    )
+
+
+def base_quant_config(cfg: ml_collections.ConfigDict) -> BaseQuantConfig | None:
+    """The frozen base's quantization from ``cfg.quant`` (None: a float base)."""
+    q = cfg.quant
+    if not q.base:
+        return None
+    return BaseQuantConfig(
+        qtype=q.base,
+        group_size=q.group_size,
+        double_quant=q.double_quant,
+        include_head=q.include_head,
     )
 
 
@@ -341,11 +362,29 @@ def generation_scores(
 # --------------------------------------------------------------------------
 # Parameters in and out of a run directory
 # --------------------------------------------------------------------------
-def save_params(directory: Path, params: Any, model_cfg, tokenizer: Tokenizer) -> None:
+def save_params(
+    directory: Path,
+    params: Any,
+    model_cfg,
+    tokenizer: Tokenizer,
+    *,
+    frozen_base: dict[str, Any] | None = None,
+) -> None:
+    """Writes float inference params (``params/``) and ``model.json``.
+
+    ``params`` must hold arrays only: a quantized base is dequantized first
+    (``frozen_base.dequantize_frozen``), so ``load_params``, generation,
+    export and ``init_from`` read every run alike; ``frozen_base`` (recorded
+    in ``model.json``) says how the base was stored during training.
+    Requantizing the saved nf4/int4/int8 base with the same groups gives back
+    the same codes (the absmax element of every group dequantizes exactly).
+    """
     directory = directory.absolute()
     with ocp.StandardCheckpointer() as ckpt:
         ckpt.save(directory / "params", jax.device_get(params), force=True)
     meta = {"model": model_cfg.to_dict(), "tokenizer_fingerprint": tokenizer.fingerprint}
+    if frozen_base is not None:
+        meta["frozen_base"] = frozen_base
     (directory / "model.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
 
 
@@ -421,6 +460,14 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path) -> d
         abstract, mcfg.peft, tuple(s for s in cfg.selective.split(",") if s)
     )
     labels = label_params(abstract, rules)
+    # Decided before any array exists, so a quantized base under full
+    # fine-tuning fails in seconds.
+    base_plan = plan_frozen_base(
+        abstract,
+        labels,
+        logical_axes_by_path(jax.eval_shape(init_params, init_rng)),
+        base_quant_config(cfg),
+    )
     summary = peft_lib.trainable_summary(abstract, labels)
     logger.info("trainable parameters:\n%s", peft_lib.format_summary(summary))
     opt_cfg = optimizer_config(cfg)
@@ -439,6 +486,25 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path) -> d
     logger.info(
         "optimizer state: %d bytes (trainable parameters only)", summary["optimizer_state_bytes"]
     )
+    ckpt = CheckpointManager(
+        workdir,
+        save_interval_steps=cfg.train.checkpoint_every,
+        max_to_keep=cfg.train.keep_checkpoints,
+        best_metric=cfg.train.best_metric or None,
+        best_mode=cfg.train.best_mode,
+        config=cfg.to_dict(),
+        tokenizer_path=workdir / "tokenizer.model",
+    )
+    resuming = ckpt.latest_step() is not None
+    if not resuming and cfg.init_from:
+        # Before the base is quantized: the source run's params are float.
+        state = overlay(state, load_params(Path(cfg.init_from), tokenizer))
+        logger.info("initialized from %s", cfg.init_from)
+    state, shardings, quant_report = apply_frozen_base(
+        state, shardings, base_plan, policy, cast=cfg.quant.frozen_in_compute_dtype
+    )
+    frozen_info = describe_frozen(state.frozen, base_plan, quant_report)
+    logger.info("frozen base: %s", frozen_info)
     step_fn = jit_train_step(
         make_train_step(
             make_loss_fn(model, label_smoothing=cfg.train.label_smoothing, z_loss=cfg.train.z_loss),
@@ -450,23 +516,11 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path) -> d
         shardings,
     )
 
-    ckpt = CheckpointManager(
-        workdir,
-        save_interval_steps=cfg.train.checkpoint_every,
-        max_to_keep=cfg.train.keep_checkpoints,
-        best_metric=cfg.train.best_metric or None,
-        best_mode=cfg.train.best_mode,
-        config=cfg.to_dict(),
-        tokenizer_path=workdir / "tokenizer.model",
-    )
     loader = make_loader(cfg.data.tasks, "train", tokenizer, lcfg, data_dir=data_dir)
     data_state = None
-    if ckpt.latest_step() is not None:
+    if resuming:
         state, data_state = ckpt.restore(state)
         logger.info("resumed from step %d", int(state.step))
-    elif cfg.init_from:
-        state = overlay(state, load_params(Path(cfg.init_from), tokenizer))
-        logger.info("initialized from %s", cfg.init_from)
     iterator = loader.iterator(data_state.get("loader") if data_state else None)
 
     def validation_batches() -> Iterator[dict[str, Any]]:
@@ -482,7 +536,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path) -> d
                 return
             yield shard_batch(batch, mesh)
 
-    results: dict[str, Any] = {"trainable": summary}
+    results: dict[str, Any] = {"trainable": summary, "frozen_base": frozen_info}
     tokens_per_batch = cfg.data.batch_size * (
         cfg.data.targets_length + (cfg.data.inputs_length if mcfg.is_encoder_decoder else 0)
     )
@@ -542,8 +596,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path) -> d
     ckpt.wait_until_finished()
     ckpt.close()
 
-    params = jax.device_get(merge_params(state.trainable, state.frozen))
-    save_params(workdir, params, mcfg, tokenizer)
+    params = jax.device_get(merge_params(state.trainable, dequantize_frozen(state.frozen)))
+    save_params(workdir, params, mcfg, tokenizer, frozen_base=frozen_info)
     if cfg.eval.generate_examples:
         with mesh_context(mesh):
             scores = generation_scores(

@@ -1,0 +1,604 @@
+"""Memory planner: what a train step holds, line by line, before anything runs.
+
+``plan(config, peft, policy, optimizer, batch, lengths)`` counts bytes for
+
+* **weights**, by dtype: trainable parameters in the policy's param dtype;
+  frozen ones in its compute dtype (``frozen_in_compute_dtype``, the loop's
+  default) or, for a quantized base, as codes + scales: int8 is 1 byte per
+  weight, int4/nf4 half a byte, plus one float32 scale per group and output
+  column (an int8 scale instead with double quantization, plus one float32
+  per 256 scales and an offset). Which kernels are quantized and with which
+  group is decided by ``flaxtune.train.frozen_base.plan_frozen_base``, the
+  same function the training loop uses;
+* **gradients**: one per trainable parameter, in the param dtype (frozen
+  parameters get none: the step differentiates the trainable subtree only);
+* **optimizer state**: AdamW two moments per trainable parameter in the param
+  dtype (optax keeps them in the parameters' dtype) + an int32 count per
+  label group; SGD one momentum; Adafactor factored second moments for
+  kernels whose two largest axes are both >= 128 (a row and a column vector
+  in float32), a full float32 one otherwise;
+* **activations**: an estimate of what the backward pass keeps, per layer
+  (``c`` = compute dtype bytes, ``b`` batch, ``n`` the layer's length, ``m``
+  the attended length, ``d`` d_model, ``h``/``hk`` query/key-value heads of
+  width ``k``, ``f`` d_ff, ``g`` = 2 for gated MLPs, else 1)::
+
+      attention  c·b·(2·n·d + 2·n·h·k + 2·m·hk·k)       norm in/out, q, context, k, v
+                 + 4·b·h·n·m                            float32 softmax output
+                 + b·h·n·m   [attention dropout]        1-byte keep mask
+                 + b·n·d     [dropout]                  residual keep mask
+      MLP        c·b·(2·n·d + 2·g·n·f)                  norm in/out, hidden in/out
+                 + b·n·(f + d)  [dropout]               keep masks
+      logits     2 · 4·b·t·V                            float32 logits and their gradient
+
+  (encoder layers: self-attention + MLP over the source length; decoder
+  layers: self-attention, cross-attention over the source, MLP over the
+  target length; plus the embedded inputs.) It is the full fine-tuning
+  figure: XLA may keep less under PEFT (inputs of frozen kernels are not
+  needed for weight gradients) or more (temporaries of fused kernels). It is
+  reported next to XLA's temporaries, not held to a tolerance.
+
+The textbook example: 1e9 float32 parameters are 4 GB of weights; full
+AdamW training adds 4 GB of gradients and 8 GB of moments (16 bytes per
+parameter before activations, about 20 with activations and temporaries,
+i.e. ~24 GB in all, six times the weights)::
+
+    >>> textbook_full_training(1_000_000_000)["weights"]
+    4000000000
+
+**Checking against XLA** (``check_against_xla``): the real train step of the
+same configuration (``make_train_step`` + ``jit_train_step``, the frozen
+base stored by ``apply_frozen_base``'s rules, on one device) is lowered on
+abstract arrays and compiled; nothing is materialized. Compared:
+
+* planned weights + optimizer state  vs  XLA's argument bytes minus the
+  batch's bytes (the arguments are exactly the train state and the batch;
+  the state's few scalars, step/rng/loss scale, are counted on XLA's side);
+* planned gradients  vs  the output bytes of XLA's compiled gradient of the
+  same loss with respect to the trainable subtree (in the train step itself
+  the gradients live among the temporaries, where they cannot be told apart);
+* their sum: weights + gradients + optimizer state, the quantity the tests
+  hold to 15%;
+* planned gradients + activations  vs  the train step's temporaries
+  (reported with its ratio, as an estimate).
+
+Command line (prints the table, the XLA check unless ``--no-check``, or one
+JSON object with ``--json``)::
+
+    python -m flaxtune.quant.memory --preset t5-base --peft lora --policy mixed_bf16
+    python -m flaxtune.quant.memory --preset t5-small --peft qlora --batch 8 --lengths 128 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flaxtune.quant.policy import Policy, get_policy
+
+__all__ = [
+    "METHODS",
+    "MemoryPlan",
+    "XlaCheck",
+    "check_against_xla",
+    "plan",
+    "textbook_full_training",
+]
+
+METHODS = ("full", "lora", "qlora", "dora", "houlsby", "pfeiffer", "ia3", "prompt_tuning")
+OPTIMIZERS = ("adamw", "sgd", "adafactor")
+GB = 1e9
+
+
+def textbook_full_training(num_params: int) -> dict[str, int]:
+    """The textbook line items of full fp32 AdamW training (activations aside)."""
+    return {
+        "weights": 4 * num_params,
+        "gradients": 4 * num_params,
+        "optimizer_state": 8 * num_params,
+        "weights_gradients_optimizer": 16 * num_params,
+    }
+
+
+def peft_for(method: str, *, lora_targets: str = "qv", rank: int = 8):
+    """``(PeftConfig | None, BaseQuantConfig | None)`` for a method name."""
+    from flaxtune import peft as peft_lib
+    from flaxtune.train.frozen_base import BaseQuantConfig
+
+    if method not in METHODS:
+        raise ValueError(f"Unknown method {method!r}; use one of {list(METHODS)}.")
+    lora = lambda dora=False: peft_lib.PeftConfig(
+        lora=peft_lib.LoraConfig(targets=lora_targets, rank=rank, alpha=2.0 * rank, use_dora=dora)
+    )
+    table = {
+        "full": (None, None),
+        "lora": (lora(), None),
+        "qlora": (lora(), BaseQuantConfig(qtype="nf4", group_size=64, double_quant=True)),
+        "dora": (lora(dora=True), None),
+        "houlsby": (peft_lib.PeftConfig(adapters=peft_lib.AdapterConfig(kind="houlsby")), None),
+        "pfeiffer": (peft_lib.PeftConfig(adapters=peft_lib.AdapterConfig(kind="pfeiffer")), None),
+        "ia3": (peft_lib.PeftConfig(ia3=peft_lib.IA3Config()), None),
+        "prompt_tuning": (
+            peft_lib.PeftConfig(
+                prompt_tuning=peft_lib.PromptTuningConfig(num_virtual_tokens=20, init="random")
+            ),
+            None,
+        ),
+    }
+    return table[method]
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryPlan:
+    """Planned bytes of one train step (see the module docstring for each line)."""
+
+    description: str
+    num_params: int
+    trainable_params: int
+    weights_by_dtype: dict[str, int]
+    gradients: int
+    optimizer_state: int
+    activations: int
+    batch: int
+
+    @property
+    def weights(self) -> int:
+        return sum(self.weights_by_dtype.values())
+
+    @property
+    def weights_gradients_optimizer(self) -> int:
+        return self.weights + self.gradients + self.optimizer_state
+
+    @property
+    def total(self) -> int:
+        return self.weights_gradients_optimizer + self.activations + self.batch
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **dataclasses.asdict(self),
+            "weights": self.weights,
+            "weights_gradients_optimizer": self.weights_gradients_optimizer,
+            "total": self.total,
+        }
+
+    def table(self) -> str:
+        """A human-readable table (MB = 1e6 bytes, bytes per parameter)."""
+        per = lambda x: f"{x / max(self.num_params, 1):6.2f}"
+        rows = [(f"weights ({dtype})", n) for dtype, n in sorted(self.weights_by_dtype.items())]
+        rows += [
+            ("weights", self.weights),
+            ("gradients", self.gradients),
+            ("optimizer state", self.optimizer_state),
+            ("activations (est.)", self.activations),
+            ("batch", self.batch),
+            ("total", self.total),
+        ]
+        head = (
+            f"{self.description}\n{self.num_params:,} parameters, "
+            f"{self.trainable_params:,} trainable "
+            f"({100 * self.trainable_params / max(self.num_params, 1):.3g}%)\n"
+            f"{'line':<24}{'MB':>12}{'B/param':>9}"
+        )
+        return "\n".join([head] + [f"{name:<24}{n / 1e6:>12.2f}{per(n):>9}" for name, n in rows])
+
+
+# --------------------------------------------------------------------------
+# The model, its parameters and their labels (shapes only)
+# --------------------------------------------------------------------------
+def _model_config(config, peft, policy: Policy):
+    from flaxtune.transformer import get_config
+
+    if isinstance(config, str):
+        config = get_config(config)
+    changes = {"dtype": policy.compute_dtype, "param_dtype": policy.param_dtype}
+    if peft is not None:
+        changes["peft"] = peft
+    return dataclasses.replace(config, **changes)
+
+
+def _abstract_params(mcfg):
+    """``(model, init_fn, boxed abstract params)`` for ``mcfg``."""
+    from flaxtune.transformer import build_model
+
+    model = build_model(mcfg)
+    x = jnp.zeros((1, 4), jnp.int32)
+    args = (x, x) if mcfg.is_encoder_decoder else (x,)
+    init = lambda rng: model.init(rng, *args)["params"]
+    return model, init, jax.eval_shape(init, jax.random.PRNGKey(0))
+
+
+def _labels_and_base(mcfg, boxed, quant, selective, frozen_in_compute_dtype):
+    from flaxtune import peft as peft_lib
+    from flaxtune.train.frozen_base import logical_axes_by_path, plan_frozen_base
+    from flaxtune.train.partition import label_params
+
+    abstract = nn.meta.unbox(boxed)
+    labels = label_params(abstract, peft_lib.trainability_rules(abstract, mcfg.peft, selective))
+    base = plan_frozen_base(abstract, labels, logical_axes_by_path(boxed), quant)
+    return abstract, labels, base
+
+
+def _quantized_bytes(shape: tuple[int, ...], spec) -> dict[str, int]:
+    """Bytes of a QArray of ``spec`` for a kernel of ``shape``, by dtype."""
+    k = math.prod(shape[: spec.n_in])
+    out = math.prod(shape[spec.n_in :])
+    n = k * out
+    n_scales = (k // spec.group_size) * out
+    codes = n if spec.qtype == "int8" else n // 2
+    by_dtype = {"int8" if spec.qtype == "int8" else "uint8": codes}
+    if spec.double_quant:
+        by_dtype["int8"] = by_dtype.get("int8", 0) + n_scales
+        by_dtype["float32"] = 4 * (-(-n_scales // 256) + 1)
+    else:
+        by_dtype["float32"] = 4 * n_scales
+    return by_dtype
+
+
+def _optimizer_bytes(name: str, trainable: dict[str, Any], num_groups: int) -> int:
+    if name not in OPTIMIZERS:
+        raise ValueError(f"Unknown optimizer {name!r}; use one of {list(OPTIMIZERS)}.")
+    total = 0
+    for leaf in trainable.values():
+        n, size = math.prod(leaf.shape), jnp.dtype(leaf.dtype).itemsize
+        if name == "adamw":
+            total += 2 * n * size
+        elif name == "sgd":
+            total += n * size
+        else:
+            dims = sorted(leaf.shape)
+            if len(dims) >= 2 and dims[-2] >= 128:
+                big = sorted(range(len(leaf.shape)), key=lambda i: leaf.shape[i])[-2:]
+                total += 4 * sum(n // leaf.shape[i] for i in big) + 4
+            else:
+                total += 4 * n + 8
+    counts = {"adamw": 4, "sgd": 0, "adafactor": 4}[name]
+    return total + counts * num_groups
+
+
+def _activation_bytes(mcfg, batch: int, src: int, tgt: int, policy: Policy) -> int:
+    c = jnp.dtype(policy.compute_dtype).itemsize
+    d, f, k = mcfg.d_model, mcfg.d_ff, mcfg.head_dim
+    h, hk = mcfg.num_heads, mcfg.num_kv_heads
+    g = 2 if mcfg.activation in ("swiglu", "geglu", "gated-gelu", "gated-silu") else 1
+    dropout = mcfg.dropout_rate > 0
+    attn_dropout = mcfg.attention_dropout_rate > 0
+
+    def attention(n, m):
+        total = c * batch * (2 * n * d + 2 * n * h * k + 2 * m * hk * k)
+        total += 4 * batch * h * n * m
+        total += batch * h * n * m if attn_dropout else 0
+        total += batch * n * d if dropout else 0
+        return total
+
+    def mlp(n):
+        return c * batch * (2 * n * d + 2 * g * n * f) + (batch * n * (f + d) if dropout else 0)
+
+    if mcfg.is_encoder_decoder:
+        enc = mcfg.num_encoder_layers * (attention(src, src) + mlp(src)) + c * batch * src * d
+        dec_layer = attention(tgt, tgt) + attention(tgt, src) + mlp(tgt)
+        dec = mcfg.num_decoder_layers * dec_layer + c * batch * tgt * d
+    else:
+        enc = 0
+        dec = mcfg.num_decoder_layers * (attention(tgt, tgt) + mlp(tgt)) + c * batch * tgt * d
+    logits = 2 * 4 * batch * tgt * mcfg.vocab_size
+    return enc + dec + logits
+
+
+def _batch_bytes(mcfg, batch: int, src: int, tgt: int) -> int:
+    # int32 ids (decoder inputs, targets; encoder inputs) and float32 loss weights.
+    return 4 * batch * (3 * tgt + (src if mcfg.is_encoder_decoder else 0))
+
+
+def plan(
+    config: Any,
+    peft: Any = None,
+    policy: str | Policy = "fp32",
+    optimizer: str = "adamw",
+    batch: int = 8,
+    lengths: tuple[int, int] = (128, 32),
+    *,
+    quant: Any = None,
+    selective: tuple[str, ...] = (),
+    frozen_in_compute_dtype: bool = True,
+) -> MemoryPlan:
+    """Plans the memory of one train step.
+
+    Args:
+      config: a ``TransformerConfig`` or a preset name.
+      peft: a ``PeftConfig`` (replaces the config's), or None to keep the config's.
+      policy: a dtype policy (preset name, string or ``Policy``).
+      optimizer: ``adamw``, ``sgd`` or ``adafactor``.
+      batch: sequences per step.
+      lengths: ``(source, target)`` lengths; decoder-only models read ``target``.
+      quant: a ``BaseQuantConfig`` for the frozen base (QLoRA), or None.
+      selective: selective trainability presets, as in the loop's config.
+      frozen_in_compute_dtype: store frozen float parameters in the compute dtype.
+    """
+    policy = get_policy(policy)
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"Unknown optimizer {optimizer!r}; use one of {list(OPTIMIZERS)}.")
+    src, tgt = lengths
+    mcfg = _model_config(config, peft, policy)
+    _, _, boxed = _abstract_params(mcfg)
+    abstract, labels, base = _labels_and_base(
+        mcfg, boxed, quant, selective, frozen_in_compute_dtype
+    )
+    from flax import traverse_util
+
+    flat = traverse_util.flatten_dict(abstract, sep="/")
+    flat_labels = traverse_util.flatten_dict(labels, sep="/")
+    frozen_dtype = policy.compute_dtype if frozen_in_compute_dtype else policy.param_dtype
+    weights: dict[str, int] = {}
+
+    def add(dtype: str, n: int) -> None:
+        weights[dtype] = weights.get(dtype, 0) + n
+
+    trainable = {p: v for p, v in flat.items() if flat_labels[p] != "frozen"}
+    for path, leaf in flat.items():
+        n = math.prod(leaf.shape)
+        if path in trainable:
+            add(jnp.dtype(leaf.dtype).name, n * jnp.dtype(leaf.dtype).itemsize)
+        elif path in base.specs:
+            for dtype, nbytes in _quantized_bytes(tuple(leaf.shape), base.specs[path]).items():
+                add(dtype, nbytes)
+        else:
+            add(jnp.dtype(frozen_dtype).name, n * jnp.dtype(frozen_dtype).itemsize)
+    gradients = sum(math.prod(v.shape) * jnp.dtype(v.dtype).itemsize for v in trainable.values())
+    groups = len({flat_labels[p] for p in trainable})
+    method = "full" if mcfg.peft is None and not selective else "peft"
+    quant_text = f", {quant.qtype} base" if quant is not None else ""
+    return MemoryPlan(
+        description=(
+            f"{mcfg.d_model}-d model ({method}{quant_text}), policy {policy}, {optimizer}, "
+            f"batch {batch}, lengths {src}/{tgt}"
+        ),
+        num_params=sum(math.prod(v.shape) for v in flat.values()),
+        trainable_params=sum(math.prod(v.shape) for v in trainable.values()),
+        weights_by_dtype=dict(sorted(weights.items())),
+        gradients=gradients,
+        optimizer_state=_optimizer_bytes(optimizer, trainable, groups),
+        activations=_activation_bytes(mcfg, batch, src, tgt, policy),
+        batch=_batch_bytes(mcfg, batch, src, tgt),
+    )
+
+
+# --------------------------------------------------------------------------
+# The check against XLA
+# --------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class XlaCheck:
+    """XLA's compiled memory for the same configuration, next to the plan.
+
+    ``comparisons`` maps a line to ``(planned, xla, planned / xla)``; see the
+    module docstring for what each XLA figure is.
+    """
+
+    plan: MemoryPlan
+    argument_bytes: int
+    output_bytes: int
+    alias_bytes: int
+    temp_bytes: int
+    gradient_output_bytes: int
+
+    @property
+    def comparisons(self) -> dict[str, tuple[int, int, float]]:
+        p = self.plan
+        state = self.argument_bytes - p.batch
+        rows = {
+            "weights + optimizer state": (p.weights + p.optimizer_state, state),
+            "gradients": (p.gradients, self.gradient_output_bytes),
+            "weights + gradients + optimizer state": (
+                p.weights_gradients_optimizer,
+                state + self.gradient_output_bytes,
+            ),
+            "gradients + activations vs temporaries": (
+                p.gradients + p.activations,
+                self.temp_bytes,
+            ),
+        }
+        return {k: (a, b, a / b if b else math.inf) for k, (a, b) in rows.items()}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "plan": self.plan.to_dict(),
+            "xla": {
+                "argument_bytes": self.argument_bytes,
+                "output_bytes": self.output_bytes,
+                "alias_bytes": self.alias_bytes,
+                "temp_bytes": self.temp_bytes,
+                "gradient_output_bytes": self.gradient_output_bytes,
+            },
+            "comparisons": {
+                k: {"planned": a, "xla": b, "ratio": r} for k, (a, b, r) in self.comparisons.items()
+            },
+        }
+
+    def table(self) -> str:
+        lines = [f"{'XLA check':<42}{'planned MB':>12}{'XLA MB':>12}{'ratio':>8}"]
+        for name, (a, b, r) in self.comparisons.items():
+            lines.append(f"{name:<42}{a / 1e6:>12.2f}{b / 1e6:>12.2f}{r:>8.3f}")
+        return "\n".join(lines)
+
+
+def _sds(shape, dtype) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype))
+
+
+def check_against_xla(
+    config: Any,
+    peft: Any = None,
+    policy: str | Policy = "fp32",
+    optimizer: str = "adamw",
+    batch: int = 8,
+    lengths: tuple[int, int] = (128, 32),
+    *,
+    quant: Any = None,
+    selective: tuple[str, ...] = (),
+    frozen_in_compute_dtype: bool = True,
+) -> XlaCheck:
+    """Plans, then compiles the real train step on abstract arrays and compares.
+
+    Same arguments as :func:`plan`. The train state is built as the training
+    loop builds it (trainability rules, ``make_optimizer``, the frozen base
+    quantized by the plan's specs and cast to its storage dtype, the policy's
+    loss scaler) but from ``jax.ShapeDtypeStruct`` s, on one device.
+    """
+    from flax import traverse_util
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from flaxtune.quant.loss_scale import make_loss_scale
+    from flaxtune.train.loop import make_loss_fn
+    from flaxtune.train.mesh import jit_train_step, make_mesh, mesh_context
+    from flaxtune.train.optimizer import OptimizerConfig, make_optimizer
+    from flaxtune.train.partition import merge_params, split_params
+    from flaxtune.train.state import TrainState
+    from flaxtune.train.step import make_train_step
+
+    memory_plan = plan(
+        config,
+        peft,
+        policy,
+        optimizer,
+        batch,
+        lengths,
+        quant=quant,
+        selective=selective,
+        frozen_in_compute_dtype=frozen_in_compute_dtype,
+    )
+    policy = get_policy(policy)
+    mcfg = _model_config(config, peft, policy)
+    model, _, boxed = _abstract_params(mcfg)
+    abstract, labels, base = _labels_and_base(
+        mcfg, boxed, quant, selective, frozen_in_compute_dtype
+    )
+    trainable, frozen = split_params(abstract, labels)
+    frozen_dtype = policy.compute_dtype if frozen_in_compute_dtype else policy.param_dtype
+    flat_frozen = traverse_util.flatten_dict(frozen, sep="/")
+    frozen = traverse_util.unflatten_dict(
+        {
+            path: jax.eval_shape(base.specs[path].apply, leaf)
+            if path in base.specs
+            else _sds(leaf.shape, frozen_dtype)
+            for path, leaf in flat_frozen.items()
+        },
+        sep="/",
+    )
+    tx = make_optimizer(
+        OptimizerConfig(
+            name=optimizer, learning_rate=1e-3, weight_decay=0.01, clip_global_norm=1.0
+        ),
+        labels,
+    )
+    state = TrainState(
+        step=_sds((), jnp.int32),
+        trainable=trainable,
+        frozen=frozen,
+        opt_state=jax.eval_shape(tx.init, trainable),
+        rng=_sds((2,), jnp.uint32),
+        loss_scale=jax.eval_shape(lambda: make_loss_scale(policy.default_loss_scale)),
+        skipped_steps=_sds((), jnp.int32),
+    )
+    src, tgt = lengths
+    data = {
+        "decoder_input_tokens": _sds((batch, tgt), jnp.int32),
+        "decoder_target_tokens": _sds((batch, tgt), jnp.int32),
+        "decoder_loss_weights": _sds((batch, tgt), jnp.float32),
+    }
+    if mcfg.is_encoder_decoder:
+        data["encoder_input_tokens"] = _sds((batch, src), jnp.int32)
+    batch_bytes = sum(math.prod(x.shape) * x.dtype.itemsize for x in data.values())
+    if batch_bytes != memory_plan.batch:  # the plan's formula and the real batch must agree
+        raise AssertionError(f"batch bytes: planned {memory_plan.batch}, real {batch_bytes}")
+
+    mesh = make_mesh(devices=jax.devices()[:1])
+    replicated = jax.tree.map(lambda _: NamedSharding(mesh, P()), state)
+    loss_fn = make_loss_fn(model)
+    step = jit_train_step(make_train_step(loss_fn, tx), mesh, replicated)
+
+    def gradients(trainable, frozen, batch, rng):
+        return jax.grad(lambda t: loss_fn(merge_params(t, frozen), batch, rng)[0])(trainable)
+
+    with mesh_context(mesh):
+        step_memory = step.jitted.lower(state, data).compile().memory_analysis()
+        grad_memory = (
+            jax.jit(gradients)
+            .lower(state.trainable, state.frozen, data, state.rng)
+            .compile()
+            .memory_analysis()
+        )
+    return XlaCheck(
+        plan=memory_plan,
+        argument_bytes=int(step_memory.argument_size_in_bytes),
+        output_bytes=int(step_memory.output_size_in_bytes),
+        alias_bytes=int(step_memory.alias_size_in_bytes),
+        temp_bytes=int(step_memory.temp_size_in_bytes),
+        gradient_output_bytes=int(grad_memory.output_size_in_bytes),
+    )
+
+
+# --------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m flaxtune.quant.memory", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--preset", default="t5-small", help="a flaxtune.transformer preset")
+    parser.add_argument("--peft", default="full", choices=METHODS, help="fine-tuning method")
+    parser.add_argument("--lora-targets", default="qv", help="LoRA targets (lora, qlora, dora)")
+    parser.add_argument("--lora-rank", type=int, default=8)
+    parser.add_argument("--quant", default="", choices=["", "int8", "int4", "nf4"],
+                        help="quantize the frozen base (qlora implies nf4)")  # fmt: skip
+    parser.add_argument("--policy", default="fp32", help="dtype policy preset or string")
+    parser.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--lengths", type=int, nargs=2, default=(128, 32), metavar=("SRC", "TGT"))
+    parser.add_argument("--no-check", action="store_true", help="skip compiling the XLA check")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+
+    from flaxtune.train.frozen_base import BaseQuantConfig
+    from flaxtune.transformer import get_config
+
+    try:
+        config = get_config(args.preset)
+        peft, quant = peft_for(args.peft, lora_targets=args.lora_targets, rank=args.lora_rank)
+        if args.quant:
+            quant = BaseQuantConfig(qtype=args.quant, double_quant=args.peft == "qlora")
+        kw = dict(
+            policy=args.policy,
+            optimizer=args.optimizer,
+            batch=args.batch,
+            lengths=tuple(args.lengths),
+            quant=quant,
+        )
+        if args.no_check:
+            result: MemoryPlan | XlaCheck = plan(config, peft, **kw)
+        else:
+            result = check_against_xla(config, peft, **kw)
+    except (ValueError, KeyError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    memory_plan = result if isinstance(result, MemoryPlan) else result.plan
+    if args.json:
+        payload = result.to_dict()
+        payload["args"] = {k: v for k, v in vars(args).items() if k != "json"}
+        print(json.dumps(payload, default=lambda x: np.asarray(x).tolist()))
+    else:
+        print(f"{args.preset}, {args.peft}: {memory_plan.table()}")
+        if isinstance(result, XlaCheck):
+            print(result.table())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

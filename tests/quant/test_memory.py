@@ -1,0 +1,132 @@
+"""The memory planner: textbook arithmetic, each line under PEFT and quantization,
+and agreement with XLA's compiled memory of the real train step."""
+
+import json
+import math
+
+import pytest
+
+from flaxtune.quant.memory import (
+    check_against_xla,
+    main,
+    peft_for,
+    plan,
+    textbook_full_training,
+)
+from flaxtune.train.frozen_base import BaseQuantConfig
+from flaxtune.transformer import PUBLISHED_PARAMETER_COUNTS, get_config
+
+
+def test_textbook_one_billion_parameters():
+    lines = textbook_full_training(1_000_000_000)
+    assert lines["weights"] == 4_000_000_000  # 4 GB of fp32 weights
+    assert lines["weights_gradients_optimizer"] == 16 * 10**9  # 16 bytes per parameter
+
+
+def test_full_fp32_adamw_is_16_bytes_per_parameter_before_activations():
+    p = plan("t5-small", None, "fp32", "adamw", batch=1, lengths=(8, 8))
+    assert p.num_params == p.trainable_params
+    assert p.weights_by_dtype == {"float32": 4 * p.num_params}
+    assert p.gradients == 4 * p.num_params
+    # Two fp32 moments plus one int32 step count.
+    assert p.optimizer_state == 8 * p.num_params + 4
+    assert p.total == p.weights + p.gradients + p.optimizer_state + p.activations + p.batch
+    if "t5-small" in PUBLISHED_PARAMETER_COUNTS:
+        assert p.num_params == PUBLISHED_PARAMETER_COUNTS["t5-small"]
+
+
+def test_peft_and_quantization_change_the_lines_they_should():
+    full = plan("t5-small", None, "mixed_bf16", batch=1, lengths=(8, 8))
+    lora_peft, _ = peft_for("lora")
+    lora = plan("t5-small", lora_peft, "mixed_bf16", batch=1, lengths=(8, 8))
+    qlora = plan(
+        "t5-small", lora_peft, "mixed_bf16", batch=1, lengths=(8, 8),
+        quant=BaseQuantConfig(qtype="nf4", double_quant=True),
+    )  # fmt: skip
+    n, t = lora.num_params, lora.trainable_params
+    # LoRA: trainable fp32, frozen base bf16; gradients and moments only for the adapters.
+    assert lora.weights_by_dtype == {"float32": 4 * t, "bfloat16": 2 * (n - t)}
+    assert lora.gradients == 4 * t and lora.optimizer_state == 8 * t + 4
+    assert full.gradients == 4 * full.num_params
+    assert lora.activations == full.activations
+    # QLoRA: the kernels' bf16 bytes become half a byte per weight plus int8 scales.
+    assert qlora.gradients == lora.gradients and qlora.optimizer_state == lora.optimizer_state
+    assert qlora.weights < 0.5 * lora.weights
+    cfg = get_config("t5-small")
+    d, f = cfg.d_model, cfg.d_ff
+    wi_codes = d * f // 2  # one 4-bit nf4 kernel [d, f]
+    assert qlora.weights_by_dtype["uint8"] % wi_codes == 0
+    assert qlora.weights_by_dtype["int8"] == qlora.weights_by_dtype["uint8"] // 32  # group 64
+
+
+def test_adafactor_and_sgd_state():
+    sgd = plan("tiny-t5", None, "fp32", "sgd", batch=1, lengths=(4, 4))
+    assert sgd.optimizer_state == 4 * sgd.num_params
+    ada = plan("tiny-t5", None, "fp32", "adafactor", batch=1, lengths=(4, 4))
+    # tiny-t5's axes are all < 128: nothing is factored, one fp32 second moment each.
+    assert ada.optimizer_state > 4 * ada.num_params
+
+
+def test_activations_follow_the_documented_formula():
+    cfg = get_config("tiny-llama", dropout_rate=0.0, attention_dropout_rate=0.0)
+    b, t = 2, 6
+    p = plan(cfg, None, "fp32", batch=b, lengths=(0, t))
+    d, f, k, h, hk = cfg.d_model, cfg.d_ff, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
+    attention = 4 * b * (2 * t * d + 2 * t * h * k + 2 * t * hk * k) + 4 * b * h * t * t
+    mlp = 4 * b * (2 * t * d + 2 * 2 * t * f)  # swiglu: gated
+    expected = cfg.num_decoder_layers * (attention + mlp) + 4 * b * t * d
+    expected += 2 * 4 * b * t * cfg.vocab_size
+    assert p.activations == expected
+
+
+CASES = [
+    ("tiny-t5", "full"),
+    ("tiny-t5", "lora"),
+    ("tiny-t5", "qlora"),
+    ("tiny-llama", "qlora"),
+    ("t5-small", "qlora"),
+    pytest.param("tiny-llama", "full", marks=pytest.mark.slow),
+    pytest.param("tiny-llama", "lora", marks=pytest.mark.slow),
+    pytest.param("t5-small", "full", marks=pytest.mark.slow),
+    pytest.param("t5-small", "lora", marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("preset, method", CASES)
+def test_planner_within_15_percent_of_xla(preset, method):
+    peft, quant = peft_for(method)
+    check = check_against_xla(
+        preset, peft, "mixed_bf16", "adamw", batch=2, lengths=(16, 8), quant=quant
+    )
+    planned, xla, ratio = check.comparisons["weights + gradients + optimizer state"]
+    assert abs(ratio - 1) < 0.15, (planned, xla)
+    # Each part corresponds on its own too.
+    for line in ("weights + optimizer state", "gradients"):
+        assert abs(check.comparisons[line][2] - 1) < 0.15, (line, check.comparisons[line])
+    assert check.temp_bytes > 0 and math.isfinite(check.comparisons["gradients"][2])
+
+
+def test_command_line_json_and_errors(capsys):
+    assert main(["--preset", "tiny-t5", "--peft", "lora", "--no-check", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["trainable_params"] < out["num_params"]
+    assert out["total"] == sum(
+        out[k] for k in ("weights", "gradients", "optimizer_state", "activations", "batch")
+    )
+    assert main(["--preset", "t5-huge", "--no-check"]) == 2
+    assert "t5-huge" in capsys.readouterr().err
+    assert main(["--preset", "tiny-t5", "--policy", "fp8", "--no-check"]) == 2
+    assert "Unknown policy 'fp8'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--preset", "tiny-t5", "--peft", "lora3"])
+
+
+def test_bad_arguments_are_errors():
+    with pytest.raises(ValueError, match="Unknown method 'lora3'"):
+        peft_for("lora3")
+    with pytest.raises(ValueError, match="Unknown optimizer 'adam'"):
+        plan("tiny-t5", optimizer="adam")
+    with pytest.raises(ValueError, match="Unknown policy"):
+        plan("tiny-t5", policy="fp8")
+    with pytest.raises(ValueError, match="no kernel is frozen"):
+        plan("tiny-t5", quant=BaseQuantConfig(qtype="nf4"))
