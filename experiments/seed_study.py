@@ -37,7 +37,6 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -361,7 +360,6 @@ def memory_row(run_cfg: ml_collections.ConfigDict, tokenizer: Tokenizer) -> dict
     state, estimated activations, batch).
     """
     from flaxtune.quant.memory import check_against_xla
-
     from flaxtune.train.loop import base_quant_config
 
     check = check_against_xla(
@@ -554,13 +552,6 @@ def run(study_cfg: ml_collections.ConfigDict, workdir: str | Path) -> int:
         "failures": failures,
     }
 
-    def collect(rows: dict, into: dict, label: Callable[[tuple[str, str]], str]) -> None:
-        for job, row in rows.items():
-            if "error" in row:
-                failures[label(job)] = row
-            else:
-                into[job[1]] = row
-
     # 1-2. Dataset, tokenizer, pretraining (its bar is the training loop's).
     logger.info("phase 1-2: dataset, tokenizer and pretraining")
     pre_results = train_phase(pretrain_config(cfg), root / "pretrain")
@@ -576,7 +567,12 @@ def run(study_cfg: ml_collections.ConfigDict, workdir: str | Path) -> int:
         failures["pretrained scores"] = pre_row
     else:
         results["pretrained"] = {**pre_row, "train": {k: v for k, v in pre_results.items()}}
-    collect(rows, results["methods"], lambda job: job[1])
+    for name in methods:  # in the configured order, not the order they finished
+        row = rows[("method", name)]
+        if "error" in row:
+            failures[name] = row
+        else:
+            results["methods"][name] = row
 
     # 6. The best model under every precision.
     scored = {n: r for n, r in results["methods"].items() if r.get("primary")}
@@ -586,9 +582,8 @@ def run(study_cfg: ml_collections.ConfigDict, workdir: str | Path) -> int:
         logger.info("phase 6: %s under %s", best, ",".join(precisions))
         jobs = [("precision", f"{best}:{p}") for p in precisions]
         rows = run_jobs(cfg, jobs, root, desc="precisions")
-        results["precisions"] = {}
-        for job, row in rows.items():
-            precision = job[1].split(":")[1]
+        for precision in precisions:
+            row = rows[("precision", f"{best}:{precision}")]
             if "error" in row:
                 failures[f"precision {precision}"] = row
             else:

@@ -42,17 +42,23 @@ def tiny_study(data_dir, **changes):
     return c
 
 
+# One method of each family (and QLoRA), three precisions: every phase of the
+# study, in a minute or two. The slow test runs every method and precision.
+SOME_METHODS = "full,bitfit,lora,qlora,houlsby,prompt_tuning"
+SOME_PRECISIONS = "fp32,bf16,nf4"
+
+
 @pytest.fixture(scope="module")
 def study(data_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("study")
-    code = seed_study.run(tiny_study(data_dir), root)
+    cfg = tiny_study(data_dir, methods=SOME_METHODS, precisions=SOME_PRECISIONS)
+    code = seed_study.run(cfg, root)
     return code, root, json.loads((root / "results.json").read_text())
 
 
-def test_quick_study_fills_every_method_and_precision(study):
-    code, root, results = study
+def check_study(code, root, results, methods, precisions):
     assert code == 0, results["failures"]
-    assert list(results["methods"]) == list(study_config.ALL_METHODS)
+    assert list(results["methods"]) == methods
     tasks = set(results["pretrained"]["scores"])
     assert len(tasks) == 8
     for name, row in results["methods"].items():
@@ -64,15 +70,35 @@ def test_quick_study_fills_every_method_and_precision(study):
     full = results["methods"]["full"]["trainable"]
     assert full["trainable"] == full["total"]
     assert results["methods"]["lora"]["trainable"]["percent"] < 50
-    assert list(results["precisions"]) == list(study_config.ALL_PRECISIONS)
+    assert list(results["precisions"]) == precisions
     sizes = {p: row["model_bytes"] for p, row in results["precisions"].items()}
     assert sizes["bf16"] * 2 == sizes["fp32"]
-    assert sizes["nf4"] < sizes["int8"] < sizes["bf16"]
+    assert sizes["nf4"] < sizes["bf16"]
+    if "qlora" in methods:  # an NF4 base weighs less than the float one
+        qlora, lora = (results["methods"][m]["memory"]["weights"] for m in ("qlora", "lora"))
+        assert qlora < lora
     report = (root / "report.md").read_text()
-    for name in [*study_config.ALL_METHODS, *study_config.ALL_PRECISIONS]:
+    for name in [*methods, *precisions]:
         assert f"| {name} |" in report
     for name in ("curves", "score_vs_params", "memory", "attention", "float_formats"):
         assert (root / "plots" / f"{name}.png").stat().st_size > 1000
+
+
+def test_quick_study_fills_every_phase(study):
+    check_study(*study, SOME_METHODS.split(","), SOME_PRECISIONS.split(","))
+
+
+@pytest.mark.slow
+def test_quick_study_with_every_method_and_precision(data_dir, tmp_path):
+    code = seed_study.run(tiny_study(data_dir), tmp_path)
+    results = json.loads((tmp_path / "results.json").read_text())
+    check_study(
+        code,
+        tmp_path,
+        results,
+        list(study_config.ALL_METHODS),
+        list(study_config.ALL_PRECISIONS),
+    )
 
 
 def test_pretraining_is_reused_and_a_failing_method_is_reported(study, data_dir, tmp_path):
