@@ -9,10 +9,12 @@
   ``dequantize``; ``rules``: quantizing a parameter tree by path rules;
   ``qdot``: the products a Dense layer computes with a (quantized) kernel;
   ``checkpoint``: quantized checkpoints that are small on disk; ``sharding``:
-  partition specs for QArray leaves.
+  partition specs for QArray leaves; ``convert``: ``to_precision(params,
+  "nf4")``, a float model's parameters in a named inference format.
 """
 
 from flaxtune.quant.checkpoint import load_quantized, save_quantized
+from flaxtune.quant.convert import PRECISIONS, precision_rules, to_precision
 from flaxtune.quant.formats import Explanation, FormatSpec, explain, explain_all, format_spec
 from flaxtune.quant.nf4 import nf4_codebook
 from flaxtune.quant.policy import PRESETS, Policy, cast_floating, get_policy
@@ -29,6 +31,7 @@ from flaxtune.quant.rules import QuantReport, QuantSpec, dequantize_params, quan
 from flaxtune.quant.sharding import qarray_partition_spec
 
 __all__ = [
+    "PRECISIONS",
     "PRESETS",
     "Explanation",
     "FormatSpec",
@@ -48,6 +51,7 @@ __all__ = [
     "kernel_param",
     "load_quantized",
     "nf4_codebook",
+    "precision_rules",
     "qarray_partition_spec",
     "qdot",
     "quantization_error",
@@ -55,4 +59,5 @@ __all__ = [
     "quantize_params",
     "requantize_like",
     "save_quantized",
+    "to_precision",
 ]
