@@ -1,6 +1,6 @@
 """Precision: speed, memory and quality of each training policy and inference format.
 
-    python -m benchmarks.precision [--part train quality inference] [--steps 300]
+    python -m benchmarks.precision [--part train quality inference] [--steps 200]
 
 Three parts, one JSON object per measurement:
 
@@ -430,7 +430,7 @@ def part_inference(setup: Setup) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--part", nargs="+", default=list(PARTS), choices=PARTS)
-    p.add_argument("--steps", type=int, default=300, help="training steps of the small model")
+    p.add_argument("--steps", type=int, default=200, help="training steps of the small model")
     p.add_argument("--examples", type=int, default=64, help="summarization examples generated")
     p.add_argument("--noise-seed", type=int, default=1, help="seed of a second fp32 run (-1: none)")
     p.add_argument("--timed-steps", type=int, default=5, help="timed repetitions")
