@@ -120,8 +120,16 @@ def train_note(policy: str, rates: dict[str, float]) -> str:
         f"(preferred_element_type); this CPU runs such a matmul at {rate:.0f} GFLOP/s, "
         f"{ratio:.2f}x float32."
     )
-    if compute == "float16":
-        note += " XLA:CPU has no fast float16 matmul, so fp16 training is slow here."
+    if compute != "float32":
+        # Checked in the jaxpr of the step's gradient: the transposes of a
+        # dot_general with preferred_element_type=float32 take the float32
+        # cotangent and the 16-bit operand, which XLA multiplies in float32.
+        note += (
+            " Only the forward matmuls run in 16 bits: JAX differentiates a dot with "
+            "preferred_element_type=float32 into float32 x 16-bit dots (computed in float32 "
+            "after a convert), so the backward pass, two thirds of the matmul FLOPs, stays "
+            "float32 and pays for the casts; the step gains little or loses."
+        )
     return note
 
 
