@@ -9,12 +9,15 @@
   ``dequantize``; ``rules``: quantizing a parameter tree by path rules;
   ``qdot``: the products a Dense layer computes with a (quantized) kernel;
   ``checkpoint``: quantized checkpoints that are small on disk; ``sharding``:
-  partition specs for QArray leaves; ``memory``: the memory planner (bytes of
-  weights, gradients, optimizer state and activations of a train step) and its
-  check against XLA (``python -m flaxtune.quant.memory --preset t5-base``).
+  partition specs for QArray leaves; ``convert``: ``to_precision(params,
+  "nf4")``, a float model's parameters in a named inference format;
+  ``memory``: the memory planner (bytes of weights, gradients, optimizer
+  state and activations of a train step) and its check against XLA
+  (``python -m flaxtune.quant.memory --preset t5-base``).
 """
 
 from flaxtune.quant.checkpoint import load_quantized, save_quantized
+from flaxtune.quant.convert import PRECISIONS, precision_rules, to_precision
 from flaxtune.quant.formats import Explanation, FormatSpec, explain, explain_all, format_spec
 from flaxtune.quant.memory import MemoryPlan, XlaCheck, check_against_xla, plan
 from flaxtune.quant.nf4 import nf4_codebook
@@ -32,6 +35,7 @@ from flaxtune.quant.rules import QuantReport, QuantSpec, dequantize_params, quan
 from flaxtune.quant.sharding import qarray_partition_spec
 
 __all__ = [
+    "PRECISIONS",
     "PRESETS",
     "Explanation",
     "FormatSpec",
@@ -55,6 +59,7 @@ __all__ = [
     "load_quantized",
     "nf4_codebook",
     "plan",
+    "precision_rules",
     "qarray_partition_spec",
     "qdot",
     "quantization_error",
@@ -62,4 +67,5 @@ __all__ = [
     "quantize_params",
     "requantize_like",
     "save_quantized",
+    "to_precision",
 ]

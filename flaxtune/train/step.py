@@ -178,7 +178,9 @@ def make_train_step(
         def apply(_):
             updates, new_opt_state = optimizer.update(grads, state.opt_state, state.trainable)
             new_trainable = optax.apply_updates(state.trainable, updates)
-            return new_trainable, new_opt_state, optax.tree.norm(updates)
+            # float32 like the skip branch's zero, whatever the parameters' dtype
+            # (bf16 parameters give a bf16 norm, and cond needs equal types).
+            return new_trainable, new_opt_state, optax.tree.norm(updates).astype(jnp.float32)
 
         def skip(_):
             return state.trainable, state.opt_state, jnp.zeros((), jnp.float32)

@@ -238,3 +238,31 @@ def test_loss_scaling_rescues_float16_gradients_from_underflow():
         updates[name] = np.asarray(new_state.trainable["w"])
     np.testing.assert_array_equal(updates["none"], 0.0)  # the gradient vanished
     np.testing.assert_allclose(updates["static"], -x * 2.0**-20, rtol=2e-3)
+
+
+def test_bfloat16_parameters_train_and_stay_bfloat16():
+    # Pure bf16 (the "bf16" policy stores parameters in bf16): the step must
+    # compile (both branches of the skip-or-apply cond agree on types) and
+    # apply the same update as float32 to bf16 precision.
+    params = {"w": jnp.asarray([1.0, -2.0, 0.5], jnp.float32)}
+    labels = {"w": "trainable"}
+    loss_fn = lambda p, b, r: (jnp.sum(p["w"].astype(jnp.float32) * b["x"]), {})
+    batch = {"x": np.asarray([0.5, 0.25, -1.0], np.float32)}
+    results = {}
+    for dtype in (jnp.float32, jnp.bfloat16):
+        tx = make_optimizer(OptimizerConfig(name="sgd", momentum=0.0, learning_rate=0.5), labels)
+        typed = jax.tree.map(lambda x, d=dtype: x.astype(d), params)
+        state = create_train_state(typed, labels, tx, rng=toy.rng())
+        new_state, metrics = jax.jit(make_train_step(loss_fn, tx))(state, batch)
+        assert new_state.trainable["w"].dtype == dtype
+        assert metrics["update_norm"].dtype == jnp.float32
+        results[dtype] = (np.asarray(new_state.trainable["w"], np.float32), metrics)
+    # w - 0.5 * x, exact in both dtypes for these values.
+    np.testing.assert_array_equal(results[jnp.bfloat16][0], [0.75, -2.125, 1.0])
+    np.testing.assert_array_equal(results[jnp.float32][0], [0.75, -2.125, 1.0])
+    # The bf16 norm is rounded to 8 mantissa bits (relative error <= 2**-8).
+    np.testing.assert_allclose(
+        float(results[jnp.bfloat16][1]["update_norm"]),
+        0.5 * math.sqrt(0.25 + 0.0625 + 1.0),
+        rtol=1e-2,
+    )
