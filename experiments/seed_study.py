@@ -49,7 +49,7 @@ from experiments import study_plots, study_report
 from experiments.baselines import baselines as trivial_baselines
 from experiments.configs.seed_study import ALL_METHODS, ALL_PRECISIONS
 from flaxtune.data import Tokenizer, make_loader
-from flaxtune.quant import precision as precision_lib
+from flaxtune.quant.convert import convert_model, tree_bytes
 from flaxtune.train.loop import (
     data_directory,
     eval_loss,
@@ -270,7 +270,8 @@ def score_precision(
     model: Model, precision: str, tokenizer: Tokenizer, study_cfg
 ) -> dict[str, Any]:
     """Scores ``model`` converted to ``precision``; times one generation batch."""
-    config, params, report = precision_lib.convert(model.config, model.params, precision)
+    config, params = convert_model(model.config, model.params, precision)
+    model_bytes, bytes_by_type = tree_bytes(params)
     module = build_model(config)
     cfg = model.cfg
     started = time.perf_counter()
@@ -297,8 +298,8 @@ def score_precision(
         predict(prompts)
         times.append(time.perf_counter() - t)
     return {
-        "model_bytes": report["model_bytes"],
-        "bytes_by_dtype": report["bytes_by_dtype"],
+        "model_bytes": model_bytes,
+        "bytes_by_type": bytes_by_type,
         "batch_seconds": statistics.median(times),
         "new_tokens_per_s": new_tokens * cfg.eval.batch_size / statistics.median(times),
         "scoring_seconds": scoring_seconds,

@@ -9,7 +9,8 @@ name        what changes
 ==========  ===================================================================
 fp32        every floating leaf float32 (the reference)
 bf16        every floating leaf bfloat16 (build the model with
-            ``dtype="bfloat16"`` to compute in it too)
+            ``dtype="bfloat16"`` to compute in it too; ``convert_model`` does)
+fp16        every floating leaf float16 (likewise)
 int8        Dense kernels: int8, one absmax scale per output channel
 int4        Dense kernels: int4 codes, absmax scale per group of 64 inputs
 nf4         Dense kernels: QLoRA's NormalFloat4 codes, groups of 64
@@ -44,10 +45,12 @@ import math
 import re
 from typing import Any
 
+import jax
+import numpy as np
 from flax import traverse_util
 
 from flaxtune.quant.policy import cast_floating
-from flaxtune.quant.qarray import DEFAULT_GROUP_SIZE
+from flaxtune.quant.qarray import DEFAULT_GROUP_SIZE, QArray
 from flaxtune.quant.rules import QuantSpec, Rules, quantize_params
 
 # name -> (qtype, double_quant); None: a float format.
@@ -57,7 +60,7 @@ _QUANTIZED: dict[str, tuple[str, bool]] = {
     "nf4": ("nf4", False),
     "nf4_dq": ("nf4", True),
 }
-_FLOAT = {"fp32": "float32", "bf16": "bfloat16"}
+_FLOAT = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 PRECISIONS: tuple[str, ...] = (*_FLOAT, *_QUANTIZED)
 
 
@@ -129,3 +132,24 @@ def to_precision(params: Any, precision: str, *, group_size: int | None = None) 
         params, precision_rules(params, precision, group_size=group_size)
     )
     return quantized
+
+
+def convert_model(config: Any, params: Any, precision: str) -> tuple[Any, Any]:
+    """``(config, params)`` of a model running in ``precision``.
+
+    Float formats store and compute in that dtype (norms, softmax and the
+    logits' reductions stay float32 inside the layers); quantized formats
+    compute in float32 from the quantized kernels.
+    """
+    _check_precision(precision)
+    dtype = _FLOAT.get(precision, "float32")
+    return config.replace(dtype=dtype, param_dtype=dtype), to_precision(params, precision)
+
+
+def tree_bytes(params: Any) -> tuple[int, dict[str, int]]:
+    """Bytes of a parameter tree, in total and by storage type (a QArray by its qtype)."""
+    by_type: dict[str, int] = {}
+    for leaf in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, QArray)):
+        name = leaf.qtype if isinstance(leaf, QArray) else np.dtype(leaf.dtype).name
+        by_type[name] = by_type.get(name, 0) + int(leaf.nbytes)
+    return sum(by_type.values()), by_type

@@ -8,8 +8,16 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from flaxtune.peft import LoraConfig, PeftConfig
 from flaxtune.quant import QArray, dequantize, quantize
-from flaxtune.quant.convert import PRECISIONS, four_bit_group, precision_rules, to_precision
+from flaxtune.quant.convert import (
+    PRECISIONS,
+    convert_model,
+    four_bit_group,
+    precision_rules,
+    to_precision,
+    tree_bytes,
+)
 from tests.transformer.util import random_tokens, tiny_model
 
 QUANTIZED = {"int8": ("int8", False), "int4": ("int4", False), "nf4": ("nf4", False)}
@@ -125,4 +133,36 @@ def test_errors_name_the_problem():
         to_precision({"embed": jnp.ones((4, 4))}, "int8")
     with pytest.raises(ValueError, match="already quantized"):
         to_precision(to_precision(params, "int8"), "int8")
-    assert PRECISIONS == ("fp32", "bf16", "int8", "int4", "nf4", "nf4_dq")
+    assert PRECISIONS == ("fp32", "bf16", "fp16", "int8", "int4", "nf4", "nf4_dq")
+
+
+@pytest.mark.parametrize("precision, dtype", [("bf16", "bfloat16"), ("fp16", "float16")])
+def test_convert_model_computes_in_the_float_format_and_halves_the_bytes(precision, dtype):
+    config, model, params = tiny_model("tiny-t5")
+    qconfig, qparams = convert_model(config, params, precision)
+    assert qconfig.dtype == np.dtype(dtype) and qconfig.param_dtype == np.dtype(dtype)
+    assert {str(leaf.dtype) for leaf in jax.tree.leaves(qparams)} == {dtype}
+    total, by_type = tree_bytes(qparams)
+    assert total * 2 == tree_bytes(params)[0] and set(by_type) == {dtype}
+    rng = np.random.RandomState(0)
+    enc = random_tokens(rng, (2, 6), config.vocab_size)
+    dec = random_tokens(rng, (2, 5), config.vocab_size)
+    exact = forward(config, model, params, enc, dec)
+    approx = forward(qconfig, model.__class__(qconfig), qparams, enc, dec)
+    assert approx.dtype == np.dtype(dtype)
+    rel = float(jnp.linalg.norm(approx.astype(jnp.float32) - exact) / jnp.linalg.norm(exact))
+    # 8 (bf16) or 11 (fp16) mantissa bits through two layers: well under 2%.
+    assert rel < (0.02 if precision == "bf16" else 0.005), rel
+
+
+def test_quantized_model_computes_in_float32_and_keeps_lora_float():
+    config, _, params = tiny_model(
+        "tiny-t5", peft=PeftConfig(lora=LoraConfig(targets="qv", rank=2))
+    )
+    qconfig, qparams = convert_model(config, params, "int8")
+    assert qconfig.dtype == np.dtype("float32")
+    leaves = flat(qparams)
+    lora = [p for p in leaves if "lora_" in p]
+    assert lora and not any(isinstance(leaves[p], QArray) for p in lora)
+    total, by_type = tree_bytes(qparams)
+    assert by_type["int8"] > 0 and total < tree_bytes(params)[0]
