@@ -10,6 +10,7 @@ one training run: ``train_and_evaluate(config, workdir)``.
     python -m experiments.main --config=experiments/configs/instruct.py --workdir=/tmp/run
 """
 
+import logging as std_logging
 import sys
 from pathlib import Path
 
@@ -31,6 +32,12 @@ def main(argv: list[str]) -> None:
     config = _CONFIG.value
     if "methods" in config:
         from experiments import seed_study
+
+        # The study's own phase messages, and warnings from everything else
+        # (checkpointing logs every save at INFO).
+        logging.set_verbosity(logging.WARNING)
+        std_logging.getLogger("experiments").setLevel(std_logging.INFO)
+        std_logging.getLogger("flaxtune").setLevel(std_logging.INFO)
 
         sys.exit(seed_study.run(config, _WORKDIR.value))
     from flaxtune.train.loop import train_and_evaluate

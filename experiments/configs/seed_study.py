@@ -48,13 +48,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.precisions = ",".join(ALL_PRECISIONS)
 
     # Span-corruption pretraining steps on the bundled corpus (cached in the workdir).
-    c.pretrain_steps = 600
+    c.pretrain_steps = 400
     # Peak learning rate of pretraining.
     c.pretrain_learning_rate = 3e-3
     # Fine-tuning steps of every method (the same budget for all, for a fair comparison).
-    c.finetune_steps = 800
+    c.finetune_steps = 400
     # Test examples per task scored by generation (each method and precision).
-    c.eval_examples = 64
+    c.eval_examples = 48
     # Tokens generated per example at scoring time.
     c.max_new_tokens = 48
     # Validation batches of the pretraining objective for the forgetting measurement.

@@ -105,3 +105,55 @@ def test_accumulation_on_the_mesh_equals_one_device_one_batch():
 def test_shard_batch_rejects_an_indivisible_batch():
     with pytest.raises(ValueError, match="multiple of it"):
         shard_batch(toy.batch_at(0, batch_size=6), make_mesh(2, 2, 2))
+
+
+@pytest.mark.parametrize("kind", ["tiny-t5", "tiny-llama"])
+def test_transformer_losses_match_on_one_device_and_a_2x2x2_mesh(kind):
+    """The real model and loss (dropout on) on 1 device and on data x fsdp x tensor."""
+    import flax.linen as nn
+
+    from flaxtune.peft import trainability_rules
+    from flaxtune.train.loop import make_loss_fn, model_inputs
+    from flaxtune.transformer import build_model, get_config
+
+    # Sizes that every mesh axis divides: 4 heads (2 KV heads for the LLaMA), an
+    # even d_model, d_ff and vocabulary.
+    overrides = dict(vocab_size=64, d_model=24, num_heads=4, head_dim=6, d_ff=36)
+    if kind == "tiny-llama":
+        overrides["num_kv_heads"] = 2
+    config = get_config(kind, dropout_rate=0.1, **overrides)
+    model = build_model(config)
+    rng = np.random.RandomState(0)
+    batches = []
+    for _ in range(3):
+        tgt = rng.randint(2, 64, (8, 6)).astype(np.int32)
+        batches.append(
+            {
+                "encoder_input_tokens": rng.randint(2, 64, (8, 7)).astype(np.int32),
+                "decoder_input_tokens": np.concatenate(
+                    [np.zeros((8, 1), np.int32), tgt[:, :-1]], axis=1
+                ),
+                "decoder_target_tokens": tgt,
+                "decoder_loss_weights": (rng.rand(8, 6) > 0.2).astype(np.float32),
+            }
+        )
+    args, kw = model_inputs(config, batches[0])
+    init = lambda r: model.init(r, *args, **kw)["params"]
+    abstract = nn.meta.unbox(jax.eval_shape(init, toy.rng()))
+    labels = label_params(abstract, trainability_rules(abstract, None, ()))
+    opt = OptimizerConfig(name="adamw", learning_rate=1e-2, weight_decay=0.01)
+
+    def train(mesh):
+        tx = make_optimizer(opt, labels)
+        state, shardings = sharded_train_state(init, toy.rng(), labels, tx, mesh, rng=toy.rng(1))
+        step = jit_train_step(make_train_step(make_loss_fn(model), tx), mesh, shardings)
+        losses = []
+        for batch in batches:
+            state, metrics = step(state, shard_batch(batch, mesh))
+            losses.append(float(metrics["loss"]))
+        return losses
+
+    single = train(make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+    sharded = train(make_mesh(2, 2, 2))
+    assert single[-1] < single[0]
+    np.testing.assert_allclose(sharded, single, rtol=1e-5)
