@@ -1,5 +1,6 @@
 """Token cross-entropy and accuracy against independent references."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -75,6 +76,14 @@ def test_stable_for_huge_logits_and_computed_in_float32_for_bfloat16():
         _np_log_softmax(np.asarray(bf16.astype(jnp.float32))), targets[..., None], -1
     )
     np.testing.assert_allclose(loss_sum, ref.sum(), rtol=1e-6)
+
+
+def test_gradient_is_weighted_softmax_minus_one_hot():
+    logits, targets, weights = _case(seed=1)
+    grad = jax.grad(lambda x: cross_entropy_with_logits(x, targets, weights)[0])(logits)
+    probs = np.exp(_np_log_softmax(logits))
+    one_hot = np.eye(logits.shape[-1])[targets]
+    np.testing.assert_allclose(grad, weights[..., None] * (probs - one_hot), atol=1e-6)
 
 
 def test_token_accuracy_counts_weighted_hits():

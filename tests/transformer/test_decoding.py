@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from flaxtune.transformer import DecodeConfig, generate
-from flaxtune.transformer.decoding import filter_logits
+from flaxtune.transformer.decoding import filter_logits, first_argmax
 from tests.transformer.util import cached_logits, random_tokens, tiny_model
 
 POSITION_VARIANTS = [
@@ -152,6 +152,18 @@ def test_eos_ends_sequences_and_pads_the_rest(method):
     np.testing.assert_array_equal(out.lengths, [1, 1])
     np.testing.assert_array_equal(out.tokens[:, 0], [config.eos_id] * 2)
     np.testing.assert_array_equal(out.tokens[:, 1:], config.pad_id)
+
+
+def testfirst_argmax_matches_argmax_with_ties_nans_and_infs():
+    x = np.random.RandomState(0).randint(0, 4, (6, 37)).astype(np.float32)
+    x[1, [5, 20]] = np.nan  # NaN counts as the maximum: the first NaN wins
+    x[2] = -np.inf
+    x[3, 9] = np.inf
+    x[4, [0, 36]] = 7.0  # a tie between the first and last index
+    x = jnp.asarray(x)
+    got = first_argmax(x, jnp.max(x, axis=-1, keepdims=True))
+    np.testing.assert_array_equal(got, jnp.argmax(x, axis=-1))
+    np.testing.assert_array_equal(got[1:5], [5, 0, 9, 0])
 
 
 def test_filter_logits_top_k_and_top_p_exact():
