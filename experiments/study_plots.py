@@ -131,13 +131,20 @@ def _attention_maps(model, tokenizer, source: str) -> dict[str, Any]:
     weights = {k: np.asarray(jax.device_get(v[0]))[0] for k, v in flat.items()}
     self_key = max(k for k in weights if k.startswith("encoder/") and "/attention/" in k)
     cross_key = max(k for k in weights if "cross_attention" in k)
-    pieces = lambda ids: [tokenizer.id_to_piece(i) for i in ids]
+    pieces = lambda ids: [_drawable(tokenizer.id_to_piece(i), i) for i in ids]
     return {
         "source": source,
         "output": output,
         "encoder_self": (self_key, weights[self_key], pieces(enc), pieces(enc)),
         "cross": (cross_key, weights[cross_key], pieces(dec), pieces(enc)),
     }
+
+
+def _drawable(piece: str, token_id: int) -> str:
+    """Matplotlib's bundled DejaVu fonts have no CJK glyphs: such pieces show their id."""
+    if any(ord(ch) >= 0x2E80 for ch in piece):
+        return f"#{token_id}"
+    return piece
 
 
 def attention_heatmaps(model, tokenizer, path: Path, *, heads: int = 4) -> dict[str, str]:
@@ -165,7 +172,10 @@ def attention_heatmaps(model, tokenizer, path: Path, *, heads: int = 4) -> dict[
             ax.set_title(f"{key.rsplit('/', 2)[0]}\nhead {h}", fontsize=7)
             ax.set_xticks(range(len(keys)), keys, rotation=90, fontsize=4)
             ax.set_yticks(range(len(queries)), queries, fontsize=4)
-    fig.suptitle(f"{maps['source']!r} -> {maps['output']!r}", fontsize=8)
+    fig.suptitle(
+        f"{maps['source']!r} -> {maps['output'].encode('ascii', 'backslashreplace').decode()!r}",
+        fontsize=8,
+    )
     fig.tight_layout()
     fig.savefig(path)
     return {"source": maps["source"], "output": maps["output"]}
