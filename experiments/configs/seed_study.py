@@ -87,7 +87,16 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Sizes that replace the ones above when quick=True.
     c.quick_sizes = ml_collections.ConfigDict(
-        dict(pretrain_steps=150, finetune_steps=100, eval_examples=16, max_new_tokens=24)
+        dict(
+            pretrain_steps=40,
+            finetune_steps=20,
+            eval_examples=4,
+            max_new_tokens=16,
+            # Tiny runs are mostly compilation, which leaves a core idle: a third run fits.
+            parallel_runs=3,
+            # Two more compilations per method; the tests check the planner on tiny runs.
+            check_memory=False,
+        )
     )
 
     # The shared run config: model, tokenizer, data, optimizer, training and
