@@ -14,7 +14,14 @@ def tiny_study(data_dir, **changes):
     c = study_config.get_config()
     c.quick = True
     c.quick_sizes.update(
-        dict(pretrain_steps=12, finetune_steps=6, eval_examples=3, max_new_tokens=6)
+        dict(
+            pretrain_steps=12,
+            finetune_steps=6,
+            eval_examples=3,
+            max_new_tokens=6,
+            parallel_runs=2,
+            check_memory=True,
+        )
     )
     c.forgetting_batches = 1
     r = c.run
@@ -37,8 +44,8 @@ def tiny_study(data_dir, **changes):
     r.train.update(dict(log_every=2, eval_every=6, checkpoint_every=6))
     r.eval.num_batches = 1
     r.eval.batch_size = 8
-    for key, value in changes.items():
-        c[key] = value
+    for key, value in changes.items():  # quick=True takes sizes from quick_sizes
+        (c.quick_sizes if key in c.quick_sizes else c)[key] = value
     return c
 
 
