@@ -173,7 +173,7 @@ def attention_heatmaps(model, tokenizer, path: Path, *, heads: int = 4) -> dict[
             ax.set_xticks(range(len(keys)), keys, rotation=90, fontsize=4)
             ax.set_yticks(range(len(queries)), queries, fontsize=4)
     fig.suptitle(
-        f"{maps['source']!r} -> {maps['output'].encode('ascii', 'backslashreplace').decode()!r}",
+        f"{maps['source']!r} -> '{maps['output'].encode('ascii', 'backslashreplace').decode()}'",
         fontsize=8,
     )
     fig.tight_layout()
