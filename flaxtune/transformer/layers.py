@@ -46,10 +46,25 @@ Initializer = Callable[..., Array]
 
 
 def _kernel_fan_in_init(scale: float = 1.0, n_in: int = 1) -> Initializer:
-    """Variance scaling over the (possibly several) contraction axes."""
-    return nn.initializers.variance_scaling(
-        scale, "fan_in", "truncated_normal", in_axis=tuple(range(n_in)), out_axis=-1
-    )
+    """Truncated normal with variance ``scale / fan_in``, fan_in = the contraction size.
+
+    The first ``n_in`` axes are contracted and every other axis is an output
+    axis. Naming them all matters for multi-head kernels: ``[embed, heads,
+    head_dim]`` with ``out_axis=-1`` alone would count ``heads`` as a receptive
+    field and divide the variance by the number of heads too (T5 initializes
+    q/k/v with fan-in ``d_model``, as Mesh TensorFlow and Hugging Face do).
+    """
+
+    def init(key: Array, shape: Sequence[int], dtype: Any = jnp.float32) -> Array:
+        return nn.initializers.variance_scaling(
+            scale,
+            "fan_in",
+            "truncated_normal",
+            in_axis=tuple(range(n_in)),
+            out_axis=tuple(range(n_in, len(shape))),
+        )(key, shape, dtype)
+
+    return init
 
 
 class Dense(nn.Module):

@@ -237,6 +237,7 @@ class _Stack(nn.Module):
             bidirectional=bidirectional,
             dtype=cfg.dtype,
             param_dtype=cfg.param_dtype,
+            init_stddev=cfg.d_model**-0.5,
             name="relpos_bias",
         )(q_pos, k_pos)
 

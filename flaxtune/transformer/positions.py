@@ -92,13 +92,17 @@ class RelativePositionBias(nn.Module):
     bidirectional: bool
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    # Standard deviation of the initial table. The model passes d_model**-0.5,
+    # as Hugging Face's T5 does: a table of unit scale would give every head
+    # random positional preferences as large as its initial content logits.
+    init_stddev: float = 1.0
 
     @nn.compact
     def __call__(self, q_positions: Array, k_positions: Array) -> Array:
         table = self.param(
             "rel_embedding",
             nn.with_logical_partitioning(
-                nn.initializers.normal(stddev=1.0), ("relpos_buckets", "heads")
+                nn.initializers.normal(stddev=self.init_stddev), ("relpos_buckets", "heads")
             ),
             (self.num_buckets, self.num_heads),
             self.param_dtype,

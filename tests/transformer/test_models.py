@@ -218,3 +218,33 @@ def test_dropout_rate_and_scale():
     np.testing.assert_array_equal(layer.apply({}, x, deterministic=True), x)
     other = layer.apply({}, x, deterministic=False, rngs={"dropout": jax.random.key(1)})
     assert not np.array_equal(np.asarray(other) != 0, kept)
+
+
+def test_initialization_follows_t5_fan_in_rules():
+    """q/k/v scale with fan-in d_model (not d_model * heads), as Mesh TF and HF T5 do.
+
+    T5 folds 1/sqrt(head_dim) into q: std (d_model * head_dim)^-0.5; k and v
+    d_model^-0.5; the output projection (heads * head_dim)^-0.5; the
+    relative-position table d_model^-0.5.
+    """
+    import flax.linen as nn
+
+    from flaxtune.transformer import build_model, get_config
+
+    d, h, hd = 64, 8, 16
+    config = get_config("tiny-t5", d_model=d, num_heads=h, head_dim=hd, d_ff=96)
+    tokens = jnp.ones((1, 4), jnp.int32)
+    params = nn.meta.unbox(build_model(config).init(jax.random.PRNGKey(0), tokens, tokens))
+    attention = params["params"]["encoder"]["layers_0"]["attention"]
+    expected = {
+        "query": (d * hd) ** -0.5,
+        "key": d**-0.5,
+        "value": d**-0.5,
+        "out": (h * hd) ** -0.5,
+    }
+    for name, std in expected.items():
+        measured = float(np.std(attention[name]["kernel"]))
+        assert measured == pytest.approx(std, rel=0.05), name
+    table = params["params"]["encoder"]["relpos_bias"]["rel_embedding"]
+    # 8 buckets x 8 heads: a loose check that the scale is d_model^-0.5, not 1.
+    assert float(np.std(table)) == pytest.approx(d**-0.5, rel=0.3)
