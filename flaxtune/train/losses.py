@@ -73,14 +73,16 @@ def cross_entropy_with_logits(
     weights = _weights_like(targets, weights)
     logits = logits.astype(jnp.float32)
     log_z = jax.nn.logsumexp(logits, axis=-1)
-    log_probs = logits - log_z[..., None]
-    target_log_prob = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+    # log p(target) = logit(target) - log Z: no [..., V] array of log-probabilities
+    # is formed (a full extra write and read of the logits' size).
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    target_log_prob = target_logit - log_z
     if label_smoothing > 0.0:
         confidence = 1.0 - label_smoothing
         other = label_smoothing / (vocab - 1)
         # Cross-entropy against the smoothed distribution: the target gets
         # `confidence`, every other class `other`.
-        sum_log_probs = log_probs.sum(axis=-1)
+        sum_log_probs = logits.sum(axis=-1) - vocab * log_z
         token_loss = -(confidence * target_log_prob + other * (sum_log_probs - target_log_prob))
         normalizer = confidence * np.log(confidence)
         if other > 0:

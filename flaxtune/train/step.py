@@ -30,9 +30,10 @@ weights, which is not.) Without ``weight_key`` in ``aux`` every microbatch has
 weight 1. ``aux`` scalars are combined with the same weights; ``weight_key``
 itself is summed. Microbatch gradients are accumulated in float32.
 
-Non-finite gradients (after unscaling) skip the update: trainable params and
-optimizer state keep their old values, the loss scale backs off, ``step``
-still advances (the batch was consumed) and ``skipped_steps`` counts it.
+Non-finite gradients (after unscaling; detected through their global norm)
+skip the update: trainable params and optimizer state keep their old values,
+the loss scale backs off, ``step`` still advances (the batch was consumed)
+and ``skipped_steps`` counts it.
 """
 
 from __future__ import annotations
@@ -44,7 +45,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from flaxtune.quant.loss_scale import all_finite
 from flaxtune.train.partition import merge_params
 from flaxtune.train.state import TrainState
 
@@ -71,6 +71,18 @@ def split_microbatches(batch: PyTree, k: int) -> PyTree:
         return x.reshape((x.shape[0] // k, k, *x.shape[1:]))
 
     return jax.tree.map(split, batch)
+
+
+def global_norm_f32(tree: PyTree) -> jax.Array:
+    """The global L2 norm with float32 squares and sums, whatever the leaves' dtype.
+
+    (A float16 sum of squares would overflow at a norm of 256.)
+    """
+    leaves = jax.tree.leaves(tree)
+    if not leaves:
+        return jnp.zeros((), jnp.float32)
+    squares = [jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves]
+    return jnp.sqrt(sum(squares))
 
 
 def _microbatch(micro: PyTree, i: jax.Array) -> PyTree:
@@ -170,7 +182,12 @@ def make_train_step(
                 lambda g, p: (g / grad_weight).astype(p.dtype), grads, state.trainable
             )
         grads = loss_scale.unscale(grads)
-        grads_finite = all_finite(grads)
+        # One read of the gradients gives both the reported norm and the skip
+        # decision: a NaN or inf anywhere makes the float32 sum of squares
+        # non-finite (as does a norm past ~1.8e19, no usable update either).
+        # A separate isfinite pass would read every gradient once more.
+        grad_norm = global_norm_f32(grads)
+        grads_finite = jnp.isfinite(grad_norm)
 
         # A conditional rather than a select over the trees: a select reads and
         # writes every parameter and optimizer moment once more per step (a
@@ -206,7 +223,7 @@ def make_train_step(
         metrics.update(
             loss=loss,
             perplexity=jnp.exp(jnp.minimum(nll, 80.0)),  # clipped: exp(80) fits float32
-            grad_norm=optax.tree.norm(grads),
+            grad_norm=grad_norm,
             update_norm=update_norm,
             loss_scale=jnp.asarray(loss_scale.loss_scale, jnp.float32),
             grads_finite=grads_finite,

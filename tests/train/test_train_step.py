@@ -266,3 +266,18 @@ def test_bfloat16_parameters_train_and_stay_bfloat16():
         0.5 * math.sqrt(0.25 + 0.0625 + 1.0),
         rtol=1e-2,
     )
+
+
+def test_large_finite_float16_gradients_are_not_skipped():
+    # Gradients of 300 per element: their float16 sum of squares would overflow
+    # (4 * 300**2 > 65504), but the norm (600) and every element are finite.
+    params = {"w": jnp.zeros((4,), jnp.float16)}
+    labels = {"w": "trainable"}
+    loss_fn = lambda p, b, r: (jnp.sum(p["w"] * b["x"]).astype(jnp.float32), {})
+    tx = make_optimizer(OptimizerConfig(name="sgd", momentum=0.0, learning_rate=1e-3), labels)
+    state = create_train_state(params, labels, tx, rng=toy.rng())
+    batch = {"x": jnp.full((4,), 300.0, jnp.float16)}
+    new_state, metrics = jax.jit(make_train_step(loss_fn, tx))(state, batch)
+    assert bool(metrics["grads_finite"]) and int(metrics["skipped_steps"]) == 0
+    assert float(metrics["grad_norm"]) == pytest.approx(600.0)
+    np.testing.assert_allclose(np.asarray(new_state.trainable["w"], np.float32), -0.3, rtol=1e-3)
