@@ -86,7 +86,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     # A task, a comma-free mixture name (bundled/all) or a task list.
     c.data.tasks = "bundled/all"
-    # instruction | span_corruption | causal_lm
+    # instruction | span_corruption | span_reconstruction | causal_lm
     c.data.objective = "instruction"
     # Encoder length (encoder-decoder) in tokens.
     c.data.inputs_length = 96

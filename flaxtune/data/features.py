@@ -38,7 +38,11 @@ truncate the prompt into the room that is left.
 
 Span corruption is T5's: ``noise_density`` of the tokens in spans of mean
 length ``mean_noise_span_length``, each span replaced by one sentinel in the
-inputs, and the targets listing sentinel + span, in order.
+inputs, and the targets listing sentinel + span, in order. Span
+reconstruction corrupts the inputs the same way but targets the whole
+original text (the "MASS-style" objective of the T5 paper, section 3.7): most
+target tokens must be copied from the encoder, so the decoder learns to read
+tokens through cross-attention, not only to fill gaps.
 """
 
 from __future__ import annotations
@@ -178,6 +182,13 @@ def span_corruption(
     return inputs, targets
 
 
+def _corrupted_lengths(raw: int, noise_density: float, mean_span: float) -> tuple[int, int]:
+    """Encoder and span-corruption decoder lengths (+eos) of ``raw`` corrupted tokens."""
+    noise = round(raw * noise_density)
+    spans = max(1, round(noise / mean_span))
+    return raw - noise + spans + 1, noise + spans + 1
+
+
 def span_corruption_raw_length(
     inputs_length: int, targets_length: int, noise_density: float, mean_span: float
 ) -> int:
@@ -186,18 +197,25 @@ def span_corruption_raw_length(
     Mirrors T5's ``random_spans_helper``, so nothing has to be cut after
     corruption.
     """
-
-    def lengths(raw: int) -> tuple[int, int]:
-        noise = round(raw * noise_density)
-        spans = max(1, round(noise / mean_span))
-        return raw - noise + spans + 1, noise + spans + 1
-
     raw = 2
     while True:
-        enc, dec = lengths(raw + 1)
+        enc, dec = _corrupted_lengths(raw + 1, noise_density, mean_span)
         if enc > inputs_length or dec > targets_length:
             return raw
         raw += 1
+
+
+def span_reconstruction_raw_length(
+    inputs_length: int, targets_length: int, noise_density: float, mean_span: float
+) -> int:
+    """Longest raw token count whose corrupted inputs and whole-text targets (+eos) fit."""
+    raw = 2
+    while raw + 2 <= targets_length:
+        enc, _ = _corrupted_lengths(raw + 1, noise_density, mean_span)
+        if enc > inputs_length:
+            break
+        raw += 1
+    return raw
 
 
 def span_corruption_example(
@@ -208,10 +226,15 @@ def span_corruption_example(
     rng: np.random.Generator,
     noise_density: float = 0.15,
     mean_noise_span_length: float = 3.0,
+    *,
+    reconstruct: bool = False,
 ) -> tuple[dict[str, np.ndarray], bool]:
+    """One T5 example; ``reconstruct`` targets the whole original text instead."""
     tokens = np.asarray(text[:raw_length], np.int32)
     mask = random_spans_noise_mask(len(tokens), noise_density, mean_noise_span_length, rng)
     inputs, targets = span_corruption(tokens, mask, sentinel)
+    if reconstruct:
+        targets = tokens.tolist()
     # raw_length guarantees a fit; the guard keeps exotic settings safe.
     enc, _ = with_eos(inputs, lengths[0], "right", "inputs")
     dec, _ = with_eos(targets, lengths[1], "right", "targets")

@@ -23,6 +23,8 @@ Objectives (``LoaderConfig.objective``):
   * ``instruction``: template → prompt/answer; encoder-decoder uses them as
     inputs/targets, decoder-only as prompt + completion (loss on completion).
   * ``span_corruption``: T5 pretraining on a text field (encoder-decoder).
+  * ``span_reconstruction``: the same corrupted inputs, the whole original
+    text as targets (encoder-decoder; teaches copying through cross-attention).
   * ``causal_lm``: next-token prediction on a text field (decoder-only).
 
 Decoder-only sequences have length ``targets_length``; ``inputs_length`` is
@@ -51,7 +53,9 @@ from flaxtune.data.tokenizer import Tokenizer
 class LoaderConfig:
     batch_size: int
     model: Literal["encoder_decoder", "decoder_only"] = "encoder_decoder"
-    objective: Literal["instruction", "span_corruption", "causal_lm"] = "instruction"
+    objective: Literal["instruction", "span_corruption", "span_reconstruction", "causal_lm"] = (
+        "instruction"
+    )
     # Encoder length (encoder-decoder only).
     inputs_length: int = 128
     # Decoder length; the whole sequence for decoder-only models.
@@ -86,7 +90,7 @@ class LoaderConfig:
                 f"shard_index={self.shard_index} must be in [0, shard_count={self.shard_count})."
             )
         valid = {
-            "encoder_decoder": ("instruction", "span_corruption"),
+            "encoder_decoder": ("instruction", "span_corruption", "span_reconstruction"),
             "decoder_only": ("instruction", "causal_lm"),
         }
         if self.model not in valid:
@@ -153,7 +157,7 @@ class Loader:
         # Rendered text examples in loader order (this process's shard), before
         # tokenization: what the batches are made of; handy for inspection.
         self.text_examples: grain.MapDataset = ds
-        if config.objective == "span_corruption":
+        if config.objective in ("span_corruption", "span_reconstruction"):
             ds = ds.random_map(self._span_corrupt, seed=_stable_seed(config.seed, "noise"))
         else:
             ds = ds.map(self._tokenize)
@@ -225,7 +229,11 @@ class Loader:
 
     def _span_corrupt(self, ex: dict[str, str], rng: np.random.Generator):
         cfg = self.config
-        raw = F.span_corruption_raw_length(
+        reconstruct = cfg.objective == "span_reconstruction"
+        raw_length = (
+            F.span_reconstruction_raw_length if reconstruct else F.span_corruption_raw_length
+        )
+        raw = raw_length(
             cfg.inputs_length, cfg.targets_length, cfg.noise_density, cfg.mean_noise_span_length
         )
         out, cut = F.span_corruption_example(
@@ -236,6 +244,7 @@ class Loader:
             rng,
             cfg.noise_density,
             cfg.mean_noise_span_length,
+            reconstruct=reconstruct,
         )
         self.stats["examples"] += 1
         self.stats["truncated"] += int(cut)

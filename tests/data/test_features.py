@@ -101,6 +101,30 @@ def test_span_corruption_raw_length_fits_exactly(lengths):
         assert raw == 568
 
 
+@pytest.mark.parametrize("lengths", [(48, 48), (64, 24), (24, 64)])
+def test_span_reconstruction_targets_the_whole_text_and_fits(lengths):
+    raw = F.span_reconstruction_raw_length(*lengths, 0.15, 3.0)
+
+    def encoder_length(n):
+        noise = round(n * 0.15)
+        return n - noise + max(1, round(noise / 3.0)) + 1
+
+    assert raw + 1 <= lengths[1] and encoder_length(raw) <= lengths[0]
+    assert raw + 2 > lengths[1] or encoder_length(raw + 1) > lengths[0]
+
+    text = list(range(10, 10 + raw + 7))  # longer than fits: cut to `raw`
+    sentinel = lambda i: 1000 - 1 - i
+    recon, cut = F.span_corruption_example(
+        text, raw, lengths, sentinel, np.random.default_rng(3), reconstruct=True
+    )
+    plain, _ = F.span_corruption_example(text, raw, lengths, sentinel, np.random.default_rng(3))
+    assert cut
+    # Same corrupted inputs as span corruption; the targets are the raw text + EOS.
+    np.testing.assert_array_equal(recon["inputs"], plain["inputs"])
+    assert recon["targets"].tolist() == text[:raw] + [EOS]
+    assert any(t >= 900 for t in recon["inputs"].tolist())
+
+
 # ---------------------------------------------------------------- packing vs unpacked
 
 

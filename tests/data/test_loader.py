@@ -100,11 +100,18 @@ def test_same_seed_same_batches_other_seed_differs(tokenizer, data_dir):
         LoaderConfig(
             batch_size=4, objective="span_corruption", inputs_length=64, targets_length=24
         ),
+        LoaderConfig(
+            batch_size=4,
+            objective="span_reconstruction",
+            inputs_length=40,
+            targets_length=40,
+            pack=True,
+        ),
     ],
-    ids=["encdec", "encdec_packed", "deconly_packed", "span_corruption"],
+    ids=["encdec", "encdec_packed", "deconly_packed", "span_corruption", "span_reconstruction"],
 )
 def test_resume_from_saved_state_gives_the_same_batches(cfg, tokenizer, data_dir):
-    spec = "bundled/corpus" if cfg.objective == "span_corruption" else "bundled/all"
+    spec = "bundled/corpus" if cfg.objective.startswith("span_") else "bundled/all"
     loader = make_loader(spec, "train", tokenizer, cfg, data_dir=data_dir)
     it = loader.iterator()
     _take(it, 5)
@@ -156,8 +163,27 @@ def test_mixture_rates_match_the_weights(tokenizer, data_dir):
         assert abs(counts[task] - n * p) < 4 * sigma, (task, counts)
 
 
+def test_span_reconstruction_batches_copy_the_text(tokenizer, data_dir):
+    cfg = LoaderConfig(
+        batch_size=8, objective="span_reconstruction", inputs_length=48, targets_length=48
+    )
+    batch = next(iter(make_loader("bundled/corpus", "train", tokenizer, cfg, data_dir=data_dir)))
+    for inputs, targets in zip(
+        batch["encoder_input_tokens"], batch["decoder_target_tokens"], strict=True
+    ):
+        text = tokenizer.decode([t for t in targets.tolist() if t > 1])
+        first_sentinel = tokenizer.vocab_size - tokenizer.num_extra_ids
+        kept = [t for t in inputs.tolist() if 1 < t < first_sentinel]
+        # Every uncorrupted input token appears, in order, in the target text.
+        it = iter(targets.tolist())
+        assert all(any(t == u for u in it) for t in kept), text
+        assert (inputs > 0).sum() < (targets > 0).sum()  # spans became single sentinels
+
+
 def test_bad_configs_are_rejected():
     with pytest.raises(ValueError, match="does not fit a decoder_only model"):
         LoaderConfig(batch_size=1, model="decoder_only", objective="span_corruption")
+    with pytest.raises(ValueError, match="does not fit a decoder_only model"):
+        LoaderConfig(batch_size=1, model="decoder_only", objective="span_reconstruction")
     with pytest.raises(ValueError, match="batch_size"):
         LoaderConfig(batch_size=0)
