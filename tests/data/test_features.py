@@ -121,7 +121,7 @@ def test_span_reconstruction_targets_the_whole_text_and_fits(lengths):
     assert cut
     # Same corrupted inputs as span corruption; the targets are the raw text + EOS.
     np.testing.assert_array_equal(recon["inputs"], plain["inputs"])
-    assert recon["targets"].tolist() == text[:raw] + [EOS]
+    assert recon["targets"].tolist() == [*text[:raw], EOS]
     assert any(t >= 900 for t in recon["inputs"].tolist())
 
 
