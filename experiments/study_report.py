@@ -51,7 +51,8 @@ def _task_cells(scores: dict[str, dict[str, float]], tasks: list[str]) -> list[s
         elif kind == "rouge":
             cells.append(f"{row['rouge1']:.2f} / {row['rouge2']:.2f} / {row['rougeL']:.2f}")
         elif kind.startswith("bleu"):
-            cells.append(f"{row['bleu']:.1f}")
+            # flaxtune.eval.bleu is sacrebleu's score / 100; shown on sacrebleu's 0-100 scale.
+            cells.append(f"{100 * row['bleu']:.1f}")
         elif kind.startswith("execution"):
             cells.append(f"{row['execution_accuracy']:.2f}")
         else:
@@ -63,8 +64,8 @@ def _metric_legend(tasks: list[str]) -> str:
     names = {
         "classification": "accuracy / macro-F1",
         "rouge": "ROUGE-1 / ROUGE-2 / ROUGE-L",
-        "bleu": "BLEU",
-        "bleu_zh": "BLEU (zh tokenizer)",
+        "bleu": "BLEU (0-100)",
+        "bleu_zh": "BLEU (0-100, zh tokenizer)",
         "exact_match": "exact match",
     }
 
@@ -80,12 +81,13 @@ def render(results: dict[str, Any]) -> str:
     tasks = list(results["pretrained"]["scores"])
     cfg = results["config"]
     versions = ", ".join(f"{k} {results['versions'][k]}" for k in ("jax", "flax", "optax"))
+    objective = cfg.get("pretrain_objective", "span_corruption").replace("_", " ")
     out = [
         "# flaxtune seed study",
         "",
         f"Seed {results['seed']}; {len(methods)} fine-tuning methods, "
         f"{cfg['finetune_steps']} steps each from the same pretrained model "
-        f"({cfg['pretrain_steps']} steps of span corruption); {cfg['eval_examples']} test "
+        f"({cfg['pretrain_steps']} steps of {objective}); {cfg['eval_examples']} test "
         f"examples per task; total time {results.get('seconds', 0) / 60:.1f} min. "
         f"Versions: {versions}.",
         "",
@@ -136,7 +138,7 @@ def render(results: dict[str, Any]) -> str:
     out += _table(header, rows)
     out += [
         "",
-        f"Forgetting Δ: change of the span-corruption validation loss (pretrained model: "
+        f"Forgetting Δ: change of the {objective} validation loss (pretrained model: "
         f"{pre_loss:.3f}) after fine-tuning; larger means more of the pretraining objective lost.",
         "",
     ]

@@ -38,6 +38,7 @@ def tiny_study(data_dir, **changes):
     )
     r.tokenizer.vocab_size = 1000
     r.data.batch_size = 8
+    c.finetune_batch_size = 8
     r.data.inputs_length = 64
     r.data.targets_length = 32
     r.optimizer.warmup_steps = 2
@@ -74,6 +75,9 @@ def check_study(code, root, results, methods, precisions):
         assert row["step_seconds"] > 0
         assert row["memory"]["xla_peak_bytes"] > 0
         assert len(row["curve"]) == 3  # steps 2, 4, 6
+        # Primary scores are the task metrics themselves, all in [0, 1] (BLEU / 100).
+        translation = row["scores"]["bundled/translation_en_zh"]["bleu"]
+        assert row["primary"]["bundled/translation_en_zh"] == translation <= 1.0
     full = results["methods"]["full"]["trainable"]
     assert full["trainable"] == full["total"]
     assert results["methods"]["lora"]["trainable"]["percent"] < 50
@@ -151,6 +155,15 @@ def test_method_configs_change_only_what_the_method_needs(data_dir, tmp_path):
     assert qlora.optimizer.learning_rate == cfg.learning_rates.qlora
     assert full.train.num_steps == cfg.quick_sizes.finetune_steps
     assert full.init_from == str(tmp_path)
+    # Packed rows, except for the methods that put virtual tokens before one example.
+    assert full.data.pack and qlora.data.pack
+    for name in ("prompt_tuning", "prefix_tuning"):
+        assert not seed_study.method_config(cfg, name, tmp_path).data.pack
+    pre = seed_study.pretrain_config(cfg)
+    assert pre.data.objective == cfg.pretrain_objective == "span_reconstruction"
+    assert (pre.data.inputs_length, pre.data.targets_length) == tuple(cfg.pretrain_lengths)
+    assert not pre.data.pack  # its batches also measure forgetting of prompt tuning
+    assert full.data.batch_size == cfg.finetune_batch_size
 
 
 def test_report_renders_from_results_alone(study):
