@@ -540,11 +540,25 @@ def versions() -> dict[str, str]:
 # --------------------------------------------------------------------------
 # The study
 # --------------------------------------------------------------------------
+def use_compilation_cache(root: Path) -> None:
+    """Shares compiled XLA programs between this process and the workers.
+
+    Every method compiles the same generation, scoring and evaluation programs
+    (and the precisions the same model at each dtype); JAX's persistent cache
+    in the workdir lets later processes load them instead of compiling again.
+    Compiled programs are keyed by the program and the compiler, so a cached
+    one is the one XLA would have built.
+    """
+    jax.config.update("jax_compilation_cache_dir", str(root / "compilation_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 def run(study_cfg: ml_collections.ConfigDict, workdir: str | Path) -> int:
     """Runs the study in ``workdir``; returns the exit code (1 if anything failed)."""
     cfg = resolve(study_cfg)
     root = Path(workdir).absolute()
     root.mkdir(parents=True, exist_ok=True)
+    use_compilation_cache(root)
     (root / "study_config.json").write_text(cfg.to_json(indent=2))
     methods = [m.strip() for m in cfg.methods.split(",") if m.strip()]
     precisions = [p.strip() for p in cfg.precisions.split(",") if p.strip()]

@@ -76,6 +76,54 @@ def _metric_legend(tasks: list[str]) -> str:
     return "; ".join(f"{_short(t)}: {name(t)}" for t in tasks)
 
 
+# The score that stands for a task when comparing rows (first one a row has).
+_PRIMARY_KEYS = ("accuracy", "rougeL", "bleu", "execution_accuracy", "exact_match")
+# "Most of full fine-tuning's score": this share of its mean, or more.
+MOST = 0.8
+
+
+def _primary(scores: dict[str, float]) -> float:
+    return next(scores[k] for k in _PRIMARY_KEYS if k in scores)
+
+
+def _plain_statements(results: dict[str, Any], tasks: list[str]) -> list[str]:
+    """What the methods table says, computed from it: who beats the references, who does not."""
+    methods = results["methods"]
+    if not methods:
+        return []
+    out = ["### What the table says", ""]
+    references = {"the pretrained model": results["pretrained"]["scores"]}
+    for kind in ("copy", "majority"):
+        references[f"the {kind} baseline"] = {
+            t: results["baselines"][t][kind] for t in tasks if t in results["baselines"]
+        }
+    for name, row in methods.items():
+        behind = [
+            _short(t)
+            for t in tasks
+            if any(_primary(row["scores"][t]) <= _primary(ref[t]) for ref in references.values())
+        ]
+        if behind:
+            out.append(
+                f"- **{name}** is at or below the pretrained model or a baseline on: "
+                f"{', '.join(behind)}."
+            )
+        else:
+            out.append(f"- **{name}** beats the pretrained model and both baselines on every task.")
+    if "full" in methods:
+        full_mean = statistics.mean(methods["full"]["primary"].values())
+        for name, row in methods.items():
+            if name == "full" or full_mean <= 0:
+                continue
+            share = statistics.mean(row["primary"].values()) / full_mean
+            verdict = "reaches most of" if share >= MOST else "does not reach most of"
+            out.append(
+                f"- **{name}** {verdict} full fine-tuning's mean score: {100 * share:.0f}% of it "
+                f"with {row['trainable']['percent']:.3g}% of its trainable parameters."
+            )
+    return [*out, ""]
+
+
 def render(results: dict[str, Any]) -> str:
     methods = results["methods"]
     tasks = list(results["pretrained"]["scores"])
@@ -142,6 +190,7 @@ def render(results: dict[str, Any]) -> str:
         f"{pre_loss:.3f}) after fine-tuning; larger means more of the pretraining objective lost.",
         "",
     ]
+    out += _plain_statements(results, tasks)
 
     if results["precisions"]:
         out += [

@@ -21,6 +21,7 @@ def main(argv: list[str]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     root, kind, name = Path(argv[1]), argv[2], argv[3]
     cfg = ml_collections.ConfigDict(json.loads((root / "study_config.json").read_text()))
+    seed_study.use_compilation_cache(root)
     seed_study.do_job(cfg, (kind, name), root)
 
 

@@ -169,3 +169,33 @@ def test_method_configs_change_only_what_the_method_needs(data_dir, tmp_path):
 def test_report_renders_from_results_alone(study):
     _, root, results = study
     assert study_report.render(results) == (root / "report.md").read_text()
+
+
+def test_plain_statements_name_who_beats_the_references_and_who_does_not():
+    def row(acc, bleu, trainable_pct):
+        scores = {"t/cls": {"accuracy": acc}, "t/mt": {"bleu": bleu}}
+        return {
+            "scores": scores,
+            "primary": {"t/cls": acc, "t/mt": bleu},
+            "trainable": {"percent": trainable_pct},
+        }
+
+    results = {
+        "methods": {"full": row(0.9, 0.5, 100), "lora": row(0.8, 0.01, 2.0)},
+        "pretrained": {"scores": {"t/cls": {"accuracy": 0.1}, "t/mt": {"bleu": 0.0}}},
+        "baselines": {
+            "t/cls": {"copy": {"accuracy": 0.0}, "majority": {"accuracy": 0.5}},
+            "t/mt": {"copy": {"bleu": 0.02}, "majority": {"bleu": 0.0}},
+        },
+    }
+    lines = study_report._plain_statements(results, ["t/cls", "t/mt"])
+    assert "- **full** beats the pretrained model and both baselines on every task." in lines
+    # LoRA's 0.01 BLEU is below the copy baseline's 0.02.
+    assert any(
+        line.startswith("- **lora** is at or below") and line.endswith(": mt.") for line in lines
+    )
+    # (0.8 + 0.01) / 2 over (0.9 + 0.5) / 2 = 58%: not "most" (80%).
+    assert (
+        "- **lora** does not reach most of full fine-tuning's mean score: 58% of it "
+        "with 2% of its trainable parameters." in lines
+    )
