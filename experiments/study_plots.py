@@ -46,7 +46,8 @@ def training_curves(results: dict[str, Any], path: Path) -> None:
     pre_ax, ft_ax = fig.subplots(1, 2)
     steps, losses = zip(*results["pretrained"]["curve"], strict=True)
     pre_ax.plot(steps, losses, color="black")
-    pre_ax.set_title("pretraining (span corruption)")
+    objective = results["config"].get("pretrain_objective", "span_corruption")
+    pre_ax.set_title(f"pretraining ({objective.replace('_', ' ')})")
     for name, row in results["methods"].items():
         if row.get("curve"):
             steps, losses = zip(*row["curve"], strict=True)
