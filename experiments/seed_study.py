@@ -48,6 +48,7 @@ from tqdm.auto import tqdm
 from experiments import study_plots, study_report
 from experiments.baselines import baselines as trivial_baselines
 from experiments.configs.seed_study import ALL_METHODS, ALL_PRECISIONS
+from experiments.study_report import PRIMARY_SCORE
 from flaxtune.data import Tokenizer, make_loader
 from flaxtune.quant.convert import convert_model, tree_bytes
 from flaxtune.train.loop import (
@@ -82,16 +83,6 @@ METHOD_SETTINGS: dict[str, tuple[str, dict[str, Any]]] = {
     "qlora": ("QLoRA (NF4 base, LoRA r=8 on q,v)", {"peft.method": "lora", "quant.base": "nf4"}),
 }
 assert tuple(METHOD_SETTINGS) == ALL_METHODS
-
-# The score that stands for a task in averages and plots, by metric kind
-# (execution_sql, execution_arithmetic, ... share "execution").
-PRIMARY_SCORE = {
-    "classification": "accuracy",
-    "rouge": "rougeL",
-    "bleu": "bleu",
-    "execution": "execution_accuracy",
-    "exact_match": "exact_match",
-}
 
 
 def primary_score_name(task: str) -> str:

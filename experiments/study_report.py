@@ -76,14 +76,22 @@ def _metric_legend(tasks: list[str]) -> str:
     return "; ".join(f"{_short(t)}: {name(t)}" for t in tasks)
 
 
-# The score that stands for a task when comparing rows (first one a row has).
-_PRIMARY_KEYS = ("accuracy", "rougeL", "bleu", "execution_accuracy", "exact_match")
+# The score that stands for a task in averages, plots and comparisons, by metric
+# kind (execution_sql, execution_arithmetic, ... share "execution").
+PRIMARY_SCORE = {
+    "classification": "accuracy",
+    "rouge": "rougeL",
+    "bleu": "bleu",
+    "execution": "execution_accuracy",
+    "exact_match": "exact_match",
+}
 # "Most of full fine-tuning's score": this share of its mean, or more.
 MOST = 0.8
 
 
 def _primary(scores: dict[str, float]) -> float:
-    return next(scores[k] for k in _PRIMARY_KEYS if k in scores)
+    # A row names its metrics, not its kind: the primary score is the one it has.
+    return next(scores[k] for k in PRIMARY_SCORE.values() if k in scores)
 
 
 def _plain_statements(results: dict[str, Any], tasks: list[str]) -> list[str]:
