@@ -26,6 +26,7 @@ A method that fails does not stop the study: its error is recorded in
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -402,27 +403,38 @@ def precision_row(
     return score_precision(model, precision, tokenizer, cfg)
 
 
-def _row_path(root: Path, job: tuple[str, str]) -> Path:
+def row_path(root: Path, job: tuple[str, str]) -> Path:
+    """Where job ``(kind, name)`` writes its row; its log is the ``.log`` beside it."""
     return root / "rows" / f"{job[0]}-{job[1]}.json"
 
 
 def do_job(cfg: ml_collections.ConfigDict, job: tuple[str, str], root: Path) -> dict[str, Any]:
-    """Runs one job and writes its row (``rows/<kind>-<name>.json``) or its error."""
+    """Runs one job and writes its row (``rows/<kind>-<name>.json``) or its error.
+
+    The row appears by an atomic rename, so a reader that sees the file sees
+    all of it: the worker pool takes the file's appearance as the job's end.
+    """
     kind, name = job
-    path = _row_path(root, job)
+    path = row_path(root, job)
     path.parent.mkdir(exist_ok=True)
     try:
         if kind == "pretrained":
             row = pretrained_row(cfg, root)
+        elif kind == "baselines":
+            row = trivial_baselines(data_directory(cfg.run), cfg.eval_examples)
         elif kind == "method":
             row = method_row(cfg, name, root)
-        else:
+        elif kind == "precision":
             best, precision = name.split(":")
             row = precision_row(cfg, best, precision, root)
+        else:
+            raise ValueError(f"unknown job kind {kind!r}")
     except Exception as exc:
         logger.exception("%s %s failed", kind, name)
         row = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
-    path.write_text(json.dumps(row, indent=2, default=float))
+    partial = path.with_suffix(".json.partial")
+    partial.write_text(json.dumps(row, indent=2, default=float))
+    os.replace(partial, path)
     return row
 
 
@@ -439,76 +451,152 @@ def _progress_steps(root: Path, names: list[str]) -> int:
     return done
 
 
-def run_jobs(
-    cfg: ml_collections.ConfigDict,
-    jobs: list[tuple[str, str]],
-    root: Path,
-    *,
-    desc: str,
-    steps_per_method: int = 0,
-) -> dict[tuple[str, str], dict[str, Any]]:
-    """Runs ``jobs`` in this process or in ``cfg.parallel_runs`` worker processes.
+# The worker program: ``python -m WORKER_MODULE <study workdir>``, one job per
+# stdin line (see experiments/study_worker.py). A name, so tests can swap it.
+WORKER_MODULE = "experiments.study_worker"
 
-    Workers are fresh ``python -m experiments.study_worker`` processes that
-    read the study config from ``study_config.json`` and write their row to a
-    JSON file: no state crosses the process boundary but files, and a worker
-    that dies (even without a Python exception) becomes a failed row with
-    the tail of its log. Small models use a CPU core poorly, so two runs side
-    by side finish sooner than one after the other; the numbers are the same
-    either way (each run is seeded by its config alone).
-    """
-    methods = [name for kind, name in jobs if kind == "method"]
-    total = steps_per_method * len(methods) or len(jobs)
-    # disable=None: a bar on a terminal, nothing in a log file.
-    bar = tqdm(total=total, desc=desc, unit="step" if steps_per_method else "job", disable=None)
-    rows: dict[tuple[str, str], dict[str, Any]] = {}
 
-    def progress() -> None:
-        done = _progress_steps(root, methods) if steps_per_method else len(rows)
-        bar.update(max(0, done - bar.n))
+@dataclasses.dataclass
+class _Worker:
+    """A worker process of ``run_jobs`` and the job it is running (None: idle)."""
 
-    if cfg.parallel_runs <= 1:
-        for job in jobs:
-            rows[job] = do_job(cfg, job, root)
-            progress()
-        bar.close()
-        return rows
+    proc: subprocess.Popen
+    log: Path  # what the process writes outside its jobs (start-up, exit)
+    job: tuple[str, str] | None = None
 
+
+def _start_worker(root: Path, index: int) -> _Worker:
     repo = Path(__file__).absolute().parents[1]
     env = dict(
         os.environ,
         PYTHONPATH=os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")])),
     )
-    pending, running = list(jobs), {}
-    while pending or running:
-        while pending and len(running) < cfg.parallel_runs:
-            job = pending.pop(0)
-            log_path = _row_path(root, job).with_suffix(".log")
-            log_path.parent.mkdir(exist_ok=True)
-            log = open(log_path, "w")  # noqa: SIM115 - closed when the worker ends
-            cmd = [sys.executable, "-m", "experiments.study_worker", str(root), job[0], job[1]]
-            running[job] = (
-                subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=repo),
-                log,
-            )
-        time.sleep(1.0)
-        for job, (proc, log) in list(running.items()):
-            if proc.poll() is None:
-                continue
-            log.close()
-            del running[job]
-            path = _row_path(root, job)
-            if path.exists():
-                rows[job] = json.loads(path.read_text())
-            else:
-                tail = path.with_suffix(".log").read_text()[-2000:]
-                rows[job] = {
-                    "error": f"worker exited with code {proc.returncode}",
-                    "traceback": tail,
-                }
+    log = root / "rows" / f"worker-{index}.log"
+    with open(log, "w") as out:  # the child holds its own copy of the descriptor
+        proc = subprocess.Popen(
+            [sys.executable, "-m", WORKER_MODULE, str(root)],
+            stdin=subprocess.PIPE,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=repo,
+            text=True,
+        )
+    return _Worker(proc, log)
+
+
+def _failed_row(root: Path, worker: _Worker) -> dict[str, str]:
+    """The row of a job whose worker died: the exit code and the tail of its log."""
+    job_log = row_path(root, worker.job).with_suffix(".log")
+    log = job_log if job_log.exists() else worker.log
+    return {
+        "error": f"worker exited with code {worker.proc.returncode}",
+        "traceback": log.read_text(errors="replace")[-2000:],
+    }
+
+
+class JobPool:
+    """Runs jobs in this process or on ``cfg.parallel_runs`` worker processes.
+
+    Workers are ``python -m experiments.study_worker`` processes that read the
+    study config from ``study_config.json``, take one job per line on stdin,
+    and write each job's row to a JSON file and its output to a log next to
+    it: no state crosses the process boundary but files. The pool lives for
+    the whole study: its workers start (import JAX, flax, ...) while this
+    process pretrains, and serve job after job, phase after phase, so
+    start-up is paid once per worker, and later jobs load the programs
+    earlier ones compiled from the persistent cache. A worker that dies (even
+    without a Python exception) turns its job into a failed row with the tail
+    of the job's log, and a fresh worker takes the remaining jobs.
+
+    Small models use a CPU core poorly, so runs side by side finish sooner
+    than one after the other; the numbers are the same either way (each run
+    is seeded by its config alone).
+    """
+
+    def __init__(self, cfg: ml_collections.ConfigDict, root: Path) -> None:
+        self.cfg, self.root = cfg, root
+        self.size = cfg.parallel_runs if cfg.parallel_runs > 1 else 0
+        self.workers: list[_Worker] = []
+        self.started = 0
+        (root / "rows").mkdir(exist_ok=True)
+        while len(self.workers) < self.size:
+            self._start()
+
+    def __enter__(self) -> JobPool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _start(self) -> None:
+        self.workers.append(_start_worker(self.root, self.started))
+        self.started += 1
+
+    def close(self) -> None:
+        """Ends the workers' input (so idle workers exit) and waits for them."""
+        for worker in self.workers:
+            with contextlib.suppress(BrokenPipeError):
+                worker.proc.stdin.close()
+        for worker in self.workers:
+            try:
+                worker.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                worker.proc.kill()
+        self.workers = []
+
+    def run(
+        self, jobs: list[tuple[str, str]], *, desc: str, steps_per_method: int = 0
+    ) -> dict[tuple[str, str], dict[str, Any]]:
+        """Runs ``jobs``; their rows by job. Fine-tuning progress counts steps."""
+        root = self.root
+        methods = [name for kind, name in jobs if kind == "method"]
+        total = steps_per_method * len(methods) or len(jobs)
+        # disable=None: a bar on a terminal, nothing in a log file.
+        bar = tqdm(total=total, desc=desc, unit="step" if steps_per_method else "job", disable=None)
+        rows: dict[tuple[str, str], dict[str, Any]] = {}
+
+        def progress() -> None:
+            done = _progress_steps(root, methods) if steps_per_method else len(rows)
+            bar.update(max(0, done - bar.n))
+
+        if not self.size:
+            for job in jobs:
+                rows[job] = do_job(self.cfg, job, root)
+                progress()
+            bar.close()
+            return rows
+
+        pending = list(jobs)
+        while pending or any(w.job for w in self.workers):
+            for worker in list(self.workers):
+                if worker.job and row_path(root, worker.job).exists():
+                    rows[worker.job] = json.loads(row_path(root, worker.job).read_text())
+                    worker.job = None
+                elif worker.proc.poll() is not None:
+                    if worker.job:
+                        rows[worker.job] = _failed_row(root, worker)
+                    with contextlib.suppress(BrokenPipeError):
+                        worker.proc.stdin.close()
+                    self.workers.remove(worker)
+            while pending and len(self.workers) < self.size:
+                self._start()
+            for worker in self.workers:
+                if worker.job is None and pending:
+                    worker.job = pending.pop(0)
+                    # A row or log left from an earlier invocation is not this job's.
+                    row_path(root, worker.job).unlink(missing_ok=True)
+                    row_path(root, worker.job).with_suffix(".log").unlink(missing_ok=True)
+                    try:
+                        worker.proc.stdin.write("\t".join(worker.job) + "\n")
+                        worker.proc.stdin.flush()
+                    except BrokenPipeError:
+                        pass  # it died: the next pass reports the job as failed
+            progress()
+            time.sleep(0.25)
         progress()
-    bar.close()
-    return rows
+        bar.close()
+        return rows
 
 
 def versions() -> dict[str, str]:
@@ -565,42 +653,47 @@ def run(study_cfg: ml_collections.ConfigDict, workdir: str | Path) -> int:
         "failures": failures,
     }
 
-    # 1-2. Dataset, tokenizer, pretraining (its bar is the training loop's).
-    logger.info("phase 1-2: dataset, tokenizer and pretraining")
-    pre_results = train_phase(pretrain_config(cfg), root / "pretrain")
-    results["baselines"] = trivial_baselines(data_directory(cfg.run), cfg.eval_examples)
+    with JobPool(cfg, root) as pool:
+        # 1-2. Dataset, tokenizer, pretraining (its bar is the training loop's).
+        logger.info("phase 1-2: dataset, tokenizer and pretraining")
+        pre_results = train_phase(pretrain_config(cfg), root / "pretrain")
 
-    # 3-5 (and 7). The pretrained model's scores; each method fine-tuned,
-    # scored, its forgetting measured and its memory planned.
-    logger.info("phase 3-5: fine-tuning %d methods", len(methods))
-    jobs = [("pretrained", "-")] + [("method", name) for name in methods]
-    rows = run_jobs(cfg, jobs, root, desc="fine-tuning", steps_per_method=cfg.finetune_steps)
-    pre_row = rows.pop(("pretrained", "-"))
-    if "error" in pre_row:
-        failures["pretrained scores"] = pre_row
-    else:
-        results["pretrained"] = {**pre_row, "train": {k: v for k, v in pre_results.items()}}
-    for name in methods:  # in the configured order, not the order they finished
-        row = rows[("method", name)]
-        if "error" in row:
-            failures[name] = row
+        # 3-5 (and 7). Each method fine-tuned, scored, its forgetting measured and
+        # its memory planned; the pretrained model's scores and the baselines.
+        # The short jobs go last, to fill the pool's tail.
+        logger.info("phase 3-5: fine-tuning %d methods", len(methods))
+        jobs = [("method", name) for name in methods] + [("pretrained", "-"), ("baselines", "-")]
+        rows = pool.run(jobs, desc="fine-tuning", steps_per_method=cfg.finetune_steps)
+        pre_row = rows.pop(("pretrained", "-"))
+        if "error" in pre_row:
+            failures["pretrained scores"] = pre_row
         else:
-            results["methods"][name] = row
-
-    # 6. The best model under every precision.
-    scored = {n: r for n, r in results["methods"].items() if r.get("primary")}
-    if scored and precisions:
-        best = max(scored, key=lambda n: statistics.mean(scored[n]["primary"].values()))
-        results["best_method"] = best
-        logger.info("phase 6: %s under %s", best, ",".join(precisions))
-        jobs = [("precision", f"{best}:{p}") for p in precisions]
-        rows = run_jobs(cfg, jobs, root, desc="precisions")
-        for precision in precisions:
-            row = rows[("precision", f"{best}:{precision}")]
+            results["pretrained"] = {**pre_row, "train": {k: v for k, v in pre_results.items()}}
+        baselines_row = rows.pop(("baselines", "-"))
+        if "error" in baselines_row:
+            failures["baselines"] = baselines_row
+        results["baselines"] = {} if "error" in baselines_row else baselines_row
+        for name in methods:  # in the configured order, not the order they finished
+            row = rows[("method", name)]
             if "error" in row:
-                failures[f"precision {precision}"] = row
+                failures[name] = row
             else:
-                results["precisions"][precision] = row
+                results["methods"][name] = row
+
+        # 6. The best model under every precision.
+        scored = {n: r for n, r in results["methods"].items() if r.get("primary")}
+        if scored and precisions:
+            best = max(scored, key=lambda n: statistics.mean(scored[n]["primary"].values()))
+            results["best_method"] = best
+            logger.info("phase 6: %s under %s", best, ",".join(precisions))
+            jobs = [("precision", f"{best}:{p}") for p in precisions]
+            rows = pool.run(jobs, desc="precisions")
+            for precision in precisions:
+                row = rows[("precision", f"{best}:{precision}")]
+                if "error" in row:
+                    failures[f"precision {precision}"] = row
+                else:
+                    results["precisions"][precision] = row
 
     # Plots (the attention picture uses the best model) and the report.
     plots_dir = root / "plots"

@@ -201,3 +201,25 @@ def test_custom_seed_config_builds_that_seed(data_dir):
     assert [r.fields for r in want] != [r.fields for r in default]
     with pytest.raises(ValueError, match="Unknown split"):
         load_bundled(data_dir, "dev")
+
+
+def test_losing_a_build_race_to_another_process_reads_the_winners_files(tmp_path, monkeypatch):
+    from flaxtune.data.bundled.builder import FlaxtuneBundled
+
+    prepare = FlaxtuneBundled.download_and_prepare
+
+    def lose_the_race(self, **kwargs):
+        prepare(self, **kwargs)  # the "other process" moves its build into place
+        raise FileExistsError("Destination ... already exists.")
+
+    monkeypatch.setattr(FlaxtuneBundled, "download_and_prepare", lose_the_race)
+    source = load_bundled(tmp_path, "test", task="sentiment")
+    assert len(source) > 0
+    # A FileExistsError that leaves nothing prepared is not a race: it propagates.
+    monkeypatch.setattr(
+        FlaxtuneBundled,
+        "download_and_prepare",
+        lambda self, **kwargs: (_ for _ in ()).throw(FileExistsError("elsewhere")),
+    )
+    with pytest.raises(FileExistsError, match="elsewhere"):
+        load_bundled(tmp_path, "test", task="qa")

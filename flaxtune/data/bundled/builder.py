@@ -122,7 +122,18 @@ def load_bundled(data_dir: str | os.PathLike, split: str, task: str = ALL, seed:
         raise ValueError(f"Unknown split {split!r}; choose one of {SPLITS}.")
     builder = bundled_builder(data_dir, task, seed)
     if not builder.is_prepared():
-        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(verify_ssl=False))
+        try:
+            builder.download_and_prepare(
+                download_config=tfds.download.DownloadConfig(verify_ssl=False)
+            )
+        except FileExistsError:
+            # Processes sharing ``data_dir`` (the seed study's workers) may build
+            # the same config at once; TFDS then fails to rename its temporary
+            # directory over the one the winner moved into place. Generation is
+            # deterministic, so the winner's files are the ones we would write.
+            builder = bundled_builder(data_dir, task, seed)
+            if not builder.is_prepared():
+                raise
     return builder.as_data_source(split=split)
 
 
