@@ -56,6 +56,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from benchmarks import train_step
 from benchmarks.common import emit, environment, time_fn
@@ -87,7 +88,6 @@ from flaxtune.train.loop import (
     model_config,
     model_inputs,
     optimizer_config,
-    overlay,
 )
 from flaxtune.transformer import DecodeConfig, build_model, generate, get_config
 
@@ -241,10 +241,10 @@ def train_small(setup: Setup, policy: str, seed: int = 0) -> dict[str, Any]:
         setup.mesh,
         rng=state_rng,
         loss_scale=make_loss_scale(policy_obj.default_loss_scale),
+        # The same float32 draw for every policy (a bf16 init would draw other
+        # numbers), cast to the policy's parameter dtype.
+        init_values=traverse_util.flatten_dict(float32_init(setup, seed), sep="/"),
     )
-    # The same float32 draw for every policy (a bf16 init would draw other numbers),
-    # cast to the policy's parameter dtype.
-    state = overlay(state, float32_init(setup, seed))
     step_fn = jit_train_step(
         make_train_step(make_loss_fn(model), tx, schedule=make_schedule(opt_cfg)),
         setup.mesh,

@@ -403,6 +403,15 @@ def precision_row(
     return score_precision(model, precision, tokenizer, cfg)
 
 
+def attention_row(cfg: ml_collections.ConfigDict, best: str, root: Path) -> dict[str, Any]:
+    """Draws ``plots/attention.png`` from model ``best``; the example it shows."""
+    run_dir = root / "methods" / best
+    tokenizer = Tokenizer.load(run_dir / "tokenizer.model")
+    model = load_model(method_config(cfg, best, root / "pretrain"), run_dir, tokenizer)
+    (root / "plots").mkdir(exist_ok=True)
+    return study_plots.attention_heatmaps(model, tokenizer, root / "plots" / "attention.png")
+
+
 def row_path(root: Path, job: tuple[str, str]) -> Path:
     """Where job ``(kind, name)`` writes its row; its log is the ``.log`` beside it."""
     return root / "rows" / f"{job[0]}-{job[1]}.json"
@@ -427,6 +436,8 @@ def do_job(cfg: ml_collections.ConfigDict, job: tuple[str, str], root: Path) -> 
         elif kind == "precision":
             best, precision = name.split(":")
             row = precision_row(cfg, best, precision, root)
+        elif kind == "attention":
+            row = attention_row(cfg, name, root)
         else:
             raise ValueError(f"unknown job kind {kind!r}")
     except Exception as exc:
@@ -680,13 +691,15 @@ def run(study_cfg: ml_collections.ConfigDict, workdir: str | Path) -> int:
             else:
                 results["methods"][name] = row
 
-        # 6. The best model under every precision.
+        # 6. The best model under every precision, and its attention picture
+        # (a forward pass to compile: a job beside them, not a tail after them).
         scored = {n: r for n, r in results["methods"].items() if r.get("primary")}
-        if scored and precisions:
+        if scored:
             best = max(scored, key=lambda n: statistics.mean(scored[n]["primary"].values()))
             results["best_method"] = best
-            logger.info("phase 6: %s under %s", best, ",".join(precisions))
-            jobs = [("precision", f"{best}:{p}") for p in precisions]
+            logger.info("phase 6: %s under %s", best, ",".join(precisions) or "no precision")
+            # The attention job first: it ends sooner than two precision jobs.
+            jobs = [("attention", best)] + [("precision", f"{best}:{p}") for p in precisions]
             rows = pool.run(jobs, desc="precisions")
             for precision in precisions:
                 row = rows[("precision", f"{best}:{precision}")]
@@ -694,12 +707,17 @@ def run(study_cfg: ml_collections.ConfigDict, workdir: str | Path) -> int:
                     failures[f"precision {precision}"] = row
                 else:
                     results["precisions"][precision] = row
+            attention = rows[("attention", best)]
+            if "error" in attention:
+                failures["attention plot"] = attention
+            else:
+                results["attention_example"] = attention
 
-    # Plots (the attention picture uses the best model) and the report.
+    # The other plots (matplotlib only) and the report.
     plots_dir = root / "plots"
     plots_dir.mkdir(exist_ok=True)
     try:
-        study_plots.draw_all(results, cfg, root, plots_dir)
+        study_plots.draw_all(results, plots_dir)
     except Exception as exc:
         logger.exception("plots failed")
         failures["plots"] = {

@@ -218,11 +218,13 @@ def _rect(xy, colour):
     return Rectangle(xy, 0.92, 0.9, color=colour)
 
 
-def draw_all(results: dict[str, Any], cfg, root: Path, out: Path) -> None:
-    """Every picture of the study into ``out``; records what was drawn in ``results``."""
-    from experiments.seed_study import load_model, method_config
-    from flaxtune.data import Tokenizer
+def draw_all(results: dict[str, Any], out: Path) -> None:
+    """The study's matplotlib-only pictures into ``out``; records what is there in ``results``.
 
+    ``attention.png`` needs the best model's forward pass, so a job of the
+    study's pool draws it (``attention_heatmaps``) beside the precision jobs;
+    it is listed here if that job produced it.
+    """
     drawn = {}
     training_curves(results, out / "curves.png")
     drawn["curves"] = "curves.png"
@@ -231,12 +233,7 @@ def draw_all(results: dict[str, Any], cfg, root: Path, out: Path) -> None:
         drawn["score_vs_params"] = "score_vs_params.png"
     memory_bars(results, out / "memory.png")
     drawn["memory"] = "memory.png"
-    best = results.get("best_method")
-    if best is not None:
-        run_dir = root / "methods" / best
-        tokenizer = Tokenizer.load(run_dir / "tokenizer.model")
-        model = load_model(method_config(cfg, best, root / "pretrain"), run_dir, tokenizer)
-        results["attention_example"] = attention_heatmaps(model, tokenizer, out / "attention.png")
+    if "attention_example" in results:
         drawn["attention"] = "attention.png"
     float_formats(2.71828, out / "float_formats.png")
     drawn["float_formats"] = "float_formats.png"

@@ -46,6 +46,10 @@ def main(argv: list[str]) -> None:
     root = Path(argv[1])
     cfg = ml_collections.ConfigDict(json.loads((root / "study_config.json").read_text()))
     seed_study.use_compilation_cache(root)
+    # The metrics writer's deferred import (seconds: tensorboardX imports torch
+    # when it is installed), paid here while the main process pretrains.
+    import tensorboardX  # noqa: F401
+
     for line in sys.stdin:
         kind, name = line.rstrip("\n").split("\t")
         with output_to(seed_study.row_path(root, (kind, name)).with_suffix(".log")):

@@ -27,6 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flaxtune.module_param import param
 from flaxtune.peft.config import AdapterConfig, LoraConfig, PrefixTuningConfig
 from flaxtune.quant.qarray import QArray, dequantize
 from flaxtune.quant.qdot import float_dot
@@ -80,8 +81,8 @@ def lora(
         if config.init == "kaiming"
         else nn.initializers.normal(stddev=1.0 / rank)
     )
-    a = module.param("lora_a", a_init, (in_flat, rank), param_dtype)
-    b = module.param("lora_b", nn.initializers.zeros_init(), (rank, *out_shape), param_dtype)
+    a = param(module, "lora_a", a_init, (in_flat, rank), param_dtype)
+    b = param(module, "lora_b", nn.initializers.zeros_init(), (rank, *out_shape), param_dtype)
     h = x.reshape(*x.shape[: x.ndim - n_in], in_flat)
     if config.dropout:
         h = nn.Dropout(rate=config.dropout, name="lora_dropout")(h, deterministic=deterministic)
@@ -136,7 +137,8 @@ class BottleneckAdapter(nn.Module):
     def __call__(self, h: Array) -> Array:
         features = h.shape[-1]
         width = self.config.width(features)
-        down = self.param(
+        down = param(
+            self,
             "down",
             nn.with_logical_partitioning(
                 nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal"),
@@ -145,7 +147,8 @@ class BottleneckAdapter(nn.Module):
             (features, width),
             self.param_dtype,
         )
-        up = self.param(
+        up = param(
+            self,
             "up",
             nn.with_logical_partitioning(nn.initializers.zeros_init(), ("adapter", "embed")),
             (width, features),
@@ -158,8 +161,12 @@ class BottleneckAdapter(nn.Module):
 def ia3_scale(module: nn.Module, name: str, x: Array, axes: tuple[str, ...]) -> Array:
     """``x * l`` with ``l`` (initialized to ones) over ``x``'s trailing axes."""
     shape = x.shape[-len(axes) :]
-    scale = module.param(
-        name, nn.with_logical_partitioning(nn.initializers.ones_init(), axes), shape, jnp.float32
+    scale = param(
+        module,
+        name,
+        nn.with_logical_partitioning(nn.initializers.ones_init(), axes),
+        shape,
+        jnp.float32,
     )
     return (x.astype(jnp.float32) * scale).astype(x.dtype)
 
@@ -178,7 +185,8 @@ class PromptEmbedding(nn.Module):
 
     @nn.compact
     def __call__(self, batch: int) -> Array:
-        table = self.param(
+        table = param(
+            self,
             "embedding",
             nn.with_logical_partitioning(nn.initializers.normal(stddev=0.5), ("prompt", "embed")),
             (self.num_virtual_tokens, self.features),
@@ -206,19 +214,21 @@ def prefix_keys_values(
     shape = (n, kv_heads, head_dim)
     if not config.reparameterize:
         init = nn.initializers.normal(stddev=1.0)
-        key = module.param("prefix_key", init, shape, jnp.float32)
-        value = module.param("prefix_value", init, shape, jnp.float32)
+        key = param(module, "prefix_key", init, shape, jnp.float32)
+        value = param(module, "prefix_value", init, shape, jnp.float32)
         return key.astype(dtype), value.astype(dtype)
-    embedding = module.param(
-        "prefix_embedding", nn.initializers.normal(stddev=1.0), (n, d_model), jnp.float32
+    embedding = param(
+        module, "prefix_embedding", nn.initializers.normal(stddev=1.0), (n, d_model), jnp.float32
     )
-    w_in = module.param(
+    w_in = param(
+        module,
         "prefix_mlp_in",
         nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal"),
         (d_model, config.hidden),
         jnp.float32,
     )
-    w_out = module.param(
+    w_out = param(
+        module,
         "prefix_mlp_out",
         nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal"),
         (config.hidden, 2 * kv_heads * head_dim),

@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from flaxtune.module_param import param
 from flaxtune.quant.qarray import QArray, block_scales, dequantize
 
 
@@ -186,4 +187,4 @@ def kernel_param(
                     f"has logical shape {value.shape}, but the module expects {tuple(shape)}."
                 )
             return value
-    return module.param(name, init_fn, shape, dtype)
+    return param(module, name, init_fn, shape, dtype)

@@ -3,7 +3,8 @@
 The loop wires the parts together and owns nothing else::
 
     tokenizer ─▶ model config (+ PEFT) ─▶ trainability rules ─▶ optimizer
-        ─▶ sharded train state ─▶ [restore | init_from] ─▶ loop:
+        ─▶ sharded train state (init_from's params in place of their draws)
+        ─▶ [restore] ─▶ loop:
               step ─▶ metrics.jsonl / TensorBoard / progress bar
               every eval_every: validation loss + generation scores per task
               every checkpoint_every: orbax checkpoint (state + loader state)
@@ -71,7 +72,6 @@ from flaxtune.train.optimizer import (
     make_schedule,
 )
 from flaxtune.train.partition import label_params, merge_params
-from flaxtune.train.state import TrainState
 from flaxtune.train.step import make_train_step
 from flaxtune.transformer import DecodeConfig, build_model, generate, get_config
 
@@ -405,25 +405,6 @@ def load_params(run_dir: Path, tokenizer: Tokenizer) -> dict[str, Any]:
         return ckpt.restore(run_dir / "params")
 
 
-def overlay(state: TrainState, source: dict[str, Any]) -> TrainState:
-    """Copies every parameter of ``source`` into ``state`` (by path and shape)."""
-    src = traverse_util.flatten_dict(source, sep="/")
-
-    def put(tree):
-        flat = dict(traverse_util.flatten_dict(tree, sep="/"))
-        for path, value in flat.items():
-            if path in src:
-                if np.shape(src[path]) != np.shape(value):
-                    raise ValueError(
-                        f"init_from: {path} has shape {np.shape(src[path])}, the "
-                        f"model wants {np.shape(value)}."
-                    )
-                flat[path] = jax.device_put(jnp.asarray(src[path], value.dtype), value.sharding)
-        return traverse_util.unflatten_dict(flat, sep="/")
-
-    return state.replace(trainable=put(state.trainable), frozen=put(state.frozen))
-
-
 # --------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------
@@ -473,19 +454,6 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path) -> d
     opt_cfg = optimizer_config(cfg)
     tx = make_optimizer(opt_cfg, labels)
     policy = get_policy(cfg.policy)
-    state, shardings = sharded_train_state(
-        init_params,
-        init_rng,
-        labels,
-        tx,
-        mesh,
-        rng=state_rng,
-        loss_scale=make_loss_scale(policy.default_loss_scale),
-    )
-    summary["optimizer_state_bytes"] = count_optimizer_state_bytes(state.opt_state)
-    logger.info(
-        "optimizer state: %d bytes (trainable parameters only)", summary["optimizer_state_bytes"]
-    )
     ckpt = CheckpointManager(
         workdir,
         save_interval_steps=cfg.train.checkpoint_every,
@@ -496,10 +464,29 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path) -> d
         tokenizer_path=workdir / "tokenizer.model",
     )
     resuming = ckpt.latest_step() is not None
+    # A new run from a finished one starts from its params (float, before the
+    # base is quantized); a resumed run restores its own state below instead.
+    init_values = None
     if not resuming and cfg.init_from:
-        # Before the base is quantized: the source run's params are float.
-        state = overlay(state, load_params(Path(cfg.init_from), tokenizer))
+        init_values = traverse_util.flatten_dict(
+            load_params(Path(cfg.init_from), tokenizer), sep="/"
+        )
+    state, shardings = sharded_train_state(
+        init_params,
+        init_rng,
+        labels,
+        tx,
+        mesh,
+        rng=state_rng,
+        loss_scale=make_loss_scale(policy.default_loss_scale),
+        init_values=init_values,
+    )
+    if init_values is not None:
         logger.info("initialized from %s", cfg.init_from)
+    summary["optimizer_state_bytes"] = count_optimizer_state_bytes(state.opt_state)
+    logger.info(
+        "optimizer state: %d bytes (trainable parameters only)", summary["optimizer_state_bytes"]
+    )
     state, shardings, quant_report = apply_frozen_base(
         state, shardings, base_plan, policy, cast=cfg.quant.frozen_in_compute_dtype
     )

@@ -27,7 +27,7 @@ small; sharding them would need per-optimizer knowledge.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -40,7 +40,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from flaxtune.train.partition import unbox
-from flaxtune.train.state import TrainState, create_train_state
+from flaxtune.train.state import TrainState, create_train_state, replace_params
 from flaxtune.train.step import StepFn
 
 PyTree = Any
@@ -190,6 +190,7 @@ def sharded_train_state(
     *,
     rng: jax.Array,
     loss_scale: Any = None,
+    init_values: Mapping[str, Any] | None = None,
 ) -> tuple[TrainState, TrainState]:
     """Creates the train state directly in its shardings.
 
@@ -203,19 +204,25 @@ def sharded_train_state(
       mesh, rules: where and how to shard.
       rng: the train state's base key.
       loss_scale: the loss scaler (default none).
+      init_values: parameters that replace the random init (``/``-joined
+        path -> array), e.g. a pretrained base; see ``state.replace_params``.
+        They enter the jitted init, so the draws they replace are never
+        compiled or run.
 
     Returns:
       ``(state, state_shardings)``.
     """
+    values = {} if init_values is None else dict(init_values)
 
-    def create(r):
-        return create_train_state(init_params(r), labels, optimizer, rng=rng, loss_scale=loss_scale)
+    def create(r, values):
+        params = replace_params(init_params(r), values) if values else init_params(r)
+        return create_train_state(params, labels, optimizer, rng=rng, loss_scale=loss_scale)
 
     with mesh_context(mesh, rules):
         params_shardings = logical_shardings(jax.eval_shape(init_params, init_rng), mesh, rules)
-        abstract_state = jax.eval_shape(create, init_rng)
+        abstract_state = jax.eval_shape(create, init_rng, values)
         shardings = train_state_shardings(abstract_state, params_shardings, mesh)
-        state = jax.jit(create, out_shardings=shardings)(init_rng)
+        state = jax.jit(create, out_shardings=shardings)(init_rng, values)
     return state, shardings
 
 

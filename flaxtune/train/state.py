@@ -22,23 +22,29 @@ Decisions:
   which checkpoint as plain integer arrays.
 * The data iterator's state is host-side JSON and is checkpointed next to
   the state by ``checkpoints.CheckpointManager``, not inside it.
+* Parameters that come from elsewhere (``init_from``: a pretrained base)
+  replace the random init *inside* the jitted init (``replace_params``), so
+  XLA drops the random draws they make dead: the init compiles and runs only
+  the new parameters' draws (LoRA factors, adapters, prompts), and the
+  optimizer starts from the values it will train.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
-from flax import struct
+from flax import struct, traverse_util
 
 from flaxtune.quant.loss_scale import NoOpLossScale
 from flaxtune.train.partition import merge_params, split_params, unbox
 
 PyTree = Any
 
-__all__ = ["TrainState", "create_train_state", "export_inference_params"]
+__all__ = ["TrainState", "create_train_state", "export_inference_params", "replace_params"]
 
 
 @struct.dataclass
@@ -55,6 +61,31 @@ class TrainState:
     def params(self) -> dict:
         """The full parameter tree (trainable and frozen merged)."""
         return merge_params(self.trainable, self.frozen)
+
+
+def replace_params(params: PyTree, values: Mapping[str, Any]) -> PyTree:
+    """``params`` with the leaves named in ``values`` (``/``-joined paths) replaced.
+
+    Each value keeps the parameter's dtype (a float32 checkpoint into a bf16
+    model is cast); leaves not named keep their values, names that match no
+    leaf are ignored (a pretrained base lacks the PEFT parameters, and may
+    hold heads the new model drops). ``params`` may be boxed. Works under
+    ``jax.jit``: inside the init, the replaced draws become dead code.
+
+    Raises:
+      ValueError: a value whose shape differs from its parameter's.
+    """
+    flat = traverse_util.flatten_dict(unbox(params), sep="/")
+    for path, leaf in flat.items():
+        if path in values:
+            if jnp.shape(values[path]) != jnp.shape(leaf):
+                raise ValueError(
+                    f"{path}: the given value has shape {jnp.shape(values[path])}, the model's "
+                    f"parameter {jnp.shape(leaf)}; the source was built for another model "
+                    "config (compare their model.json)."
+                )
+            flat[path] = jnp.asarray(values[path]).astype(leaf.dtype)
+    return traverse_util.unflatten_dict(flat, sep="/")
 
 
 def create_train_state(

@@ -222,11 +222,13 @@ def filter_logits(logits: Array, *, temperature: float, top_k: int, top_p: float
     return logits
 
 
-def _suppress_eos(logits: Array, t: Array, config: DecodeConfig, eos_id: int) -> Array:
-    """Forbids EOS at step ``t`` while fewer than ``min_new_tokens`` were generated."""
-    if config.min_new_tokens == 0:
-        return logits
-    early = t < config.min_new_tokens
+def _suppress_eos(logits: Array, t: Array, min_new_tokens: Array, eos_id: int) -> Array:
+    """Forbids EOS at step ``t`` while fewer than ``min_new_tokens`` were generated.
+
+    ``min_new_tokens`` is traced, not compiled in: scoring (0) and fixed-length
+    timing (``max_new_tokens``) of one model share one program.
+    """
+    early = t < min_new_tokens
     return logits.at[..., eos_id].set(jnp.where(early, -jnp.inf, logits[..., eos_id]))
 
 
@@ -265,7 +267,9 @@ def first_argmax(x: Array, row_max: Array) -> Array:
     return jnp.min(jnp.where(hit, index, x.shape[-1]), axis=-1)
 
 
-def _sample_loop(prefill, step, params, inputs, prompt_lengths, rng, config, pad_id, eos_id):
+def _sample_loop(
+    prefill, step, params, inputs, prompt_lengths, rng, min_new_tokens, config, pad_id, eos_id
+):
     logits, cache, offsets = prefill(params, inputs, prompt_lengths)
     batch = logits.shape[0]
     total = config.max_new_tokens
@@ -273,7 +277,7 @@ def _sample_loop(prefill, step, params, inputs, prompt_lengths, rng, config, pad
     def emit(state, logits):
         t, out, lengths, scores, done, rng = state
         rng, sub = jax.random.split(rng)
-        token, logp = _choose(_suppress_eos(logits, t, config, eos_id), sub, config)
+        token, logp = _choose(_suppress_eos(logits, t, min_new_tokens, eos_id), sub, config)
         token = jnp.where(done, pad_id, token)
         out = out.at[:, t].set(token)
         scores = scores + jnp.where(done, 0.0, logp)
@@ -325,7 +329,9 @@ def _gather_beams(tree: Any, flat_index: Array, batch_beams: int) -> Any:
     return jax.tree_util.tree_map(gather, tree)
 
 
-def _beam_search(prefill, step, params, inputs, prompt_lengths, config, pad_id, eos_id):
+def _beam_search(
+    prefill, step, params, inputs, prompt_lengths, min_new_tokens, config, pad_id, eos_id
+):
     k = config.num_beams
     total = config.max_new_tokens
     alpha = config.length_penalty
@@ -356,7 +362,7 @@ def _beam_search(prefill, step, params, inputs, prompt_lengths, config, pad_id, 
     def body(s):
         t = s["t"]
         last = t == total - 1
-        logits = _suppress_eos(s["logits"].astype(jnp.float32), t, config, eos_id)
+        logits = _suppress_eos(s["logits"].astype(jnp.float32), t, min_new_tokens, eos_id)
         log_probs = jax.nn.log_softmax(logits, axis=-1)
         cand = s["alive_logp"][:, :, None] + log_probs.reshape(batch, k, vocab)
         scores, flat = jax.lax.top_k(cand.reshape(batch, k * vocab), 2 * k)
@@ -425,16 +431,18 @@ def _beam_search(prefill, step, params, inputs, prompt_lengths, config, pad_id, 
 # --------------------------------------------------------------------------
 @functools.lru_cache(maxsize=64)
 def _compiled(model: nn.Module, config: DecodeConfig):
+    """The jitted program of ``config``; its ``min_new_tokens`` is an argument."""
     prefill, step = _runner(model, config.max_new_tokens)
     cfg = model.config
 
-    def run(params, inputs, prompt_lengths, rng):
+    def run(params, inputs, prompt_lengths, rng, min_new_tokens):
+        common = (config, cfg.pad_id, cfg.eos_id)
         if config.method == "beam":
             return _beam_search(
-                prefill, step, params, inputs, prompt_lengths, config, cfg.pad_id, cfg.eos_id
+                prefill, step, params, inputs, prompt_lengths, min_new_tokens, *common
             )
         return _sample_loop(
-            prefill, step, params, inputs, prompt_lengths, rng, config, cfg.pad_id, cfg.eos_id
+            prefill, step, params, inputs, prompt_lengths, rng, min_new_tokens, *common
         )
 
     return jax.jit(run)
@@ -469,4 +477,7 @@ def generate(
     inputs = jnp.asarray(inputs, jnp.int32)
     if prompt_lengths is not None:
         prompt_lengths = jnp.asarray(prompt_lengths, jnp.int32)
-    return _compiled(model, config)(nn.meta.unbox(params), inputs, prompt_lengths, rng)
+    program = _compiled(model, dataclasses.replace(config, min_new_tokens=0))
+    return program(
+        nn.meta.unbox(params), inputs, prompt_lengths, rng, jnp.int32(config.min_new_tokens)
+    )

@@ -36,6 +36,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flaxtune.module_param import param
 from flaxtune.peft import modules as peft_modules
 from flaxtune.quant.qarray import QArray
 from flaxtune.quant.qdot import qdot
@@ -109,7 +110,8 @@ class Dense(nn.Module):
             if isinstance(stored, QArray):
                 return stored
         init = self.kernel_init or _kernel_fan_in_init(1.0, len(in_shape))
-        return self.param(
+        return param(
+            self,
             "kernel",
             nn.with_logical_partitioning(init, self.kernel_axes),
             in_shape + self.out_shape,
@@ -141,7 +143,8 @@ class Dense(nn.Module):
                 deterministic=deterministic,
             )
         if self.use_bias:
-            bias = self.param(
+            bias = param(
+                self,
                 "bias",
                 nn.with_logical_partitioning(nn.initializers.zeros_init(), self.kernel_axes[n_in:]),
                 self.out_shape,
@@ -192,7 +195,8 @@ class Embed(nn.Module):
     embedding_init: Initializer = nn.initializers.normal(stddev=1.0)
 
     def setup(self) -> None:
-        self.embedding = self.param(
+        self.embedding = param(
+            self,
             "embedding",
             nn.with_logical_partitioning(self.embedding_init, ("vocab", "embed")),
             (self.num_embeddings, self.features),
@@ -230,10 +234,14 @@ class _Norm(nn.Module):
     center: ClassVar[bool] = False
 
     def _feature_param(self, name: str, init: Initializer, features: int) -> Array:
-        param = self.param(
-            name, nn.with_logical_partitioning(init, ("embed",)), (features,), self.param_dtype
+        value = param(
+            self,
+            name,
+            nn.with_logical_partitioning(init, ("embed",)),
+            (features,),
+            self.param_dtype,
         )
-        return param.astype(jnp.float32)
+        return value.astype(jnp.float32)
 
     @nn.compact
     def __call__(self, x: Array) -> Array:

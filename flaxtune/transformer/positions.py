@@ -25,6 +25,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flaxtune.module_param import param
+
 Array = jax.Array
 
 
@@ -47,7 +49,8 @@ class LearnedPositionEmbedding(nn.Module):
 
     @nn.compact
     def __call__(self, positions: Array) -> Array:
-        table = self.param(
+        table = param(
+            self,
             "embedding",
             nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02), ("length", "embed")),
             (self.max_length, self.features),
@@ -99,7 +102,8 @@ class RelativePositionBias(nn.Module):
 
     @nn.compact
     def __call__(self, q_positions: Array, k_positions: Array) -> Array:
-        table = self.param(
+        table = param(
+            self,
             "rel_embedding",
             nn.with_logical_partitioning(
                 nn.initializers.normal(stddev=self.init_stddev), ("relpos_buckets", "heads")

@@ -1,8 +1,10 @@
 """Mesh, sharded init and the jitted step: 1 device vs a (2, 2, 2) mesh of fake CPUs."""
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
+from flax import traverse_util
 from jax.sharding import PartitionSpec as P
 
 from flaxtune.train.mesh import (
@@ -110,8 +112,6 @@ def test_shard_batch_rejects_an_indivisible_batch():
 @pytest.mark.parametrize("kind", ["tiny-t5", "tiny-llama"])
 def test_transformer_losses_match_on_one_device_and_a_2x2x2_mesh(kind):
     """The real model and loss (dropout on) on 1 device and on data x fsdp x tensor."""
-    import flax.linen as nn
-
     from flaxtune.peft import trainability_rules
     from flaxtune.train.loop import make_loss_fn, model_inputs
     from flaxtune.transformer import build_model, get_config
@@ -160,3 +160,64 @@ def test_transformer_losses_match_on_one_device_and_a_2x2x2_mesh(kind):
     sharded = train(make_mesh(2, 2, 2))
     assert single[-1] < single[0]
     np.testing.assert_allclose(sharded, single, rtol=1e-5)
+
+
+def test_init_values_replace_their_draws_inside_the_sharded_init():
+    """init_from's path: given values in place, every other draw as without them."""
+    mesh = make_mesh(2, 2, 2)
+    labels = label_params(jax.eval_shape(toy.init_params, toy.rng()), toy.RULES_ALL)
+    tx = make_optimizer(OptimizerConfig(name="adamw", learning_rate=1e-2), labels)
+    drawn, _ = sharded_train_state(toy.init_params, toy.rng(), labels, tx, mesh, rng=toy.rng(1))
+    embedding = np.arange(toy.VOCAB * toy.EMBED, dtype=np.float64).reshape(toy.VOCAB, toy.EMBED)
+    given, shardings = sharded_train_state(
+        toy.init_params,
+        toy.rng(),
+        labels,
+        tx,
+        mesh,
+        rng=toy.rng(1),
+        # A float64 value is cast to the parameter's float32; unknown paths are ignored.
+        init_values={"embedding": embedding, "not/a/param": np.zeros(3)},
+    )
+    np.testing.assert_array_equal(given.trainable["embedding"], embedding.astype(np.float32))
+    assert given.trainable["embedding"].dtype == np.float32
+    assert given.trainable["embedding"].sharding == shardings.trainable["embedding"]
+    rest = lambda s: {
+        k: v for k, v in traverse_util.flatten_dict(s.trainable).items() if k != ("embedding",)
+    }
+    for key, value in rest(drawn).items():
+        np.testing.assert_array_equal(rest(given)[key], value)
+    with pytest.raises(ValueError, match=r"embedding: the given value has shape \(3, 8\)"):
+        sharded_train_state(
+            toy.init_params,
+            toy.rng(),
+            labels,
+            tx,
+            mesh,
+            rng=toy.rng(1),
+            init_values={"embedding": np.zeros((3, toy.EMBED))},
+        )
+
+
+def test_a_fully_replaced_init_compiles_no_random_draws():
+    """The replaced draws are dead code: XLA drops them before it compiles them."""
+    from flaxtune.train.state import create_train_state, replace_params
+
+    labels = label_params(jax.eval_shape(toy.init_params, toy.rng()), toy.RULES_ALL)
+    tx = make_optimizer(OptimizerConfig(name="adamw", learning_rate=1e-2), labels)
+    values = traverse_util.flatten_dict(
+        nn.meta.unbox(jax.eval_shape(toy.init_params, toy.rng())), sep="/"
+    )
+    values = {k: np.ones(v.shape, v.dtype) for k, v in values.items()}
+
+    def create(r, values):
+        return create_train_state(
+            replace_params(toy.init_params(r), values), labels, tx, rng=toy.rng(1)
+        )
+
+    def compiled_ops(values):
+        hlo = jax.jit(create).lower(toy.rng(), values).compile().as_text()
+        return hlo.count("xor")  # threefry's rounds are xors, shifts and adds
+
+    assert compiled_ops({}) > 20  # the check can see draws
+    assert compiled_ops(values) == 0

@@ -245,3 +245,17 @@ def test_min_new_tokens_suppresses_early_eos(method):
     np.testing.assert_array_equal(out.lengths, [4, 4])
     assert not np.any(np.asarray(out.tokens[:, :3]) == config.eos_id)
     np.testing.assert_array_equal(out.tokens[:, 3], config.eos_id)
+
+
+def test_min_new_tokens_is_an_argument_not_another_program():
+    """Scoring (no minimum) and fixed-length timing of one model compile once."""
+    from flaxtune.transformer import decoding
+
+    config, model, params = eos_loving_model()
+    inputs = random_tokens(np.random.RandomState(6), (2, 4), config.vocab_size)
+    decoding._compiled.cache_clear()
+    free = generate(model, params, inputs, DecodeConfig(max_new_tokens=5))
+    fixed = generate(model, params, inputs, DecodeConfig(max_new_tokens=5, min_new_tokens=5))
+    assert decoding._compiled.cache_info().currsize == 1
+    np.testing.assert_array_equal(free.lengths, [1, 1])  # the model says EOS at once
+    np.testing.assert_array_equal(fixed.lengths, [5, 5])
