@@ -118,7 +118,11 @@ def resolve(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         )
     if cfg.quick:
         for key, value in cfg.quick_sizes.items():
-            cfg[key] = value
+            if key == "run_overrides":
+                for dotted, text in parse_overrides(value).items():
+                    set_dotted(cfg.run, dotted, text)
+            else:
+                cfg[key] = value
     for name, text in cfg.method_overrides.items():
         if name not in ALL_METHODS:
             raise ValueError(f"method_overrides.{name}: no such method; see {ALL_METHODS}.")

@@ -10,8 +10,9 @@ Override anything on the command line, e.g.::
     python -m experiments.main --config=experiments/configs/seed_study.py \
         --config.methods=full,lora --config.finetune_steps=300 --workdir=/tmp/study
 
-``quick=True`` replaces the sizes with those in ``quick_sizes``: a smoke run of
-every phase (all methods, all precisions) in a few minutes.
+``quick=True`` replaces the sizes with those in ``quick_sizes`` and applies its
+``run_overrides`` (a one-layer-per-stack model): a smoke run of every phase (all
+methods, all precisions) in a few minutes.
 """
 
 import ml_collections
@@ -104,6 +105,10 @@ def get_config() -> ml_collections.ConfigDict:
             parallel_runs=3,
             # Two more compilations per method; the tests check the planner on tiny runs.
             check_memory=False,
+            # Overrides of `run` ("key=value;..."): one layer per stack instead of two.
+            # Toy runs are mostly tracing and compiling, whose cost grows with depth.
+            run_overrides="model.overrides.num_encoder_layers=1;"
+            "model.overrides.num_decoder_layers=1",
         )
     )
 

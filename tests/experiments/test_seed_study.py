@@ -199,3 +199,19 @@ def test_plain_statements_name_who_beats_the_references_and_who_does_not():
         "- **lora** does not reach most of full fine-tuning's mean score: 58% of it "
         "with 2% of its trainable parameters." in lines
     )
+
+
+def test_quick_sizes_shrink_the_model_through_run_overrides():
+    cfg = study_config.get_config()
+    full = seed_study.resolve(cfg)
+    cfg.quick = True
+    quick = seed_study.resolve(cfg)
+    layers = lambda c: (
+        c.run.model.overrides.num_encoder_layers,
+        c.run.model.overrides.num_decoder_layers,
+    )
+    assert layers(full) == (2, 2) and layers(quick) == (1, 1)
+    assert quick.finetune_steps == cfg.quick_sizes.finetune_steps
+    cfg.quick_sizes.run_overrides = "model.overrides.num_layers=1"
+    with pytest.raises(KeyError, match="num_layers"):
+        seed_study.resolve(cfg)
