@@ -167,18 +167,16 @@ def test_init_values_replace_their_draws_inside_the_sharded_init():
     mesh = make_mesh(2, 2, 2)
     labels = label_params(jax.eval_shape(toy.init_params, toy.rng()), toy.RULES_ALL)
     tx = make_optimizer(OptimizerConfig(name="adamw", learning_rate=1e-2), labels)
-    drawn, _ = sharded_train_state(toy.init_params, toy.rng(), labels, tx, mesh, rng=toy.rng(1))
+
+    def create(init_values=None):
+        return sharded_train_state(
+            toy.init_params, toy.rng(), labels, tx, mesh, rng=toy.rng(1), init_values=init_values
+        )
+
+    drawn, _ = create()
     embedding = np.arange(toy.VOCAB * toy.EMBED, dtype=np.float64).reshape(toy.VOCAB, toy.EMBED)
-    given, shardings = sharded_train_state(
-        toy.init_params,
-        toy.rng(),
-        labels,
-        tx,
-        mesh,
-        rng=toy.rng(1),
-        # A float64 value is cast to the parameter's float32; unknown paths are ignored.
-        init_values={"embedding": embedding, "not/a/param": np.zeros(3)},
-    )
+    # A float64 value is cast to the parameter's float32; unknown paths are ignored.
+    given, shardings = create({"embedding": embedding, "not/a/param": np.zeros(3)})
     np.testing.assert_array_equal(given.trainable["embedding"], embedding.astype(np.float32))
     assert given.trainable["embedding"].dtype == np.float32
     assert given.trainable["embedding"].sharding == shardings.trainable["embedding"]
@@ -188,15 +186,7 @@ def test_init_values_replace_their_draws_inside_the_sharded_init():
     for key, value in rest(drawn).items():
         np.testing.assert_array_equal(rest(given)[key], value)
     with pytest.raises(ValueError, match=r"embedding: the given value has shape \(3, 8\)"):
-        sharded_train_state(
-            toy.init_params,
-            toy.rng(),
-            labels,
-            tx,
-            mesh,
-            rng=toy.rng(1),
-            init_values={"embedding": np.zeros((3, toy.EMBED))},
-        )
+        create({"embedding": np.zeros((3, toy.EMBED))})
 
 
 def test_a_fully_replaced_init_compiles_no_random_draws():
