@@ -212,10 +212,10 @@ def sharded_train_state(
     Returns:
       ``(state, state_shardings)``.
     """
-    values = {} if init_values is None else dict(init_values)
+    values = dict(init_values or {})
 
     def create(r, values):
-        params = replace_params(init_params(r), values) if values else init_params(r)
+        params = replace_params(init_params(r), values)
         return create_train_state(params, labels, optimizer, rng=rng, loss_scale=loss_scale)
 
     with mesh_context(mesh, rules):
