@@ -54,7 +54,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -222,7 +222,16 @@ class CheckpointManager:
                 )
             )
         options = ocp.CheckpointManagerOptions(
-            save_interval_steps=save_interval_steps,
+            # The interval (and preemption) decide alone. orbax's default adds
+            # an "initial save" at a fresh run's first call, i.e. after step 1:
+            # a checkpoint that nothing needs (a run killed before the first
+            # interval restarts from step 0 and reproduces the same losses).
+            save_decision_policy=ocp.checkpoint_managers.AnySavePolicy(
+                [
+                    ocp.checkpoint_managers.FixedIntervalPolicy(save_interval_steps),
+                    ocp.checkpoint_managers.PreemptionCheckpointingPolicy(),
+                ]
+            ),
             best_fn=best_fn,
             best_mode=best_mode,
             keep_checkpoints_without_metrics=False,
@@ -296,21 +305,41 @@ class CheckpointManager:
 
     # -- save / restore --------------------------------------------------
 
+    def should_save(self, step: int) -> bool:
+        """Whether ``save`` at ``step`` (without ``force``) would write a checkpoint."""
+        return self._manager.should_save(step)
+
     def save(
         self,
         state: TrainState,
         *,
-        data_state: Mapping[str, Any] | None = None,
+        data_state: Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None = None,
         metrics: Mapping[str, float] | None = None,
         force: bool = False,
+        step: int | None = None,
     ) -> bool:
         """Saves ``state`` at ``state.step`` if the interval says so; returns whether it did.
 
         ``metrics`` must hold ``best_metric`` for the checkpoint to compete
         for "best". Returns immediately with async saving; the arrays are
         already copied, so ``state`` may be donated right after.
+
+        ``step``, when the caller counts steps on the host, lets a step that
+        is not saved return without reading ``state.step``: reading it waits
+        for the step's computation, which would stop a training loop from
+        preparing the next batch while the device works. ``data_state`` may be
+        a callable, called only when a checkpoint is written.
         """
-        step = int(jax.device_get(state.step))
+        if step is not None and not force and not self.should_save(step):
+            return False
+        state_step = int(jax.device_get(state.step))
+        if step is not None and step != state_step:
+            raise ValueError(f"save(step={step}) but the state is at step {state_step}.")
+        step = state_step
+        if not force and not self.should_save(step):
+            return False
+        if callable(data_state):
+            data_state = data_state()
         if metrics is not None:
             metrics = {k: float(v) for k, v in metrics.items()}
             if self.best_metric is not None and self.best_metric not in metrics:

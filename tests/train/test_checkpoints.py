@@ -108,6 +108,37 @@ def test_save_interval(tmp_path):
     assert saved == [True, False, False, True]
 
 
+def test_the_first_save_waits_for_the_interval_too(tmp_path):
+    # orbax's default policy would also save the first call of a fresh run.
+    state = _state(steps=0)
+    with CheckpointManager(tmp_path, save_interval_steps=4) as ckpt:
+        saved = [ckpt.save(state.replace(step=jnp.asarray(s, jnp.int32))) for s in (1, 2, 4)]
+        ckpt.wait_until_finished()
+        assert saved == [False, False, True] and ckpt.all_steps() == [4]
+
+
+def test_a_host_counted_step_skips_without_reading_the_state(tmp_path):
+    state = _state(steps=0).replace(step=jnp.asarray(3, jnp.int32))
+    made = []
+
+    def data_state():
+        made.append(1)
+        return {"next": 4}
+
+    with CheckpointManager(tmp_path, save_interval_steps=3) as ckpt:
+        # A deleted step array would raise if it were read (as a donated one does).
+        gone = state.replace(step=jnp.asarray(2, jnp.int32))
+        gone.step.delete()
+        assert not ckpt.save(gone, step=2, data_state=data_state)
+        assert made == []  # the data state is only made for a checkpoint
+        with pytest.raises(ValueError, match=r"save\(step=6\) but the state is at step 3"):
+            ckpt.save(state, step=6)
+        assert ckpt.save(state, step=3, data_state=data_state)
+        ckpt.wait_until_finished()
+        _, restored_data = ckpt.restore(state)
+    assert made == [1] and restored_data == {"next": 4}
+
+
 def test_a_partial_save_is_never_restored(tmp_path):
     state = _state()
     ckpt = CheckpointManager(tmp_path, save_interval_steps=1)
