@@ -8,7 +8,7 @@ Three parts, one JSON object per measurement:
     The t5-small full fine-tuning step of ``benchmarks.train_step`` (batch 8,
     source 128, target 32, dropout 0.1, AdamW) under each policy (fp32,
     mixed_bf16, bf16, fp16): median step time, tokens/s and XLA's peak memory
-    (``train_step.memory_analysis``). Each record also carries this CPU's
+    (``flaxtune.train.step_memory``). Each record also carries this CPU's
     matmul rate for the policy's compute dtype (float32 accumulation, as
     flaxtune's Dense computes), which explains most of the step-time ratios.
 

@@ -41,6 +41,7 @@ from flaxtune.train import (
     sharded_train_state,
 )
 from flaxtune.train.loop import make_loss_fn
+from flaxtune.train.step_memory import StepMemory
 from flaxtune.transformer import build_model, get_config
 
 METHODS = {
@@ -77,22 +78,6 @@ def batch_for(config, batch, src_len, tgt_len):
         "decoder_target_tokens": tgt,
         "decoder_loss_weights": np.ones((batch, tgt_len), np.float32),
     }
-
-
-def memory_analysis(compiled) -> dict[str, int]:
-    m = compiled.memory_analysis()
-    if m is None:
-        return {}
-    out = {
-        "argument_bytes": int(m.argument_size_in_bytes),
-        "output_bytes": int(m.output_size_in_bytes),
-        "temp_bytes": int(m.temp_size_in_bytes),
-        "alias_bytes": int(m.alias_size_in_bytes),
-    }
-    out["peak_bytes"] = (
-        out["argument_bytes"] + out["temp_bytes"] + out["output_bytes"] - out["alias_bytes"]
-    )
-    return out
 
 
 def measure(method: str, args, peak_flops: float) -> dict:
@@ -136,7 +121,8 @@ def measure(method: str, args, peak_flops: float) -> dict:
         shardings,
     )
     device_batch = shard_batch(batch, mesh)
-    compiled = step.jitted.lower(state, device_batch).compile()
+    compiled = step.compile(state, device_batch)
+    memory = StepMemory.from_compiled(compiled, device_batch)
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list | tuple) else cost
     flops = float((cost or {}).get("flops", 0.0))
@@ -163,7 +149,7 @@ def measure(method: str, args, peak_flops: float) -> dict:
         "trainable_pct": summary["percent"],
         "param_bytes": int(params_bytes),
         "optimizer_state_bytes": count_optimizer_state_bytes(holder["state"].opt_state),
-        "xla_memory": memory_analysis(compiled),
+        "xla_memory": memory.to_dict() if memory else {},
         "step_median_s": timing["median_s"],
         "tokens_per_s_median": tokens / timing["median_s"],
         "xla_flops_per_step": flops,

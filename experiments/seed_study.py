@@ -351,20 +351,26 @@ def method_row(cfg: ml_collections.ConfigDict, name: str, root: Path) -> dict[st
         "curve": curve(read_metrics(run_dir / "metrics.jsonl"), "train/loss"),
     }
     if cfg.check_memory:
-        row["memory"] = memory_row(run_cfg, tokenizer)
+        row["memory"] = memory_row(run_cfg, tokenizer, out.get("xla_step_memory"))
     return row
 
 
-def memory_row(run_cfg: ml_collections.ConfigDict, tokenizer: Tokenizer) -> dict[str, Any]:
+def memory_row(
+    run_cfg: ml_collections.ConfigDict,
+    tokenizer: Tokenizer,
+    step_memory: dict[str, int] | None = None,
+) -> dict[str, Any]:
     """The memory planner's lines for a run config, next to XLA's compiled step.
 
-    ``xla_peak_bytes`` = arguments + temporaries + outputs not aliased to the
-    donated state (as ``benchmarks/train_step.py`` reports it);
-    ``planned_peak_bytes`` is the plan's total (weights, gradients, optimizer
-    state, estimated activations, batch).
+    ``step_memory``: XLA's figures of the train step the run compiled (its
+    ``results.json``'s ``xla_step_memory``); without them the step is
+    compiled here. ``xla_peak_bytes`` = arguments + temporaries + outputs not
+    aliased to the donated state; ``planned_peak_bytes`` is the plan's total
+    (weights, gradients, optimizer state, estimated activations, batch).
     """
     from flaxtune.quant.memory import check_against_xla
     from flaxtune.train.loop import base_quant_config
+    from flaxtune.train.step_memory import StepMemory
 
     check = check_against_xla(
         model_config(run_cfg, tokenizer),
@@ -376,6 +382,7 @@ def memory_row(run_cfg: ml_collections.ConfigDict, tokenizer: Tokenizer) -> dict
         quant=base_quant_config(run_cfg),
         selective=tuple(s for s in run_cfg.selective.split(",") if s),
         frozen_in_compute_dtype=run_cfg.quant.frozen_in_compute_dtype,
+        step_memory=StepMemory.from_dict(step_memory) if step_memory else None,
     )
     plan = check.plan
     planned_wgo, xla_wgo, ratio = check.comparisons["weights + gradients + optimizer state"]

@@ -61,6 +61,11 @@ abstract arrays and compiled; nothing is materialized. Compared:
 * planned gradients + activations  vs  the train step's temporaries
   (reported with its ratio, as an estimate).
 
+A training run's own compiled step can stand in for the compiled one
+(``step_memory=StepMemory.from_dict(results["xla_step_memory"])``): the
+figures are then those of the step that actually ran, with the run's
+optimizer settings and batch layout.
+
 Command line (prints the table, the XLA check unless ``--no-check``, or one
 JSON object with ``--json``)::
 
@@ -75,7 +80,7 @@ import dataclasses
 import json
 import math
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import flax.linen as nn
 import jax
@@ -83,6 +88,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxtune.quant.policy import Policy, get_policy
+
+if TYPE_CHECKING:
+    from flaxtune.train.step_memory import StepMemory
 
 __all__ = [
     "METHODS",
@@ -387,11 +395,14 @@ class XlaCheck:
     alias_bytes: int
     temp_bytes: int
     gradient_output_bytes: int
+    # The batch's part of argument_bytes (a packed batch's segment ids and
+    # positions included, which the plan's batch line does not count).
+    batch_bytes: int
 
     @property
     def comparisons(self) -> dict[str, tuple[int, int, float]]:
         p = self.plan
-        state = self.argument_bytes - p.batch
+        state = self.argument_bytes - self.batch_bytes
         rows = {
             "weights + optimizer state": (p.weights + p.optimizer_state, state),
             "gradients": (p.gradients, self.gradient_output_bytes),
@@ -415,6 +426,7 @@ class XlaCheck:
                 "alias_bytes": self.alias_bytes,
                 "temp_bytes": self.temp_bytes,
                 "gradient_output_bytes": self.gradient_output_bytes,
+                "batch_bytes": self.batch_bytes,
             },
             "comparisons": {
                 k: {"planned": a, "xla": b, "ratio": r} for k, (a, b, r) in self.comparisons.items()
@@ -443,6 +455,7 @@ def check_against_xla(
     quant: Any = None,
     selective: tuple[str, ...] = (),
     frozen_in_compute_dtype: bool = True,
+    step_memory: StepMemory | None = None,
 ) -> XlaCheck:
     """Plans, then compiles the real train step on abstract arrays and compares.
 
@@ -450,6 +463,12 @@ def check_against_xla(
     loop builds it (trainability rules, ``make_optimizer``, the frozen base
     quantized by the plan's specs and cast to its storage dtype, the policy's
     loss scaler) but from ``jax.ShapeDtypeStruct`` s, on one device.
+
+    ``step_memory``: XLA's figures of this configuration's train step if one
+    was compiled already, e.g. by the training run itself
+    (``train_and_evaluate`` records them as ``results["xla_step_memory"]``).
+    They are used as they are and the step is not compiled again; the
+    gradient function, which no run compiles, still is.
     """
     from flax import traverse_util
     from jax.sharding import NamedSharding
@@ -462,6 +481,7 @@ def check_against_xla(
     from flaxtune.train.partition import merge_params, split_params
     from flaxtune.train.state import TrainState
     from flaxtune.train.step import make_train_step
+    from flaxtune.train.step_memory import StepMemory
 
     memory_plan = plan(
         config,
@@ -528,7 +548,8 @@ def check_against_xla(
         return jax.grad(lambda t: loss_fn(merge_params(t, frozen), batch, rng)[0])(trainable)
 
     with mesh_context(mesh):
-        step_memory = step.jitted.lower(state, data).compile().memory_analysis()
+        if step_memory is None:
+            step_memory = StepMemory.from_compiled(step.compile(state, data), data)
         grad_memory = (
             jax.jit(gradients)
             .lower(state.trainable, state.frozen, data, state.rng)
@@ -537,11 +558,12 @@ def check_against_xla(
         )
     return XlaCheck(
         plan=memory_plan,
-        argument_bytes=int(step_memory.argument_size_in_bytes),
-        output_bytes=int(step_memory.output_size_in_bytes),
-        alias_bytes=int(step_memory.alias_size_in_bytes),
-        temp_bytes=int(step_memory.temp_size_in_bytes),
+        argument_bytes=step_memory.argument_bytes,
+        output_bytes=step_memory.output_bytes,
+        alias_bytes=step_memory.alias_bytes,
+        temp_bytes=step_memory.temp_bytes,
         gradient_output_bytes=int(grad_memory.output_size_in_bytes),
+        batch_bytes=step_memory.batch_bytes,
     )
 
 

@@ -22,6 +22,7 @@ another run's final parameters (pretraining, then fine-tuning).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import logging
@@ -73,9 +74,14 @@ from flaxtune.train.optimizer import (
 )
 from flaxtune.train.partition import label_params, merge_params
 from flaxtune.train.step import make_train_step
+from flaxtune.train.step_memory import StepMemory
 from flaxtune.transformer import DecodeConfig, build_model, generate, get_config
 
 logger = logging.getLogger(__name__)
+
+# Train steps dispatched but not yet finished that the loop allows: 2 lets the
+# host make the next batch while the device computes, without running ahead.
+MAX_STEPS_IN_FLIGHT = 2
 
 PEFT_METHODS = (
     "none",
@@ -532,10 +538,29 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path) -> d
         ProgressBar(cfg.train.num_steps, initial=int(state.step)) as bar,
     ):
         last = time.perf_counter()
-        while int(state.step) < cfg.train.num_steps:
+        # Steps are counted here, not read from ``state.step``: reading it would
+        # wait for each step to finish before the next batch is even made. As it
+        # is, the host prepares batch k+1 while the device computes step k; a
+        # step more than ``MAX_STEPS_IN_FLIGHT`` behind is waited for, so the
+        # host never runs far ahead (logging steps wait for their metrics anyway).
+        step = int(state.step)
+        in_flight: collections.deque[jax.Array] = collections.deque()
+        step_compiled = False
+        while step < cfg.train.num_steps:
             batch = shard_batch(next(iterator), mesh)
+            if not step_compiled:
+                # Compiled ahead of the first call (which then reuses it) for
+                # XLA's memory figures of the step this run executes.
+                step_compiled = True
+                memory = StepMemory.from_compiled(step_fn.compile(state, batch), batch)
+                if memory is not None:
+                    results["xla_step_memory"] = memory.to_dict()
+                    logger.info("train step (XLA): peak %.1f MiB", memory.peak_bytes / 2**20)
             state, metrics = step_fn(state, batch)
-            step = int(state.step)
+            step += 1
+            in_flight.append(metrics["loss"])
+            if len(in_flight) > MAX_STEPS_IN_FLIGHT:
+                in_flight.popleft().block_until_ready()
             if step % cfg.train.log_every == 0 or step == cfg.train.num_steps:
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 now = time.perf_counter()
@@ -577,8 +602,9 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path) -> d
             ckpt.save(
                 state,
                 metrics=eval_metrics,
-                data_state={"loader": iterator.get_state()},
+                data_state=lambda: {"loader": iterator.get_state()},
                 force=step == cfg.train.num_steps,
+                step=step,
             )
     ckpt.wait_until_finished()
     ckpt.close()

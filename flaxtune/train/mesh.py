@@ -269,5 +269,12 @@ def jit_train_step(
         with mesh_context(mesh, rules):
             return jitted(state, batch)
 
+    def compile(state: TrainState, batch: PyTree) -> jax.stages.Compiled:
+        # Lowered under the same mesh and rules as ``run``, so a later
+        # ``run(state, batch)`` finds this executable in jit's cache.
+        with mesh_context(mesh, rules):
+            return jitted.lower(state, batch).compile()
+
     run.jitted = jitted  # exposed for .lower(...) (FLOP counts, HLO inspection)
+    run.compile = compile  # ahead of time: memory analysis of the step that will run
     return run

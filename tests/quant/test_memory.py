@@ -4,6 +4,7 @@ and agreement with XLA's compiled memory of the real train step."""
 import json
 import math
 
+import jax
 import pytest
 
 from flaxtune.quant.memory import (
@@ -14,6 +15,7 @@ from flaxtune.quant.memory import (
     textbook_full_training,
 )
 from flaxtune.train.frozen_base import BaseQuantConfig
+from flaxtune.train.step_memory import StepMemory
 from flaxtune.transformer import PUBLISHED_PARAMETER_COUNTS, get_config
 
 
@@ -130,3 +132,36 @@ def test_bad_arguments_are_errors():
         plan("tiny-t5", policy="fp8")
     with pytest.raises(ValueError, match="no kernel is frozen"):
         plan("tiny-t5", quant=BaseQuantConfig(qtype="nf4"))
+
+
+def test_a_run_s_own_step_figures_replace_the_step_compile():
+    check = check_against_xla("tiny-t5", None, "fp32", "adamw", batch=2, lengths=(16, 8))
+    assert check.batch_bytes == check.plan.batch  # an unpacked batch, as planned
+    # A packed run's batch is bigger (segment ids, positions): its state is what remains.
+    given = StepMemory(
+        argument_bytes=check.argument_bytes + 64,
+        output_bytes=check.output_bytes,
+        alias_bytes=check.alias_bytes,
+        temp_bytes=check.temp_bytes + 1,
+        batch_bytes=check.batch_bytes + 64,
+    )
+    compiles = []
+
+    def listen(event, seconds, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        again = check_against_xla(
+            "tiny-t5", None, "fp32", "adamw", batch=2, lengths=(16, 8), step_memory=given
+        )
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert len(compiles) == 1  # the gradient function only
+    assert again.temp_bytes == check.temp_bytes + 1
+    assert again.gradient_output_bytes == check.gradient_output_bytes
+    assert (
+        again.comparisons["weights + optimizer state"]
+        == (check.comparisons["weights + optimizer state"])
+    )

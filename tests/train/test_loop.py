@@ -6,7 +6,13 @@ import json
 import pytest
 
 from experiments.configs import tiny
-from flaxtune.train.loop import optimizer_config, peft_config, train_and_evaluate
+from flaxtune.data import Tokenizer, make_loader
+from flaxtune.train.loop import (
+    loader_config,
+    optimizer_config,
+    peft_config,
+    train_and_evaluate,
+)
 from flaxtune.train.metrics_writer import read_metrics
 
 
@@ -48,6 +54,22 @@ def test_tiny_config_runs_end_to_end(data_dir, tmp_path):
     assert set(results["scores"]) == {t for t in tiny.get_config().eval.tasks.split(",")}
     assert json.loads((tmp_path / "results.json").read_text())["trainable"]["percent"] == 100.0
     assert any(f.name.startswith("events.out") for f in (tmp_path / "tensorboard").iterdir())
+    # XLA's figures of the step that ran (per device: the batch is split over all 8).
+    cfg = tiny_config(data_dir)
+    batch = next(
+        iter(
+            make_loader(
+                cfg.data.tasks,
+                "train",
+                Tokenizer.load(tmp_path / "tokenizer.model"),
+                loader_config(cfg, encoder_decoder=True),
+                data_dir=data_dir,
+            )
+        )
+    )
+    memory = results["xla_step_memory"]
+    assert memory["batch_bytes"] * 8 == sum(x.nbytes for x in batch.values())
+    assert memory["peak_bytes"] > memory["argument_bytes"] > memory["batch_bytes"]
 
 
 def test_resume_reproduces_the_uninterrupted_losses(data_dir, tmp_path):

@@ -18,6 +18,7 @@ from flaxtune.train.mesh import (
 from flaxtune.train.optimizer import OptimizerConfig, make_optimizer, make_schedule
 from flaxtune.train.partition import label_params
 from flaxtune.train.step import make_train_step
+from flaxtune.train.step_memory import StepMemory
 
 from . import toy
 
@@ -211,3 +212,39 @@ def test_a_fully_replaced_init_compiles_no_random_draws():
 
     assert compiled_ops({}) > 20  # the check can see draws
     assert compiled_ops(values) == 0
+
+
+def test_a_step_compiled_ahead_runs_without_compiling_again():
+    mesh = make_mesh(2, 2, 2)
+    labels = label_params(jax.eval_shape(toy.init_params, toy.rng()), toy.RULES_ALL)
+    tx = make_optimizer(OptimizerConfig(name="adamw", learning_rate=1e-2), labels)
+    state, shardings = sharded_train_state(
+        toy.init_params, toy.rng(), labels, tx, mesh, rng=toy.rng(1)
+    )
+    step = jit_train_step(make_train_step(toy.loss_fn, tx), mesh, shardings)
+    batch = shard_batch(toy.batch_at(0), mesh)
+    # XLA's figures are per device: device 0's shards of the state and batch.
+    state_bytes = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(state))
+    batch_bytes = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(batch))
+    compiles = []
+
+    def listen(event, seconds, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        compiled = step.compile(state, batch)
+        assert len(compiles) == 1
+        step(state, batch)
+        assert len(compiles) == 1  # the call found the executable compiled ahead
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    memory = StepMemory.from_compiled(compiled, batch)
+    # The arguments are exactly the state and the batch.
+    assert (memory.batch_bytes, memory.state_bytes) == (batch_bytes, state_bytes)
+    assert memory.alias_bytes > 0 and memory.temp_bytes > 0  # the new state reuses the old
+    assert memory.peak_bytes == (
+        memory.argument_bytes + memory.temp_bytes + memory.output_bytes - memory.alias_bytes
+    )
+    assert StepMemory.from_dict(memory.to_dict()) == memory
