@@ -109,7 +109,10 @@ def flat(tree):
 
 
 def qlora_config(data_dir, **train):
-    cfg = tiny_config(data_dir, log_every=1, keep_checkpoints=5, **train)
+    # Every step is checkpointed and kept: the tests compare the state after step 1
+    # with the last one.
+    train = {"checkpoint_every": 1, "keep_checkpoints": 8, **train}
+    cfg = tiny_config(data_dir, log_every=1, **train)
     cfg.peft.method = "lora"
     cfg.peft.lora_targets = "all-linear"
     cfg.quant.base = "nf4"
