@@ -330,14 +330,13 @@ class CheckpointManager:
         preparing the next batch while the device works. ``data_state`` may be
         a callable, called only when a checkpoint is written.
         """
-        if step is not None and not force and not self.should_save(step):
-            return False
-        state_step = int(jax.device_get(state.step))
-        if step is not None and step != state_step:
-            raise ValueError(f"save(step={step}) but the state is at step {state_step}.")
-        step = state_step
+        if step is None:
+            step = int(jax.device_get(state.step))
         if not force and not self.should_save(step):
             return False
+        state_step = int(jax.device_get(state.step))  # a checkpoint waits for the state anyway
+        if step != state_step:
+            raise ValueError(f"save(step={step}) but the state is at step {state_step}.")
         if callable(data_state):
             data_state = data_state()
         if metrics is not None:
