@@ -4,7 +4,6 @@ and agreement with XLA's compiled memory of the real train step."""
 import json
 import math
 
-import jax
 import pytest
 
 from flaxtune.quant.memory import (
@@ -17,6 +16,7 @@ from flaxtune.quant.memory import (
 from flaxtune.train.frozen_base import BaseQuantConfig
 from flaxtune.train.step_memory import StepMemory
 from flaxtune.transformer import PUBLISHED_PARAMETER_COUNTS, get_config
+from tests.xla_compiles import backend_compiles
 
 
 def test_textbook_one_billion_parameters():
@@ -145,19 +145,10 @@ def test_a_run_s_own_step_figures_replace_the_step_compile():
         temp_bytes=check.temp_bytes + 1,
         batch_bytes=check.batch_bytes + 64,
     )
-    compiles = []
-
-    def listen(event, seconds, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiles.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(listen)
-    try:
+    with backend_compiles() as compiles:
         again = check_against_xla(
             "tiny-t5", None, "fp32", "adamw", batch=2, lengths=(16, 8), step_memory=given
         )
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listen)
     assert len(compiles) == 1  # the gradient function only
     assert again.temp_bytes == check.temp_bytes + 1
     assert again.gradient_output_bytes == check.gradient_output_bytes

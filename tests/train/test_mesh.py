@@ -19,6 +19,7 @@ from flaxtune.train.optimizer import OptimizerConfig, make_optimizer, make_sched
 from flaxtune.train.partition import label_params
 from flaxtune.train.step import make_train_step
 from flaxtune.train.step_memory import StepMemory
+from tests.xla_compiles import backend_compiles
 
 from . import toy
 
@@ -226,20 +227,11 @@ def test_a_step_compiled_ahead_runs_without_compiling_again():
     # XLA's figures are per device: device 0's shards of the state and batch.
     state_bytes = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(state))
     batch_bytes = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(batch))
-    compiles = []
-
-    def listen(event, seconds, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiles.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(listen)
-    try:
+    with backend_compiles() as compiles:
         compiled = step.compile(state, batch)
         assert len(compiles) == 1
         step(state, batch)
         assert len(compiles) == 1  # the call found the executable compiled ahead
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listen)
     memory = StepMemory.from_compiled(compiled, batch)
     # The arguments are exactly the state and the batch.
     assert (memory.batch_bytes, memory.state_bytes) == (batch_bytes, state_bytes)
