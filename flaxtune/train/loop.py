@@ -555,7 +555,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path) -> d
                 memory = StepMemory.from_compiled(step_fn.compile(state, batch), batch)
                 if memory is not None:
                     results["xla_step_memory"] = memory.to_dict()
-                    logger.info("train step (XLA): peak %.1f MiB", memory.peak_bytes / 2**20)
+                    logger.info("train step (XLA): %.1f MiB per device", memory.peak_bytes / 2**20)
             state, metrics = step_fn(state, batch)
             step += 1
             in_flight.append(metrics["loss"])
