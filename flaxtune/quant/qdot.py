@@ -34,6 +34,7 @@ never have the kernel's shape, so ``self.param`` rejects it.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -63,15 +64,61 @@ def float_dot(x: jax.Array, w: jax.Array, *, n_in: int, compute_dtype: Any) -> j
     """``x @ w`` in ``compute_dtype``, 16-bit inputs accumulating in float32."""
     x = x.astype(compute_dtype)
     w = w.astype(compute_dtype)
-    x_axes = tuple(range(x.ndim - n_in, x.ndim))
-    w_axes = tuple(range(n_in))
-    y = jax.lax.dot_general(
-        x,
-        w,
-        ((x_axes, w_axes), ((), ())),
-        preferred_element_type=_accumulation_dtype(compute_dtype),
-    )
+    y = _kernel_dot(x, w, n_in, _accumulation_dtype(compute_dtype))
     return y.astype(compute_dtype)
+
+
+def _dims(x_ndim: int, n_in: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(batch axes, contracted axes) of an input of rank ``x_ndim``."""
+    return tuple(range(x_ndim - n_in)), tuple(range(x_ndim - n_in, x_ndim))
+
+
+def _kernel_dot_impl(x: jax.Array, w: jax.Array, n_in: int, accum_dtype: Any) -> jax.Array:
+    _, x_in = _dims(x.ndim, n_in)
+    return jax.lax.dot_general(
+        x, w, ((x_in, tuple(range(n_in))), ((), ())), preferred_element_type=accum_dtype
+    )
+
+
+# Same products as autodiff of ``_kernel_dot_impl`` (bit-identical results), in
+# a different operand order for the kernel gradient. ``dW = x^T g`` contracts
+# the batch axes, which are the *major* axes of both operands; XLA's CPU
+# matmul kernels want the contracted axis minor on the left, so one operand
+# is copied transposed first. JAX's own transpose rule always writes the
+# product as ``(g^T x)^T``, i.e. it transposes ``g``: for an MLP's input
+# projection that is the [tokens, d_ff] activation gradient, four times the
+# size of ``x``, and XLA fuses the ReLU/dropout masks into that strided copy
+# (a t5-small step spent ~10% of its time there). Here the smaller of ``x``
+# and ``g`` is the one transposed.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _kernel_dot(x: jax.Array, w: jax.Array, n_in: int, accum_dtype: Any) -> jax.Array:
+    return _kernel_dot_impl(x, w, n_in, accum_dtype)
+
+
+def _kernel_dot_fwd(x, w, n_in, accum_dtype):
+    return _kernel_dot_impl(x, w, n_in, accum_dtype), (x, w)
+
+
+def _kernel_dot_bwd(n_in, accum_dtype, residuals, g):
+    x, w = residuals
+    x_batch, _ = _dims(x.ndim, n_in)
+    n_out = w.ndim - n_in
+    g_out = tuple(range(g.ndim - n_out, g.ndim))
+    w_out = tuple(range(n_in, w.ndim))
+    # dx [batch..., in...] = g [batch..., out...] . w [in..., out...] over out.
+    dx = jax.lax.dot_general(g, w, ((g_out, w_out), ((), ())), preferred_element_type=accum_dtype)
+    batch_dims = (x_batch, x_batch)
+    if x.size <= g.size:
+        dw = jax.lax.dot_general(x, g, (batch_dims, ((), ())), preferred_element_type=accum_dtype)
+    else:
+        dw_t = jax.lax.dot_general(
+            g, x, (batch_dims, ((), ())), preferred_element_type=accum_dtype
+        )  # [out..., in...]
+        dw = jnp.transpose(dw_t, tuple(range(n_out, w.ndim)) + tuple(range(n_out)))
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+_kernel_dot.defvjp(_kernel_dot_fwd, _kernel_dot_bwd)
 
 
 def quantize_rows(x: jax.Array, n_in: int) -> tuple[jax.Array, jax.Array]:
