@@ -42,7 +42,7 @@ import jax.numpy as jnp
 
 from flaxtune.peft import modules as peft_modules
 from flaxtune.transformer.config import TransformerConfig
-from flaxtune.transformer.layers import Dense, Dropout, _kernel_fan_in_init
+from flaxtune.transformer.layers import Dense, Dropout, _kernel_fan_in_init, project_together
 from flaxtune.transformer.positions import apply_rope
 
 Array = jax.Array
@@ -136,15 +136,14 @@ class MultiHeadAttention(nn.Module):
         key = self._dense((kv, d), ("embed", "heads", "kv"), "key")
         value = self._dense((kv, d), ("embed", "heads", "kv"), "value")
 
-        q = query(x, deterministic=deterministic)
         # Keys and values read from the cache come heads-major [b, kv, s, d].
         heads_major = decode
         if self.is_cross:
+            q = query(x, deterministic=deterministic)
             k, v = self._cross_keys_values(key, value, kv_input, decode, deterministic)
         else:
-            k, v = self._ia3(
-                key(x, deterministic=deterministic), value(x, deterministic=deterministic)
-            )
+            q, k, v = project_together([query, key, value], x, deterministic=deterministic)
+            k, v = self._ia3(k, v)
             if rope is not None:
                 q = apply_rope(q, *rope)
                 k = apply_rope(k, *rope)
@@ -239,10 +238,7 @@ class MultiHeadAttention(nn.Module):
         self, key: Dense, value: Dense, kv_input: Array | None, decode: bool, deterministic: bool
     ) -> tuple[Array, Array]:
         if kv_input is not None:
-            k, v = self._ia3(
-                key(kv_input, deterministic=deterministic),
-                value(kv_input, deterministic=deterministic),
-            )
+            k, v = self._ia3(*project_together([key, value], kv_input, deterministic=deterministic))
             if decode:  # stored (and used) heads-major [b, kv, src_len, d]
                 k, v = _heads_major(k), _heads_major(v)
                 self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype).value = k
