@@ -76,6 +76,7 @@ from flaxtune.train import (
     make_train_step,
     measure_peak_flops,
     merge_params,
+    retain_freed_host_memory,
     shard_batch,
     sharded_train_state,
 )
@@ -457,6 +458,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    retain_freed_host_memory()  # as the training entry point does
     if "train" in args.part:
         part_train(args)
     if "quality" in args.part or "inference" in args.part:

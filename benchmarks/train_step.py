@@ -37,6 +37,7 @@ from flaxtune.train import (
     make_schedule,
     make_train_step,
     measure_peak_flops,
+    retain_freed_host_memory,
     shard_batch,
     sharded_train_state,
 )
@@ -202,6 +203,7 @@ def measure_with_peer(method: str, args: argparse.Namespace, peak: float) -> dic
 
 def main() -> None:
     args = parse_args()
+    retain_freed_host_memory()  # as the training entry point does
     peak = measure_peak_flops(2048, jnp.float32)
     for method in args.method:
         record = measure_with_peer(method, args, peak)

@@ -29,6 +29,10 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.INFO)
+    # Before anything starts JAX's backends (see flaxtune/train/host_memory.py).
+    from flaxtune.train.host_memory import retain_freed_host_memory
+
+    retain_freed_host_memory()
     config = _CONFIG.value
     if "methods" in config:
         from experiments import seed_study

@@ -19,6 +19,7 @@ from pathlib import Path
 import ml_collections
 
 from experiments import seed_study
+from flaxtune.train.host_memory import retain_freed_host_memory
 
 
 @contextlib.contextmanager
@@ -43,6 +44,7 @@ def output_to(path: Path):
 
 def main(argv: list[str]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    retain_freed_host_memory()
     root = Path(argv[1])
     cfg = ml_collections.ConfigDict(json.loads((root / "study_config.json").read_text()))
     seed_study.use_compilation_cache(root)

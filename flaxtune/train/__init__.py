@@ -8,6 +8,8 @@
 * ``checkpoints``: orbax checkpoints with exact resume and run metadata.
 * ``metrics_writer`` / ``throughput``: JSONL + TensorBoard, progress bar,
   loss curves, tokens/s and MFU.
+* ``host_memory``: keeps XLA's CPU temporaries mapped between steps (call
+  ``retain_freed_host_memory()`` before the first computation).
 
 How the pieces fit (a loop needs little more)::
 
@@ -40,6 +42,7 @@ from flaxtune.train.checkpoints import (
     TokenizerMismatchError,
     file_fingerprint,
 )
+from flaxtune.train.host_memory import retain_freed_host_memory
 from flaxtune.train.losses import cross_entropy_with_logits, token_accuracy
 from flaxtune.train.mesh import (
     LOGICAL_AXIS_RULES,
@@ -99,6 +102,7 @@ __all__ = [
     "mesh_context",
     "plot_curves",
     "read_metrics",
+    "retain_freed_host_memory",
     "shard_batch",
     "sharded_init",
     "sharded_train_state",
