@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import emit, environment, peak_rss_mib, run_peer, time_fn
+from flaxtune.train import retain_freed_host_memory
 from flaxtune.transformer import DecodeConfig, build_model, generate, get_config
 
 
@@ -35,6 +36,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--peer", action="store_true", help="also run the HF peer's t5_generate")
     args = p.parse_args()
+    retain_freed_host_memory()  # as the training entry point does
 
     config = get_config(args.preset, dtype=args.dtype, dropout_rate=0.0)
     model = build_model(config)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from benchmarks import train_step
 from benchmarks.common import emit
-from flaxtune.train import measure_peak_flops
+from flaxtune.train import measure_peak_flops, retain_freed_host_memory
 
 ALL = [
     "full",
@@ -40,6 +40,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--peer", action="store_true")
     args = p.parse_args()
+    retain_freed_host_memory()  # as the training entry point does
     peak = measure_peak_flops(2048, jnp.float32)
     for method in args.method:
         ns = train_step.parse_args(

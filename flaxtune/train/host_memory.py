@@ -32,9 +32,9 @@ must come before JAX initializes its backends (the first computation or
 changes nothing.
 It does nothing where an accelerator plugin is installed (there the
 temporaries live in device memory) or off glibc. The entry points
-(``experiments.main``, the study workers, ``benchmarks.train_step``) call it
-first thing; ``FLAXTUNE_RETAIN_HOST_MEMORY=0`` in the environment turns it
-off for them.
+(``experiments.main``, the study workers, and the benchmarks that time
+compiled steps) call it first thing; ``FLAXTUNE_RETAIN_HOST_MEMORY=0`` in
+the environment turns it off for them.
 """
 
 from __future__ import annotations
