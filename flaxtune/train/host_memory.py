@@ -39,7 +39,6 @@ the environment turns it off for them.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import importlib.metadata
 import importlib.util
 import logging
@@ -89,11 +88,9 @@ def retain_freed_host_memory(*, respect_env: bool = True) -> bool:
             "first thing in main(), before any computation or jax.devices()."
         )
         return False
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name or "libc.so.6")
-        libc.gnu_get_libc_version  # noqa: B018 (only glibc has it)
-    except (OSError, AttributeError):
+    # The process's own symbols: the libc that Python (and XLA) allocate with.
+    libc = ctypes.CDLL(None)
+    if not hasattr(libc, "gnu_get_libc_version"):  # only glibc has it
         return False
     applied = all(
         libc.mallopt(param, value) == 1
