@@ -80,16 +80,9 @@ from flaxtune.train import (
     shard_batch,
     sharded_train_state,
 )
-from flaxtune.train.loop import (
-    data_directory,
-    eval_loss,
-    generation_scores,
-    loader_config,
-    make_loss_fn,
-    model_config,
-    model_inputs,
-    optimizer_config,
-)
+from flaxtune.train.losses import eval_loss, make_loss_fn, model_inputs
+from flaxtune.train.run_config import data_directory, loader_config, model_config, optimizer_config
+from flaxtune.train.scoring import generation_scores
 from flaxtune.transformer import DecodeConfig, build_model, generate, get_config
 
 POLICIES = ("fp32", "mixed_bf16", "bf16", "fp16")

@@ -41,7 +41,7 @@ from flaxtune.train import (
     shard_batch,
     sharded_train_state,
 )
-from flaxtune.train.loop import make_loss_fn
+from flaxtune.train.losses import make_loss_fn
 from flaxtune.train.step_memory import StepMemory
 from flaxtune.transformer import build_model, get_config
 

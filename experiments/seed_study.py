@@ -52,17 +52,12 @@ from experiments.configs.seed_study import ALL_METHODS, ALL_PRECISIONS
 from experiments.study_report import PRIMARY_SCORE
 from flaxtune.data import Tokenizer, make_loader
 from flaxtune.quant.convert import convert_model, tree_bytes
-from flaxtune.train.loop import (
-    data_directory,
-    eval_loss,
-    generation_scores,
-    load_params,
-    loader_config,
-    make_predict_fn,
-    model_config,
-    train_and_evaluate,
-)
+from flaxtune.train.loop import train_and_evaluate
+from flaxtune.train.losses import eval_loss
 from flaxtune.train.metrics_writer import curve, read_metrics
+from flaxtune.train.run_config import data_directory, loader_config, model_config
+from flaxtune.train.run_dir import load_params
+from flaxtune.train.scoring import generation_scores, make_predict_fn
 from flaxtune.transformer import DecodeConfig, build_model
 
 logger = logging.getLogger(__name__)
@@ -369,7 +364,7 @@ def memory_row(
     (weights, gradients, optimizer state, estimated activations, batch).
     """
     from flaxtune.quant.memory import check_against_xla
-    from flaxtune.train.loop import base_quant_config
+    from flaxtune.train.run_config import base_quant_config
     from flaxtune.train.step_memory import StepMemory
 
     check = check_against_xla(

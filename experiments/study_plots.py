@@ -26,7 +26,8 @@ from flax import traverse_util
 from flaxtune.data import iterate_examples
 from flaxtune.data.templates import TemplateChoice
 from flaxtune.quant import explain
-from flaxtune.train.loop import data_directory, make_predict_fn
+from flaxtune.train.run_config import data_directory
+from flaxtune.train.scoring import make_predict_fn
 from flaxtune.transformer import DecodeConfig
 
 MIB = 2**20

@@ -475,7 +475,7 @@ def check_against_xla(
     from jax.sharding import PartitionSpec as P
 
     from flaxtune.quant.loss_scale import make_loss_scale
-    from flaxtune.train.loop import make_loss_fn
+    from flaxtune.train.losses import make_loss_fn
     from flaxtune.train.mesh import jit_train_step, make_mesh, mesh_context
     from flaxtune.train.optimizer import OptimizerConfig, make_optimizer
     from flaxtune.train.partition import merge_params, split_params

@@ -35,29 +35,21 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
-import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from flaxtune import peft as peft_lib
-from flaxtune.data import LoaderConfig, Tokenizer, iterate_examples, make_loader, sql_setup
-from flaxtune.data.bundled.dataset import train_bundled_tokenizer
-from flaxtune.data.tasks import get_task
-from flaxtune.data.templates import TemplateChoice
-from flaxtune.eval import evaluate as evaluate_generation
-from flaxtune.eval.harness import metric
+from flaxtune.data import make_loader
 from flaxtune.quant.loss_scale import make_loss_scale
 from flaxtune.quant.policy import get_policy
 from flaxtune.train.checkpoints import CheckpointManager
 from flaxtune.train.frozen_base import (
-    BaseQuantConfig,
     apply_frozen_base,
     dequantize_frozen,
     describe_frozen,
     logical_axes_by_path,
     plan_frozen_base,
 )
-from flaxtune.train.losses import cross_entropy_with_logits, token_accuracy
+from flaxtune.train.losses import eval_loss, make_loss_fn, model_inputs
 from flaxtune.train.mesh import (
     jit_train_step,
     make_mesh,
@@ -67,15 +59,24 @@ from flaxtune.train.mesh import (
 )
 from flaxtune.train.metrics_writer import MetricsWriter, ProgressBar, plot_curves
 from flaxtune.train.optimizer import (
-    OptimizerConfig,
     count_optimizer_state_bytes,
     make_optimizer,
     make_schedule,
 )
 from flaxtune.train.partition import label_params, merge_params
+from flaxtune.train.run_config import (
+    base_quant_config,
+    data_directory,
+    load_or_train_tokenizer,
+    loader_config,
+    model_config,
+    optimizer_config,
+)
+from flaxtune.train.run_dir import load_params, save_params
+from flaxtune.train.scoring import generation_scores
 from flaxtune.train.step import make_train_step
 from flaxtune.train.step_memory import StepMemory
-from flaxtune.transformer import DecodeConfig, build_model, generate, get_config
+from flaxtune.transformer import build_model
 
 logger = logging.getLogger(__name__)
 
@@ -83,332 +84,20 @@ logger = logging.getLogger(__name__)
 # host make the next batch while the device computes, without running ahead.
 MAX_STEPS_IN_FLIGHT = 2
 
-PEFT_METHODS = (
-    "none",
-    "lora",
-    "dora",
-    "houlsby",
-    "pfeiffer",
-    "ia3",
-    "prompt_tuning",
-    "prefix_tuning",
-)
-
 
 # --------------------------------------------------------------------------
 # Config -> objects
 # --------------------------------------------------------------------------
-def peft_config(cfg: ml_collections.ConfigDict) -> peft_lib.PeftConfig | None:
-    """The ``PeftConfig`` named by ``cfg.peft.method`` with its options."""
-    p = cfg.peft
-    method = p.method
-    if method not in PEFT_METHODS:
-        raise ValueError(f"peft.method={method!r} is not one of {list(PEFT_METHODS)}.")
-    if method == "none":
-        return None
-    if method in ("lora", "dora"):
-        return peft_lib.PeftConfig(
-            lora=peft_lib.LoraConfig(
-                targets=p.lora_targets,
-                rank=p.lora_rank,
-                alpha=p.lora_alpha,
-                dropout=p.lora_dropout,
-                use_dora=method == "dora",
-                init=p.lora_init,
-            )
-        )
-    if method in ("houlsby", "pfeiffer"):
-        return peft_lib.PeftConfig(
-            adapters=peft_lib.AdapterConfig(
-                kind=method,
-                reduction_factor=p.adapter_reduction_factor,
-            )
-        )
-    if method == "ia3":
-        return peft_lib.PeftConfig(ia3=peft_lib.IA3Config())
-    if method == "prompt_tuning":
-        return peft_lib.PeftConfig(
-            prompt_tuning=peft_lib.PromptTuningConfig(
-                num_virtual_tokens=p.num_virtual_tokens,
-                init=p.prompt_init,
-            )
-        )
-    return peft_lib.PeftConfig(
-        prefix_tuning=peft_lib.PrefixTuningConfig(
-            num_virtual_tokens=p.num_virtual_tokens,
-            reparameterize=p.prefix_reparameterize,
-        )
-    )
-
-
-def load_or_train_tokenizer(cfg: ml_collections.ConfigDict, workdir: Path) -> Tokenizer:
-    """The run's tokenizer: a given ``.model``, the run's own copy, or a new one."""
-    own = workdir / "tokenizer.model"
-    if own.exists():
-        return Tokenizer.load(own)
-    if cfg.tokenizer.path:
-        tokenizer = Tokenizer.load(cfg.tokenizer.path)
-    else:
-        logger.info("training a %d-piece tokenizer on the bundled corpus", cfg.tokenizer.vocab_size)
-        tokenizer = train_bundled_tokenizer(vocab_size=cfg.tokenizer.vocab_size, seed=cfg.seed)
-    tokenizer.save(own)
-    return tokenizer
-
-
-def data_directory(cfg: ml_collections.ConfigDict) -> str:
-    """Where TFDS datasets are read (and the bundled one built): TFDS's default."""
-    return str(Path(cfg.data.data_dir or Path.home() / "tensorflow_datasets").expanduser())
-
-
-def model_config(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer):
-    policy = get_policy(cfg.policy)
-    overrides = dict(cfg.model.overrides)
-    return get_config(
-        cfg.model.preset,
-        vocab_size=tokenizer.vocab_size,
-        dtype=policy.compute_dtype.name,
-        param_dtype=policy.param_dtype.name,
-        peft=peft_config(cfg),
-        **overrides,
-    )
-
-
-def base_quant_config(cfg: ml_collections.ConfigDict) -> BaseQuantConfig | None:
-    """The frozen base's quantization from ``cfg.quant`` (None: a float base)."""
-    q = cfg.quant
-    if not q.base:
-        return None
-    return BaseQuantConfig(
-        qtype=q.base,
-        group_size=q.group_size,
-        double_quant=q.double_quant,
-        include_head=q.include_head,
-    )
-
-
-def loader_config(cfg: ml_collections.ConfigDict, *, encoder_decoder: bool, **changes):
-    d = cfg.data
-    base = dict(
-        batch_size=d.batch_size,
-        model="encoder_decoder" if encoder_decoder else "decoder_only",
-        objective=d.objective,
-        inputs_length=d.inputs_length,
-        targets_length=d.targets_length,
-        pack=d.pack,
-        seed=cfg.seed,
-        read_threads=d.read_threads,
-    )
-    base.update(changes)
-    return LoaderConfig(**base)
-
-
-def optimizer_config(cfg: ml_collections.ConfigDict) -> OptimizerConfig:
-    fields = {f.name for f in dataclasses.fields(OptimizerConfig)}
-    values = {k: v for k, v in cfg.optimizer.items() if k in fields}
-    unknown = sorted(set(cfg.optimizer.keys()) - fields)
-    if unknown:
-        raise ValueError(f"unknown optimizer option(s) {unknown}; valid: {sorted(fields)}.")
-    values.setdefault("total_steps", cfg.train.num_steps)
-    if "lr_multipliers" in values:
-        values["lr_multipliers"] = dict(values["lr_multipliers"])
-    return OptimizerConfig(**values)
 
 
 # --------------------------------------------------------------------------
 # Loss and evaluation
 # --------------------------------------------------------------------------
-def model_inputs(model_cfg, batch: dict[str, Any]) -> tuple[tuple, dict]:
-    """Positional and keyword arguments of the model for a loader batch."""
-    kw = {}
-    if model_cfg.is_encoder_decoder:
-        args = (batch["encoder_input_tokens"], batch["decoder_input_tokens"])
-        for name in (
-            "encoder_segment_ids",
-            "decoder_segment_ids",
-            "encoder_positions",
-            "decoder_positions",
-        ):
-            if name in batch:
-                kw[name] = batch[name]
-    else:
-        args = (batch["decoder_input_tokens"],)
-        for name in ("decoder_segment_ids", "decoder_positions"):
-            if name in batch:
-                kw[name] = batch[name]
-    return args, kw
-
-
-def make_loss_fn(model: nn.Module, *, label_smoothing: float = 0.0, z_loss: float = 0.0):
-    """``(params, batch, rng) -> (mean token loss, aux)`` with dropout on."""
-
-    def loss_fn(params, batch, rng):
-        args, kw = model_inputs(model.config, batch)
-        logits = model.apply(
-            {"params": params}, *args, **kw, deterministic=False, rngs={"dropout": rng}
-        )
-        targets = batch["decoder_target_tokens"]
-        weights = batch["decoder_loss_weights"]
-        loss_sum, z_sum, weight_sum = cross_entropy_with_logits(
-            logits, targets, weights, label_smoothing=label_smoothing, z_loss=z_loss
-        )
-        denom = jnp.maximum(weight_sum, 1.0)
-        correct, _ = token_accuracy(logits, targets, weights)
-        aux = {
-            "num_tokens": weight_sum,
-            "nll": (loss_sum - z_sum) / denom,
-            "accuracy": correct / denom,
-        }
-        return loss_sum / denom, aux
-
-    return loss_fn
-
-
-def eval_loss(model, params, batches) -> dict[str, float]:
-    """Token-weighted validation loss and accuracy over ``batches``."""
-
-    @jax.jit
-    def sums(params, batch):
-        args, kw = model_inputs(model.config, batch)
-        logits = model.apply({"params": params}, *args, **kw)
-        loss, _, weight = cross_entropy_with_logits(
-            logits, batch["decoder_target_tokens"], batch["decoder_loss_weights"]
-        )
-        correct, _ = token_accuracy(
-            logits, batch["decoder_target_tokens"], batch["decoder_loss_weights"]
-        )
-        return loss, correct, weight
-
-    total = np.zeros(3)
-    for batch in batches:
-        total += np.asarray(jax.device_get(sums(params, batch)), np.float64)
-    loss, correct, weight = total
-    return {
-        "loss": loss / max(weight, 1.0),
-        "accuracy": correct / max(weight, 1.0),
-        "tokens": weight,
-    }
-
-
-def make_predict_fn(
-    model,
-    params,
-    tokenizer: Tokenizer,
-    *,
-    inputs_length: int,
-    batch_size: int,
-    decode: DecodeConfig,
-):
-    """``list[str] -> list[str]`` generation with fixed shapes (one compilation)."""
-    cfg = model.config
-
-    def predict(prompts: list[str]) -> list[str]:
-        rows = [
-            [*tokenizer.encode(p)[: inputs_length - 1], tokenizer.eos_id]
-            if cfg.is_encoder_decoder
-            else [cfg.decoder_start_id, *tokenizer.encode(p)[: inputs_length - 1]]
-            for p in prompts
-        ]
-        n = len(rows)
-        ids = np.zeros((batch_size, inputs_length), np.int32)
-        lengths = np.ones((batch_size,), np.int32)
-        for i, row in enumerate(rows):
-            ids[i, : len(row)] = row
-            lengths[i] = len(row)
-        out = generate(
-            model, params, ids, decode, prompt_lengths=None if cfg.is_encoder_decoder else lengths
-        )
-        tokens = np.asarray(out.tokens)[:n]
-        return [tokenizer.decode([t for t in row if t not in (cfg.pad_id,)]) for row in tokens]
-
-    return predict
-
-
-def generation_scores(
-    model, params, tokenizer, cfg, *, split: str, limit: int, out_dir: Path | None = None
-) -> dict[str, dict[str, float]]:
-    tasks = [t.strip() for t in cfg.eval.tasks.split(",") if t.strip()]
-    examples = []
-    for task in tasks:
-        examples += list(
-            iterate_examples(
-                task,
-                split,
-                data_dir=data_directory(cfg),
-                template=TemplateChoice(index=0),
-                limit=limit,
-            )
-        )
-    task_metrics = {}
-    for task in tasks:
-        kind = get_task(task).metric
-        task_metrics[task] = (
-            metric(kind, sql_setup=sql_setup()) if kind == "execution_sql" else kind
-        )
-    predict = make_predict_fn(
-        model,
-        params,
-        tokenizer,
-        inputs_length=cfg.data.inputs_length,
-        batch_size=cfg.eval.batch_size,
-        decode=DecodeConfig(
-            method=cfg.eval.decode_method,
-            max_new_tokens=cfg.eval.max_new_tokens,
-            num_beams=cfg.eval.num_beams,
-        ),
-    )
-    return evaluate_generation(
-        examples,
-        predict,
-        task_metrics=task_metrics,
-        batch_size=cfg.eval.batch_size,
-        out_dir=out_dir,
-    )
 
 
 # --------------------------------------------------------------------------
 # Parameters in and out of a run directory
 # --------------------------------------------------------------------------
-def save_params(
-    directory: Path,
-    params: Any,
-    model_cfg,
-    tokenizer: Tokenizer,
-    *,
-    frozen_base: dict[str, Any] | None = None,
-) -> None:
-    """Writes float inference params (``params/``) and ``model.json``.
-
-    ``params`` must hold arrays only: a quantized base is dequantized first
-    (``frozen_base.dequantize_frozen``), so ``load_params``, generation,
-    export and ``init_from`` read every run alike; ``frozen_base`` (recorded
-    in ``model.json``) says how the base was stored during training.
-    Requantizing the saved nf4/int4/int8 base with the same groups gives back
-    the same codes (the absmax element of every group dequantizes exactly).
-    """
-    directory = directory.absolute()
-    with ocp.StandardCheckpointer() as ckpt:
-        ckpt.save(directory / "params", jax.device_get(params), force=True)
-    meta = {"model": model_cfg.to_dict(), "tokenizer_fingerprint": tokenizer.fingerprint}
-    if frozen_base is not None:
-        meta["frozen_base"] = frozen_base
-    (directory / "model.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
-
-
-def load_params(run_dir: Path, tokenizer: Tokenizer) -> dict[str, Any]:
-    run_dir = Path(run_dir).absolute()
-    meta_path = run_dir / "model.json"
-    if not meta_path.exists():
-        raise FileNotFoundError(
-            f"{meta_path} is missing: init_from must name a finished run's workdir."
-        )
-    meta = json.loads(meta_path.read_text())
-    if meta["tokenizer_fingerprint"] != tokenizer.fingerprint:
-        raise ValueError(
-            f"{run_dir} was trained with tokenizer {meta['tokenizer_fingerprint']}, this run "
-            f"uses {tokenizer.fingerprint}; set tokenizer.path to {run_dir}/tokenizer.model."
-        )
-    with ocp.StandardCheckpointer() as ckpt:
-        return ckpt.restore(run_dir / "params")
 
 
 # --------------------------------------------------------------------------

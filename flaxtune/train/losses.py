@@ -20,13 +20,22 @@ loss 0. The z-loss ``z * log(Z)^2`` (PaLM) keeps the softmax normaliser near
 
 from __future__ import annotations
 
+from typing import Any
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from flaxtune.transformer.decoding import first_argmax
 
-__all__ = ["cross_entropy_with_logits", "token_accuracy"]
+__all__ = [
+    "cross_entropy_with_logits",
+    "eval_loss",
+    "make_loss_fn",
+    "model_inputs",
+    "token_accuracy",
+]
 
 
 def _weights_like(targets: jax.Array, weights: jax.Array | None) -> jax.Array:
@@ -114,3 +123,75 @@ def token_accuracy(
     predicted = first_argmax(logits, jnp.max(logits, axis=-1, keepdims=True))
     hits = (predicted == targets).astype(jnp.float32)
     return jnp.sum(hits * weights), jnp.sum(weights)
+
+
+def model_inputs(model_cfg, batch: dict[str, Any]) -> tuple[tuple, dict]:
+    """Positional and keyword arguments of the model for a loader batch."""
+    kw = {}
+    if model_cfg.is_encoder_decoder:
+        args = (batch["encoder_input_tokens"], batch["decoder_input_tokens"])
+        for name in (
+            "encoder_segment_ids",
+            "decoder_segment_ids",
+            "encoder_positions",
+            "decoder_positions",
+        ):
+            if name in batch:
+                kw[name] = batch[name]
+    else:
+        args = (batch["decoder_input_tokens"],)
+        for name in ("decoder_segment_ids", "decoder_positions"):
+            if name in batch:
+                kw[name] = batch[name]
+    return args, kw
+
+
+def make_loss_fn(model: nn.Module, *, label_smoothing: float = 0.0, z_loss: float = 0.0):
+    """``(params, batch, rng) -> (mean token loss, aux)`` with dropout on."""
+
+    def loss_fn(params, batch, rng):
+        args, kw = model_inputs(model.config, batch)
+        logits = model.apply(
+            {"params": params}, *args, **kw, deterministic=False, rngs={"dropout": rng}
+        )
+        targets = batch["decoder_target_tokens"]
+        weights = batch["decoder_loss_weights"]
+        loss_sum, z_sum, weight_sum = cross_entropy_with_logits(
+            logits, targets, weights, label_smoothing=label_smoothing, z_loss=z_loss
+        )
+        denom = jnp.maximum(weight_sum, 1.0)
+        correct, _ = token_accuracy(logits, targets, weights)
+        aux = {
+            "num_tokens": weight_sum,
+            "nll": (loss_sum - z_sum) / denom,
+            "accuracy": correct / denom,
+        }
+        return loss_sum / denom, aux
+
+    return loss_fn
+
+
+def eval_loss(model, params, batches) -> dict[str, float]:
+    """Token-weighted validation loss and accuracy over ``batches``."""
+
+    @jax.jit
+    def sums(params, batch):
+        args, kw = model_inputs(model.config, batch)
+        logits = model.apply({"params": params}, *args, **kw)
+        loss, _, weight = cross_entropy_with_logits(
+            logits, batch["decoder_target_tokens"], batch["decoder_loss_weights"]
+        )
+        correct, _ = token_accuracy(
+            logits, batch["decoder_target_tokens"], batch["decoder_loss_weights"]
+        )
+        return loss, correct, weight
+
+    total = np.zeros(3)
+    for batch in batches:
+        total += np.asarray(jax.device_get(sums(params, batch)), np.float64)
+    loss, correct, weight = total
+    return {
+        "loss": loss / max(weight, 1.0),
+        "accuracy": correct / max(weight, 1.0),
+        "tokens": weight,
+    }

@@ -18,9 +18,11 @@ from flaxtune.train.frozen_base import (
     logical_axes_by_path,
     plan_frozen_base,
 )
-from flaxtune.train.loop import load_params, model_config, train_and_evaluate
+from flaxtune.train.loop import train_and_evaluate
 from flaxtune.train.metrics_writer import read_metrics
 from flaxtune.train.partition import label_params
+from flaxtune.train.run_config import model_config
+from flaxtune.train.run_dir import load_params
 from flaxtune.transformer import build_model, get_config
 from tests.train.test_loop import tiny_config, train_losses
 

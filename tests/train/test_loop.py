@@ -7,13 +7,9 @@ import pytest
 
 from experiments.configs import tiny
 from flaxtune.data import Tokenizer, make_loader
-from flaxtune.train.loop import (
-    loader_config,
-    optimizer_config,
-    peft_config,
-    train_and_evaluate,
-)
+from flaxtune.train.loop import train_and_evaluate
 from flaxtune.train.metrics_writer import read_metrics
+from flaxtune.train.run_config import loader_config, optimizer_config, peft_config
 
 
 def tiny_config(data_dir, **train):

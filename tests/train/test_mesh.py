@@ -115,7 +115,7 @@ def test_shard_batch_rejects_an_indivisible_batch():
 def test_transformer_losses_match_on_one_device_and_a_2x2x2_mesh(kind):
     """The real model and loss (dropout on) on 1 device and on data x fsdp x tensor."""
     from flaxtune.peft import trainability_rules
-    from flaxtune.train.loop import make_loss_fn, model_inputs
+    from flaxtune.train.losses import make_loss_fn, model_inputs
     from flaxtune.transformer import build_model, get_config
 
     # Sizes that every mesh axis divides: 4 heads (2 KV heads for the LLaMA), an

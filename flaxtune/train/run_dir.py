@@ -1,0 +1,60 @@
+"""A finished run's inference parameters on disk: ``params/`` and ``model.json``.
+
+``save_params`` writes them at the end of ``train_and_evaluate``;
+``load_params`` reads them back for ``init_from``, generation, export and the
+seed study, and refuses a run trained with another tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from flaxtune.data import Tokenizer
+
+
+def save_params(
+    directory: Path,
+    params: Any,
+    model_cfg,
+    tokenizer: Tokenizer,
+    *,
+    frozen_base: dict[str, Any] | None = None,
+) -> None:
+    """Writes float inference params (``params/``) and ``model.json``.
+
+    ``params`` must hold arrays only: a quantized base is dequantized first
+    (``frozen_base.dequantize_frozen``), so ``load_params``, generation,
+    export and ``init_from`` read every run alike; ``frozen_base`` (recorded
+    in ``model.json``) says how the base was stored during training.
+    Requantizing the saved nf4/int4/int8 base with the same groups gives back
+    the same codes (the absmax element of every group dequantizes exactly).
+    """
+    directory = directory.absolute()
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(directory / "params", jax.device_get(params), force=True)
+    meta = {"model": model_cfg.to_dict(), "tokenizer_fingerprint": tokenizer.fingerprint}
+    if frozen_base is not None:
+        meta["frozen_base"] = frozen_base
+    (directory / "model.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
+
+
+def load_params(run_dir: Path, tokenizer: Tokenizer) -> dict[str, Any]:
+    run_dir = Path(run_dir).absolute()
+    meta_path = run_dir / "model.json"
+    if not meta_path.exists():
+        raise FileNotFoundError(
+            f"{meta_path} is missing: init_from must name a finished run's workdir."
+        )
+    meta = json.loads(meta_path.read_text())
+    if meta["tokenizer_fingerprint"] != tokenizer.fingerprint:
+        raise ValueError(
+            f"{run_dir} was trained with tokenizer {meta['tokenizer_fingerprint']}, this run "
+            f"uses {tokenizer.fingerprint}; set tokenizer.path to {run_dir}/tokenizer.model."
+        )
+    with ocp.StandardCheckpointer() as ckpt:
+        return ckpt.restore(run_dir / "params")
