@@ -26,9 +26,25 @@ from flaxtune.peft.io import (
 )
 from flaxtune.peft.lora import layer_delta, lora_layers, merge, pissa_init, unmerge
 from flaxtune.peft.prompts import fold_prefix, init_prompt
-from flaxtune.peft.selective import format_summary, trainability_rules, trainable_summary
+from flaxtune.peft.registry import (
+    METHOD_NAMES,
+    METHODS,
+    RECIPES,
+    Recipe,
+    build_peft_config,
+    recipe,
+)
+from flaxtune.peft.selective import (
+    SelectiveConfig,
+    format_summary,
+    trainability_rules,
+    trainable_summary,
+)
 
 __all__ = [
+    "METHODS",
+    "METHOD_NAMES",
+    "RECIPES",
     "TARGET_PRESETS",
     "AdapterConfig",
     "AdapterMismatchError",
@@ -39,6 +55,9 @@ __all__ = [
     "PeftConfigError",
     "PrefixTuningConfig",
     "PromptTuningConfig",
+    "Recipe",
+    "SelectiveConfig",
+    "build_peft_config",
     "extract_adapter",
     "fold_prefix",
     "format_summary",
@@ -49,6 +68,7 @@ __all__ = [
     "lora_layers",
     "merge",
     "pissa_init",
+    "recipe",
     "save_adapter",
     "trainability_rules",
     "trainable_summary",

@@ -25,6 +25,7 @@ methods add their own parameters on top.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections import defaultdict
 from typing import Any
@@ -32,7 +33,7 @@ from typing import Any
 import numpy as np
 from flax import traverse_util
 
-from flaxtune.peft.config import PeftConfig
+from flaxtune.peft.config import PeftConfig, PeftConfigError
 
 Rules = list[tuple[str, str]]
 
@@ -50,6 +51,37 @@ SELECTIVE_RULES = {
     "head": r"decoder/logits_dense/(kernel|bias)",
     "norms": r".*_norm/(scale|bias)",
 }
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SelectiveConfig:
+    """Which original parameters train, besides those a PEFT method adds.
+
+    ``rules`` names presets of the table above (``bitfit``, ``attention``,
+    ``ffn``, ``embeddings``, ``head``, ``norms``); ``last_layers`` trains the
+    last N blocks of every stack (0: none).
+    """
+
+    rules: tuple[str, ...] = ()
+    last_layers: int = 0
+
+    def __post_init__(self) -> None:
+        known = ("bitfit", *SELECTIVE_RULES)
+        unknown = [r for r in self.rules if r not in known]
+        if unknown:
+            raise PeftConfigError(
+                f"unknown selective rule(s) {unknown}; known: {list(known)} "
+                "(the last N blocks are peft.selective.last_layers=N)."
+            )
+        if not isinstance(self.last_layers, int) or self.last_layers < 0:
+            raise PeftConfigError(
+                f"selective last_layers={self.last_layers!r} must be an integer >= 0 "
+                "(0 trains no block as a whole)."
+            )
+
+    def presets(self) -> tuple[str, ...]:
+        last = (f"last_layers:{self.last_layers}",) if self.last_layers else ()
+        return (*self.rules, *last)
 
 
 def _paths(params: Any) -> list[str]:
