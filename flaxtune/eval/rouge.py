@@ -157,6 +157,12 @@ def _lcs_length_score(lcs: int, n_target: int, n_pred: int) -> Score:
     return Score(precision, recall, _fmeasure(precision, recall))
 
 
+# One candidate sentence's LCS-table columns, last token first: per token, the
+# rows of every reference sentence holding a match or an increment, and the
+# matching rows.
+_Columns = list[tuple[int, int]]
+
+
 def _summary_lcs_score(
     target_sents: list[list[str]], target: _Layout, pred_sents: list[list[str]]
 ) -> tuple[Score, int]:
@@ -179,12 +185,32 @@ def _summary_lcs_score(
     n = sum(map(len, pred_sents))
     if not m or not n:
         return _ZERO, 0
-    masks, starts, width, full = target
+    candidates, whole_lcs = _candidate_columns(target, pred_sents)
+    union = [
+        _sentence_union_hits(1 << start, len(sent), candidates)
+        for sent, start in zip(target_sents, target.starts, strict=True)
+    ]
+    hit_count = _union_hit_count(target_sents, target.starts, union, pred_sents)
+    recall = hit_count / m
+    precision = hit_count / n
+    return Score(precision, recall, _fmeasure(precision, recall)), whole_lcs
+
+
+def _candidate_columns(
+    target: _Layout, pred_sents: list[list[str]]
+) -> tuple[list[tuple[int, _Columns]], int]:
+    """Per candidate sentence, its LCS-table columns against every reference sentence.
+
+    Returns, for each candidate sentence that matches any reference token,
+    ``(matchable, columns)``: the bits of all reference positions matching
+    one of its tokens, and per token j (last first) the rows of every
+    reference sentence where column j holds a match or an increment
+    (``~v | p``) with the matches ``p``. Also returns the LCS length of the
+    whole texts, run alongside over the same tokens.
+    """
+    masks, _, width, full = target
     whole_full = (1 << width) - 1
     whole = whole_full
-    # Per candidate sentence, per token j (last first): the rows of every
-    # reference sentence where column j holds a match or an increment
-    # (`~v | p`), and the matches `p`; and all rows matching any token.
     candidates = []
     for cand in pred_sents:
         columns = []
@@ -202,56 +228,75 @@ def _summary_lcs_score(
         if matchable:
             columns.reverse()
             candidates.append((matchable, columns))
+    return candidates, width - whole.bit_count()
 
-    union = [0] * len(target_sents)  # bitmask of LCS hits per reference sentence
-    for r, sent in enumerate(target_sents):
-        base = 1 << starts[r]
-        segment = (base << len(sent)) - base
-        # The union of LCS hits does not depend on the order of candidates.
-        # Taking the most overlapping first lets later ones be skipped when
-        # every row they could hit is already in the union.
-        order = sorted(
-            ((c & segment, columns) for c, columns in candidates if c & segment),
-            key=lambda item: item[0].bit_count(),
-            reverse=True,
-        )
-        hits = 0
-        for matchable, columns in order:
-            if not matchable & ~hits:
-                continue
-            # Backtrack from (i = len_r, j = len(cand)); rows 1..i are [base, limit).
-            limit = base << len(sent)
-            window = segment
-            matched = True
-            for rows, p in columns:
-                if not matched and not p & window:
-                    # Neither this column nor the one to its right has a match
-                    # in rows 1..i, so both columns agree on those rows and the
-                    # step would land on the same row again: skip it.
-                    continue
-                matched = p & window
-                top = limit >> 1  # row i
-                if not p & top:  # else row i matches: it is the highest candidate
-                    rows &= window
-                    if not rows:
-                        break  # LCS(rows 1..i, columns 1..j) is 0: nothing left
-                    top = 1 << (rows.bit_length() - 1)
-                if p & top:  # a match: diagonal step
-                    hits |= top
-                    if top == base:
-                        break
-                    limit = top
-                else:  # no match, and the rows above lose length: move left
-                    limit = top << 1
-                window = limit - base
-        union[r] = hits
 
-    # rouge-score walks the union hits in order and counts a hit only while
-    # the token has occurrences left on both sides (ROUGE 1.5.5), decrementing
-    # both. A token hit u times (u <= its count in the reference, the hits
-    # being distinct reference positions) thus counts min(u, its count in the
-    # prediction) times, whatever the order: one Counter, and a correction
-    # for the few tokens hit more often than the prediction holds them.
+def _sentence_union_hits(base: int, length: int, candidates: list[tuple[int, _Columns]]) -> int:
+    """The union of the LCS hits of all candidates in one reference sentence, as a bitmask.
+
+    The sentence's tokens are the bits [base, base << length).
+    """
+    segment = (base << length) - base
+    # The union of LCS hits does not depend on the order of candidates.
+    # Taking the most overlapping first lets later ones be skipped when
+    # every row they could hit is already in the union.
+    order = sorted(
+        ((c & segment, columns) for c, columns in candidates if c & segment),
+        key=lambda item: item[0].bit_count(),
+        reverse=True,
+    )
+    hits = 0
+    for matchable, columns in order:
+        if matchable & ~hits:
+            hits = _backtrack_hits(columns, base, length, hits)
+    return hits
+
+
+def _backtrack_hits(columns: _Columns, base: int, length: int, hits: int) -> int:
+    """``hits`` with the matches on rouge-score's LCS backtracking path of one candidate added.
+
+    The walk starts at (i = length, j = len(candidate)); rows 1..i are the
+    bits [base, limit).
+    """
+    limit = base << length
+    window = limit - base
+    matched = True
+    for rows, p in columns:
+        if not matched and not p & window:
+            # Neither this column nor the one to its right has a match
+            # in rows 1..i, so both columns agree on those rows and the
+            # step would land on the same row again: skip it.
+            continue
+        matched = p & window
+        top = limit >> 1  # row i
+        if not p & top:  # else row i matches: it is the highest candidate
+            rows &= window
+            if not rows:
+                break  # LCS(rows 1..i, columns 1..j) is 0: nothing left
+            top = 1 << (rows.bit_length() - 1)
+        if p & top:  # a match: diagonal step
+            hits |= top
+            if top == base:
+                break
+            limit = top
+        else:  # no match, and the rows above lose length: move left
+            limit = top << 1
+        window = limit - base
+    return hits
+
+
+def _union_hit_count(
+    target_sents: list[list[str]], starts: list[int], union: list[int], pred_sents: list[list[str]]
+) -> int:
+    """rouge-score's count of union-LCS hits, from the hit bitmask of each reference sentence.
+
+    rouge-score walks the union hits in order and counts a hit only while
+    the token has occurrences left on both sides (ROUGE 1.5.5), decrementing
+    both. A token hit u times (u <= its count in the reference, the hits
+    being distinct reference positions) thus counts min(u, its count in the
+    prediction) times, whatever the order: one Counter, and a correction
+    for the few tokens hit more often than the prediction holds them.
+    """
     hit_tokens = Counter(
         chain.from_iterable(
             # The hit bits of each sentence as 0/1 bytes in token order.
@@ -266,9 +311,7 @@ def _summary_lcs_score(
         for token, count in hit_tokens.items():
             if count > 1 and count > pred_counts[token]:
                 hit_count -= count - pred_counts[token]
-    recall = hit_count / m
-    precision = hit_count / n
-    return Score(precision, recall, _fmeasure(precision, recall)), width - whole.bit_count()
+    return hit_count
 
 
 # ----------------------------------------------------------------------------

@@ -6,13 +6,19 @@ of single-token steps that stops as soon as every sequence has produced EOS
 (or ``max_new_tokens`` is reached). The model-specific part is two functions,
 ``prefill`` and ``step``, built by :func:`_runner` for either model kind::
 
-    prefill(params, inputs)        -> (logits of the first new token [b, vocab], cache)
-    step(params, cache, token, t)  -> (logits of the token after it, cache)
+    prefill(params, inputs, prompt_lengths) -> (logits of the first new token [b, vocab],
+                                                cache, offsets)
+    step(params, cache, token, t, offsets)  -> (logits of the token after it, cache)
+
+``offsets`` are the decoder-only prompt lengths (``None`` for an
+encoder-decoder): the position of the token fed at step ``t`` is
+``offsets + t``.
 
 Decoder-only prompts arrive right-padded (the natural batch layout) with their
-lengths; they are moved to the left so that every row's next token goes to the
-same cache slot, with each row's positions starting at 0 at its first real
-token and the padding hidden by the decoder's ``input_mask``.
+lengths; their padding is moved to the left, so that every prompt ends in the
+same column and every row's next token goes to the same cache slot, with each
+row's positions starting at 0 at its first real token and the padding hidden by
+the decoder's ``input_mask``.
 
 Scores: greedy and sampling return the model's log-probability of the chosen
 tokens (of the raw distribution, before temperature/top-k/top-p); beam search
@@ -32,11 +38,13 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from flaxtune.transformer.models import DecoderOnly, EncoderDecoder, encoder_mask
 
 Array = jax.Array
 METHODS = ("greedy", "sample", "beam")
+_NEG_INF = np.float32(-np.inf)  # float32 as the scores (numpy: no device at import)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -110,95 +118,115 @@ def _zeros_cache(fn: Callable[[], Any]) -> Any:
 
 
 def _runner(model: nn.Module, max_new_tokens: int):
+    """``(prefill, step)`` of ``model`` (see the module docstring)."""
+    if isinstance(model, EncoderDecoder):
+        return _encoder_decoder_runner(model, max_new_tokens)
+    if isinstance(model, DecoderOnly):
+        return _decoder_only_runner(model, max_new_tokens)
+    raise TypeError(f"cannot decode with a {type(model).__name__}; expected a flaxtune model.")
+
+
+def _encoder_decoder_runner(model: EncoderDecoder, max_new_tokens: int):
+    """Prefill encodes the source and feeds ``decoder_start_id``; steps run the decoder alone."""
     cfg = model.config
 
-    if isinstance(model, EncoderDecoder):
-
-        def prefill(params, inputs, prompt_lengths):
-            del prompt_lengths
-            encoded = model.apply({"params": params}, inputs, method=model.encode)
-            mask = encoder_mask(cfg, inputs)
-            batch = inputs.shape[0]
-            start = jnp.full((batch, 1), cfg.decoder_start_id, jnp.int32)
-            dummy = jnp.zeros((batch, max_new_tokens), jnp.int32)
-            cache = _zeros_cache(
-                lambda: model.apply(
-                    {"params": params},
-                    encoded,
-                    mask,
-                    dummy,
-                    decode=True,
-                    method=model.decode,
-                    mutable=["cache"],
-                )[1]["cache"]
-            )
-            logits, new_vars = model.apply(
-                {"params": params, "cache": cache},
+    def prefill(params, inputs, prompt_lengths):
+        del prompt_lengths
+        encoded = model.apply({"params": params}, inputs, method=model.encode)
+        mask = encoder_mask(cfg, inputs)
+        batch = inputs.shape[0]
+        start = jnp.full((batch, 1), cfg.decoder_start_id, jnp.int32)
+        dummy = jnp.zeros((batch, max_new_tokens), jnp.int32)
+        cache = _zeros_cache(
+            lambda: model.apply(
+                {"params": params},
                 encoded,
                 mask,
-                start,
+                dummy,
                 decode=True,
                 method=model.decode,
                 mutable=["cache"],
-            )
-            return logits[:, -1], new_vars["cache"], None
+            )[1]["cache"]
+        )
+        logits, new_vars = model.apply(
+            {"params": params, "cache": cache},
+            encoded,
+            mask,
+            start,
+            decode=True,
+            method=model.decode,
+            mutable=["cache"],
+        )
+        return logits[:, -1], new_vars["cache"], None
 
-        def step(params, cache, token, t, offsets):
-            del t, offsets
-            logits, new_vars = model.apply(
-                {"params": params, "cache": cache},
-                None,
-                None,
-                token[:, None],
-                decode=True,
-                method=model.decode,
-                mutable=["cache"],
-            )
-            return logits[:, -1], new_vars["cache"]
+    def step(params, cache, token, t, offsets):
+        del t, offsets
+        logits, new_vars = model.apply(
+            {"params": params, "cache": cache},
+            None,
+            None,
+            token[:, None],
+            decode=True,
+            method=model.decode,
+            mutable=["cache"],
+        )
+        return logits[:, -1], new_vars["cache"]
 
-    elif isinstance(model, DecoderOnly):
+    return prefill, step
 
-        def prefill(params, inputs, prompt_lengths):
-            batch, length = inputs.shape
-            if prompt_lengths is None:
-                prompt_lengths = jnp.full((batch,), length, jnp.int32)
-            shift = length - prompt_lengths
-            source = jnp.arange(length)[None, :] - shift[:, None]
-            valid = source >= 0
-            tokens = jnp.where(
-                valid, jnp.take_along_axis(inputs, jnp.maximum(source, 0), axis=1), cfg.pad_id
-            )
-            positions = jnp.maximum(source, 0).astype(jnp.int32)
-            dummy = jnp.zeros((batch, length + max_new_tokens), jnp.int32)
-            cache = _zeros_cache(
-                lambda: model.apply({"params": params}, dummy, decode=True, mutable=["cache"])[1][
-                    "cache"
-                ]
-            )
-            logits, new_vars = model.apply(
-                {"params": params, "cache": cache},
-                tokens,
-                decoder_positions=positions,
-                input_mask=valid,
-                decode=True,
-                mutable=["cache"],
-            )
-            return logits[:, -1], new_vars["cache"], prompt_lengths
 
-        def step(params, cache, token, t, offsets):
-            positions = (offsets + t)[:, None].astype(jnp.int32)
-            logits, new_vars = model.apply(
-                {"params": params, "cache": cache},
-                token[:, None],
-                decoder_positions=positions,
-                decode=True,
-                prepend_prompt=False,
-                mutable=["cache"],
-            )
-            return logits[:, -1], new_vars["cache"]
+def _left_pad(inputs: Array, prompt_lengths: Array, pad_id: int) -> tuple[Array, Array, Array]:
+    """Right-padded prompts re-padded on the left: ``(tokens, positions, valid)``.
 
-    else:
-        raise TypeError(f"cannot decode with a {type(model).__name__}; expected a flaxtune model.")
+    Every prompt then ends in the last column. Each row's positions start at 0
+    at its first real token; ``valid`` marks the real tokens.
+    """
+    length = inputs.shape[1]
+    shift = length - prompt_lengths
+    source = jnp.arange(length)[None, :] - shift[:, None]
+    valid = source >= 0
+    tokens = jnp.where(valid, jnp.take_along_axis(inputs, jnp.maximum(source, 0), axis=1), pad_id)
+    positions = jnp.maximum(source, 0).astype(jnp.int32)
+    return tokens, positions, valid
+
+
+def _decoder_only_runner(model: DecoderOnly, max_new_tokens: int):
+    """Prefill runs the left-padded prompts; row r's step t is at position ``length_r + t``."""
+    cfg = model.config
+
+    def prefill(params, inputs, prompt_lengths):
+        batch, length = inputs.shape
+        if prompt_lengths is None:
+            prompt_lengths = jnp.full((batch,), length, jnp.int32)
+        tokens, positions, valid = _left_pad(inputs, prompt_lengths, cfg.pad_id)
+        dummy = jnp.zeros((batch, length + max_new_tokens), jnp.int32)
+        cache = _zeros_cache(
+            lambda: model.apply({"params": params}, dummy, decode=True, mutable=["cache"])[1][
+                "cache"
+            ]
+        )
+        logits, new_vars = model.apply(
+            {"params": params, "cache": cache},
+            tokens,
+            decoder_positions=positions,
+            input_mask=valid,
+            decode=True,
+            mutable=["cache"],
+        )
+        return logits[:, -1], new_vars["cache"], prompt_lengths
+
+    def step(params, cache, token, t, offsets):
+        positions = (offsets + t)[:, None].astype(jnp.int32)
+        logits, new_vars = model.apply(
+            {"params": params, "cache": cache},
+            token[:, None],
+            decoder_positions=positions,
+            decode=True,
+            prepend_prompt=False,
+            mutable=["cache"],
+        )
+        return logits[:, -1], new_vars["cache"]
+
     return prefill, step
 
 
@@ -336,25 +364,11 @@ def _beam_search(
     total = config.max_new_tokens
     alpha = config.length_penalty
     logits, cache, offsets = prefill(params, inputs, prompt_lengths)
-    batch, vocab = logits.shape
+    batch = logits.shape[0]
     repeat = lambda x: jnp.repeat(x, k, axis=0) if x.ndim and x.shape[0] == batch else x
     cache = jax.tree_util.tree_map(repeat, cache)
     offsets = None if offsets is None else repeat(offsets)
-    logits = repeat(logits)
-    neg_inf = jnp.float32(-jnp.inf)
-
-    state = dict(
-        t=jnp.zeros((), jnp.int32),
-        alive_seq=jnp.full((batch, k, total), pad_id, jnp.int32),
-        # Only beam 0 is live at the start, so the first expansion is not k copies.
-        alive_logp=jnp.tile(jnp.array([0.0] + [-jnp.inf] * (k - 1), jnp.float32), (batch, 1)),
-        fin_seq=jnp.full((batch, k, total), pad_id, jnp.int32),
-        fin_score=jnp.full((batch, k), neg_inf),
-        fin_len=jnp.zeros((batch, k), jnp.int32),
-        done=jnp.zeros((batch,), bool),
-        logits=logits,
-        cache=cache,
-    )
+    state = _initial_beams(repeat(logits), cache, batch, k, total, pad_id)
 
     def cond(s):
         return (s["t"] < total) & ~jnp.all(s["done"])
@@ -363,44 +377,15 @@ def _beam_search(
         t = s["t"]
         last = t == total - 1
         logits = _suppress_eos(s["logits"].astype(jnp.float32), t, min_new_tokens, eos_id)
-        log_probs = jax.nn.log_softmax(logits, axis=-1)
-        cand = s["alive_logp"][:, :, None] + log_probs.reshape(batch, k, vocab)
-        scores, flat = jax.lax.top_k(cand.reshape(batch, k * vocab), 2 * k)
-        beam, token = flat // vocab, (flat % vocab).astype(jnp.int32)
-        seqs = jnp.take_along_axis(s["alive_seq"], beam[:, :, None], axis=1)
-        seqs = seqs.at[:, :, t].set(token)
+        scores, beam, token, seqs = _top_candidates(logits, s["alive_logp"], s["alive_seq"], t)
         is_eos = token == eos_id
-
-        # Alive: the best k candidates that did not end.
-        alive_scores = jnp.where(is_eos, neg_inf, scores)
-        alive_logp, pick = jax.lax.top_k(alive_scores, k)
-        alive_seq = jnp.take_along_axis(seqs, pick[:, :, None], axis=1)
-        alive_beam = jnp.take_along_axis(beam, pick, axis=1)
-        alive_token = jnp.take_along_axis(token, pick, axis=1)
-
-        # Finished: candidates that emitted EOS while ranked among the top k
-        # (as Hugging Face's beam scorer does; this keeps beam 1 == greedy), and
-        # every candidate at the last step; merged with those finished earlier.
-        in_top_k = jnp.arange(2 * k)[None, :] < k
-        ends = (is_eos & in_top_k) | last
-        fin_new = jnp.where(ends, scores / _length_penalty(t + 1, alpha), neg_inf)
-        all_score = jnp.concatenate([s["fin_score"], fin_new], axis=1)
-        all_seq = jnp.concatenate([s["fin_seq"], seqs], axis=1)
-        all_len = jnp.concatenate([s["fin_len"], jnp.full((batch, 2 * k), t + 1)], axis=1)
-        fin_score, keep = jax.lax.top_k(all_score, k)
-        fin_seq = jnp.take_along_axis(all_seq, keep[:, :, None], axis=1)
-        fin_len = jnp.take_along_axis(all_len, keep, axis=1)
-
-        # A batch row is done when its k finished beams all beat the best score
-        # any alive beam could still reach (at most its current log-probability,
-        # normalized by the largest length penalty it could get).
-        best_possible = alive_logp[:, 0] / _length_penalty(jnp.asarray(total), max(alpha, 0.0))
-        if alpha < 0:
-            best_possible = alive_logp[:, 0]
-        done = s["done"] | (
-            jnp.all(fin_score > neg_inf, axis=1) & (fin_score[:, -1] >= best_possible)
+        alive_logp, alive_seq, alive_beam, alive_token = _best_alive(
+            scores, beam, token, seqs, is_eos
         )
-
+        fin_score, fin_seq, fin_len = _merge_finished(
+            (s["fin_score"], s["fin_seq"], s["fin_len"]), scores, seqs, is_eos, last, t, alpha
+        )
+        done = s["done"] | _beams_settled(fin_score, alive_logp, total, alpha)
         flat_index = (jnp.arange(batch)[:, None] * k + alive_beam).reshape(-1)
         cache = _gather_beams(s["cache"], flat_index, batch * k)
         logits, cache = step(params, cache, alive_token.reshape(-1), t, offsets)
@@ -424,6 +409,106 @@ def _beam_search(
         beams=s["fin_seq"],
         beam_scores=s["fin_score"],
     )
+
+
+def _initial_beams(
+    logits: Array, cache: Any, batch: int, k: int, total: int, pad_id: int
+) -> dict[str, Any]:
+    """The beam-search loop state before the first step; ``logits`` and ``cache`` are per beam."""
+    return dict(
+        t=jnp.zeros((), jnp.int32),
+        alive_seq=jnp.full((batch, k, total), pad_id, jnp.int32),
+        # Only beam 0 is live at the start, so the first expansion is not k copies.
+        alive_logp=jnp.tile(jnp.array([0.0] + [-jnp.inf] * (k - 1), jnp.float32), (batch, 1)),
+        fin_seq=jnp.full((batch, k, total), pad_id, jnp.int32),
+        fin_score=jnp.full((batch, k), _NEG_INF),
+        fin_len=jnp.zeros((batch, k), jnp.int32),
+        done=jnp.zeros((batch,), bool),
+        logits=logits,
+        cache=cache,
+    )
+
+
+def _top_candidates(
+    logits: Array, alive_logp: Array, alive_seq: Array, t: Array
+) -> tuple[Array, Array, Array, Array]:
+    """The 2k best one-token extensions of the k alive beams of each row.
+
+    Returns their log-probabilities ``[b, 2k]``, the beam each extends, the
+    token it appends, and the extended sequences ``[b, 2k, total]``. Two k
+    candidates are kept so that k of them are left when up to k end in EOS.
+    """
+    batch, k, _ = alive_seq.shape
+    vocab = logits.shape[-1]
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    cand = alive_logp[:, :, None] + log_probs.reshape(batch, k, vocab)
+    scores, flat = jax.lax.top_k(cand.reshape(batch, k * vocab), 2 * k)
+    beam, token = flat // vocab, (flat % vocab).astype(jnp.int32)
+    seqs = jnp.take_along_axis(alive_seq, beam[:, :, None], axis=1)
+    seqs = seqs.at[:, :, t].set(token)
+    return scores, beam, token, seqs
+
+
+def _best_alive(
+    scores: Array, beam: Array, token: Array, seqs: Array, is_eos: Array
+) -> tuple[Array, Array, Array, Array]:
+    """The next alive beams: the best k candidates that did not end.
+
+    Returns their log-probabilities, sequences, the beam each came from and
+    its last token.
+    """
+    k = seqs.shape[1] // 2
+    alive_scores = jnp.where(is_eos, _NEG_INF, scores)
+    alive_logp, pick = jax.lax.top_k(alive_scores, k)
+    alive_seq = jnp.take_along_axis(seqs, pick[:, :, None], axis=1)
+    alive_beam = jnp.take_along_axis(beam, pick, axis=1)
+    alive_token = jnp.take_along_axis(token, pick, axis=1)
+    return alive_logp, alive_seq, alive_beam, alive_token
+
+
+def _merge_finished(
+    finished: tuple[Array, Array, Array],
+    scores: Array,
+    seqs: Array,
+    is_eos: Array,
+    last: Array,
+    t: Array,
+    alpha: float,
+) -> tuple[Array, Array, Array]:
+    """The k best finished beams: ``(score, sequence, length)``.
+
+    Candidates finish when they emit EOS while ranked among the top k (as
+    Hugging Face's beam scorer does; this keeps beam 1 == greedy), and every
+    candidate finishes at the last step; they are merged with the k beams
+    ``finished`` earlier, ``(score, sequence, length)``. Their scores are length-normalized (GNMT
+    ``alpha``) with the ``t + 1`` tokens they hold.
+    """
+    batch, two_k = scores.shape
+    k = two_k // 2
+    in_top_k = jnp.arange(two_k)[None, :] < k
+    ends = (is_eos & in_top_k) | last
+    fin_new = jnp.where(ends, scores / _length_penalty(t + 1, alpha), _NEG_INF)
+    old_score, old_seq, old_len = finished
+    all_score = jnp.concatenate([old_score, fin_new], axis=1)
+    all_seq = jnp.concatenate([old_seq, seqs], axis=1)
+    all_len = jnp.concatenate([old_len, jnp.full((batch, two_k), t + 1)], axis=1)
+    fin_score, keep = jax.lax.top_k(all_score, k)
+    fin_seq = jnp.take_along_axis(all_seq, keep[:, :, None], axis=1)
+    fin_len = jnp.take_along_axis(all_len, keep, axis=1)
+    return fin_score, fin_seq, fin_len
+
+
+def _beams_settled(fin_score: Array, alive_logp: Array, total: int, alpha: float) -> Array:
+    """Per row: can no alive beam still enter the k finished ones?
+
+    True when the k finished beams all beat the best score any alive beam
+    could still reach (at most its current log-probability, normalized by the
+    largest length penalty it could get).
+    """
+    best_possible = alive_logp[:, 0] / _length_penalty(jnp.asarray(total), max(alpha, 0.0))
+    if alpha < 0:
+        best_possible = alive_logp[:, 0]
+    return jnp.all(fin_score > _NEG_INF, axis=1) & (fin_score[:, -1] >= best_possible)
 
 
 # --------------------------------------------------------------------------

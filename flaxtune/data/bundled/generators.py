@@ -230,11 +230,28 @@ def _sql_facts() -> dict[str, object]:
     return facts
 
 
+# Query kinds over the employees table; the others ask about products and orders.
+_EMPLOYEE_KINDS = frozenset((0, 1, 2, 3, 4, 5, 8, 11, 13))
+
+
 def text_to_sql(rng: random.Random) -> Sample:
     f = _sql_facts()
     kind = rng.randrange(14)
+    # Drawn for every kind, used or not: the sequence of draws fixes the
+    # bundled dataset, so it stays as it was when the dataset was published.
     dept = rng.choice(w.DEPARTMENTS)
     city = rng.choice(f["cities"])
+    if kind in _EMPLOYEE_KINDS:
+        req, sql, key = _employee_query(rng, f, kind, dept, city)
+    else:
+        req, sql, key = _product_or_order_query(rng, f, kind)
+    return Sample({"text": req}, sql, f"sql{kind}|{key}", {"code_kind": "sql"})
+
+
+def _employee_query(
+    rng: random.Random, f: dict[str, object], kind: int, dept: str, city: str
+) -> tuple[str, str, str]:
+    """(request, SQL, combo key) of an employees-table query kind."""
     if kind == 0:
         req = f"List the names of employees in the {dept} department."
         sql = f"SELECT name FROM employees WHERE department = '{dept}' ORDER BY name;"
@@ -264,7 +281,34 @@ def text_to_sql(rng: random.Random) -> Sample:
         req = f"What is the highest salary in the {dept} department?"
         sql = f"SELECT MAX(salary) FROM employees WHERE department = '{dept}';"
         key = dept
-    elif kind == 6:
+    elif kind == 8:
+        city, dept = rng.choice(f["city_dept"])
+        req = f"List the employees in {city} who work in {dept}."
+        sql = (
+            f"SELECT name FROM employees WHERE city = '{city}' AND department = '{dept}' "
+            "ORDER BY name;"
+        )
+        key = f"{city}|{dept}"
+    elif kind == 11:
+        age = rng.randrange(22, f["max_age_by_dept"][dept])
+        req = f"List the employees in {dept} who are older than {age}."
+        sql = (
+            f"SELECT name FROM employees WHERE department = '{dept}' AND age > {age} ORDER BY name;"
+        )
+        key = f"{dept}|{age}"
+    else:  # kind 13
+        age = rng.randrange(f["min_age"] + 1, 66)
+        req = f"Show the names of employees younger than {age}."
+        sql = f"SELECT name FROM employees WHERE age < {age} ORDER BY name;"
+        key = str(age)
+    return req, sql, key
+
+
+def _product_or_order_query(
+    rng: random.Random, f: dict[str, object], kind: int
+) -> tuple[str, str, str]:
+    """(request, SQL, combo key) of a products- or orders-table query kind."""
+    if kind == 6:
         cat = rng.choice(sorted(w.PRODUCT_CATEGORIES))
         price = f["min_price_by_cat"][cat] + rng.randrange(1, 120)
         req = f"List the {cat} products that cost less than {price} dollars."
@@ -280,42 +324,22 @@ def text_to_sql(rng: random.Random) -> Sample:
             f"AND product = '{product}';"
         )
         key = f"{customer}|{product}"
-    elif kind == 8:
-        city, dept = rng.choice(f["city_dept"])
-        req = f"List the employees in {city} who work in {dept}."
-        sql = (
-            f"SELECT name FROM employees WHERE city = '{city}' AND department = '{dept}' "
-            "ORDER BY name;"
-        )
-        key = f"{city}|{dept}"
     elif kind == 9:
         city = rng.choice(f["order_cities"])
         req = f"How many orders came from {city}?"
         sql = f"SELECT COUNT(*) FROM orders WHERE city = '{city}';"
         key = city
-    elif kind == 11:
-        age = rng.randrange(22, f["max_age_by_dept"][dept])
-        req = f"List the employees in {dept} who are older than {age}."
-        sql = (
-            f"SELECT name FROM employees WHERE department = '{dept}' AND age > {age} ORDER BY name;"
-        )
-        key = f"{dept}|{age}"
     elif kind == 12:
         price = rng.randrange(3, f["max_price"])
         req = f"How many products cost more than {price} dollars?"
         sql = f"SELECT COUNT(*) FROM products WHERE price > {price};"
         key = str(price)
-    elif kind == 13:
-        age = rng.randrange(f["min_age"] + 1, 66)
-        req = f"Show the names of employees younger than {age}."
-        sql = f"SELECT name FROM employees WHERE age < {age} ORDER BY name;"
-        key = str(age)
-    else:
+    else:  # kind 10
         product = rng.choice(f["pairs"])[1]
         req = f"Which customers ordered a {product}?"
         sql = f"SELECT DISTINCT customer FROM orders WHERE product = '{product}' ORDER BY customer;"
         key = product
-    return Sample({"text": req}, sql, f"sql{kind}|{key}", {"code_kind": "sql"})
+    return req, sql, key
 
 
 # ---------------------------------------------------------------- arithmetic
