@@ -31,6 +31,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
+from flaxtune.errors import FlaxtuneError
 from flaxtune.peft.config import PeftConfig
 from flaxtune.peft.selective import METHOD_RULES
 
@@ -38,7 +39,7 @@ CONFIG_FILE = "adapter_config.json"
 FORMAT_VERSION = 1
 
 
-class AdapterMismatchError(ValueError):
+class AdapterMismatchError(FlaxtuneError, ValueError):
     """An adapter whose parameters do not fit the model it is loaded into."""
 
 
