@@ -18,7 +18,8 @@ packed two to a byte along ``B`` (element ``2i`` in the low nibble, ``2i+1`` in
 the high one), so their ``values`` are ``uint8[G, B/2, out...]``. The output
 axes are never reshaped, so the output dimension keeps its sharding.
 
-Invariant (the contract of DESIGN.md §5)::
+A ``QArray`` stands in for the float kernel of ``flaxtune.transformer.Dense``,
+the one layer every matmul of the models goes through. Invariant::
 
     x ≈ (q - zero_point) * scale          (zero_point = 0 when absent)
     |x - dequantize(quantize(x))| <= scale / 2          for int8 and int4

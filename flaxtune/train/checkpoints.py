@@ -27,9 +27,11 @@ Decisions:
   killed mid-save (even by ``kill -9``) leaves a tmp directory that is never
   listed as a step and never restored; ``cleanup_tmp_directories`` deletes
   it on the next start.
-* **When.** ``save`` writes when ``step % save_interval_steps == 0``, and
-  also (orbax's initial-save policy) on the first call in a directory that
-  has no checkpoint yet.
+* **When.** ``save`` writes when ``step % save_interval_steps == 0`` (or
+  with ``force=True``, or after a preemption notice, orbax's
+  ``PreemptionCheckpointingPolicy``). orbax's default initial save, after
+  the first step of a fresh run, is left out: a run killed before its first
+  interval restarts from step 0 and reproduces the same losses.
 * **Async.** Saves are asynchronous by default: device arrays are copied to
   host, then written in a background thread while training continues. The
   next save (or ``wait_until_finished``/``close``) waits for the previous.
