@@ -20,6 +20,7 @@ asks, so code that already catches ``ValueError`` keeps working::
         ├── CheckpointMismatchError(FlaxtuneError, ValueError) here
         │   ├── TrainCheckpointMismatchError                   train (orbax state)
         │   └── HfCheckpointMismatchError (+ InteropError)     interop (Hugging Face)
+        ├── TokenizerMismatchError(FlaxtuneError, ValueError)  here
         └── ...
 
 This module imports nothing from flaxtune: it sits at the bottom of the
@@ -28,7 +29,7 @@ package's import graph, so every subpackage can import it.
 
 from __future__ import annotations
 
-__all__ = ["CheckpointMismatchError", "FlaxtuneError"]
+__all__ = ["CheckpointMismatchError", "FlaxtuneError", "TokenizerMismatchError"]
 
 
 class FlaxtuneError(Exception):
@@ -43,4 +44,13 @@ class CheckpointMismatchError(FlaxtuneError, ValueError):
     it is restored into) and ``flaxtune.interop.HfCheckpointMismatchError`` (a
     Hugging Face checkpoint whose tensors differ from what its config
     describes). Catch this class to handle both.
+    """
+
+
+class TokenizerMismatchError(FlaxtuneError, ValueError):
+    """A model was trained with one tokenizer and is being used with another.
+
+    Raised wherever a recorded tokenizer fingerprint (in a training
+    checkpoint, a finished run's ``model.json`` or a saved adapter) differs
+    from the fingerprint of the tokenizer in use.
     """

@@ -63,8 +63,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from flaxtune.data.tokenizer import TokenizerMismatchError
-from flaxtune.errors import CheckpointMismatchError
+from flaxtune.errors import CheckpointMismatchError, TokenizerMismatchError
 from flaxtune.train.state import TrainState
 
 PyTree = Any
