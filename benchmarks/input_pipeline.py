@@ -37,7 +37,10 @@ from flaxtune.data.bundled import (
 from flaxtune.data.loader import LoaderConfig, make_loader
 from flaxtune.data.tokenizer import Tokenizer
 
-TRAIN_STEP_S = 1.5  # t5-small-sized step on the 2-core dev CPU (see DESIGN.md)
+# A t5-small full fine-tuning step on the 2-core development CPU takes about
+# this long (`python3 -m benchmarks.train_step`); the loader's time per batch
+# is reported as a fraction of it.
+TRAIN_STEP_S = 1.5
 
 
 def _emit(**record) -> None:

@@ -54,6 +54,7 @@ from typing import Literal
 import numpy as np
 
 from flaxtune.data.tokenizer import EOS_ID
+from flaxtune.errors import FlaxtuneError
 
 Policy = Literal["right", "left", "error"]
 
@@ -75,7 +76,7 @@ class Truncation:
                 )
 
 
-class SequenceTooLongError(ValueError):
+class SequenceTooLongError(FlaxtuneError, ValueError):
     """An example is longer than the feature length under ``Truncation(...='error')``."""
 
 

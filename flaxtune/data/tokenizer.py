@@ -38,13 +38,11 @@ from collections.abc import Iterable, Sequence
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
+from flaxtune.errors import TokenizerMismatchError
+
 PAD_ID = 0
 EOS_ID = 1
 UNK_ID = 2
-
-
-class TokenizerMismatchError(ValueError):
-    """A model was trained with one tokenizer and is being used with another."""
 
 
 def check_fingerprint(expected: str, actual: str) -> None:

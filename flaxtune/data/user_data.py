@@ -32,13 +32,14 @@ from dataclasses import dataclass, field
 from flaxtune.data.tasks import Example, Task, register_task
 from flaxtune.data.templates import templates_for
 from flaxtune.data.tokenizer import Tokenizer
+from flaxtune.errors import FlaxtuneError
 
 logger = logging.getLogger(__name__)
 
 _KEY_PAIRS = (("prompt", "completion"), ("input", "target"), ("inputs", "targets"))
 
 
-class UserDataError(ValueError):
+class UserDataError(FlaxtuneError, ValueError):
     """A malformed line in a user data file."""
 
 

@@ -32,14 +32,27 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 
+from flaxtune.errors import FlaxtuneError
+
 __all__ = ["MAX_INT_BITS", "execution_accuracy", "execution_matches"]
 
 MAX_INT_BITS = 4096
 _MAX_SOURCE_CHARS = 10_000
 
 
-class _Rejected(Exception):
+class _ExpressionRejectedError(FlaxtuneError):
     """The expression uses something outside the whitelist or exceeds a bound."""
+
+
+# Everything parsing and evaluating an expression raises for an expression
+# that is malformed, not allowed, or has no finite value (1/0, 1e308**2).
+_UNUSABLE_EXPRESSION = (
+    SyntaxError,
+    ValueError,
+    ArithmeticError,
+    RecursionError,
+    _ExpressionRejectedError,
+)
 
 
 # ----------------------------------------------------------------------------
@@ -59,7 +72,7 @@ _UNARY = {ast.USub: operator.neg, ast.UAdd: operator.pos}
 
 def _check_size(value: int | float) -> int | float:
     if isinstance(value, int) and value.bit_length() > MAX_INT_BITS:
-        raise _Rejected(f"integer result over {MAX_INT_BITS} bits")
+        raise _ExpressionRejectedError(f"integer result over {MAX_INT_BITS} bits")
     return value
 
 
@@ -73,10 +86,10 @@ def _power(base: int | float, exponent: int | float) -> int | float:
         and abs(base) > 1
         and exponent * math.log2(abs(base)) > MAX_INT_BITS
     ):
-        raise _Rejected("exponent too large")
+        raise _ExpressionRejectedError("exponent too large")
     result = base**exponent  # floats overflow with an OverflowError
     if isinstance(result, complex):
-        raise _Rejected("complex result")
+        raise _ExpressionRejectedError("complex result")
     return _check_size(result)
 
 
@@ -86,7 +99,7 @@ def _evaluate(node: ast.AST) -> int | float:
     if isinstance(node, ast.Constant):
         if type(node.value) in (int, float):  # not bool, str, complex, ...
             return node.value
-        raise _Rejected(f"constant {node.value!r}")
+        raise _ExpressionRejectedError(f"constant {node.value!r}")
     if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
         return _UNARY[type(node.op)](_evaluate(node.operand))
     if isinstance(node, ast.BinOp):
@@ -95,13 +108,13 @@ def _evaluate(node: ast.AST) -> int | float:
             return _power(left, right)
         if type(node.op) in _BINARY:
             return _check_size(_BINARY[type(node.op)](left, right))
-    raise _Rejected(f"{type(node).__name__} is not allowed")
+    raise _ExpressionRejectedError(f"{type(node).__name__} is not allowed")
 
 
 def evaluate_arithmetic(expression: str) -> int | float:
     """Value of a whitelisted arithmetic expression; raises on anything else."""
     if len(expression) > _MAX_SOURCE_CHARS:
-        raise _Rejected("expression too long")
+        raise _ExpressionRejectedError("expression too long")
     return _evaluate(ast.parse(expression.strip(), mode="eval"))
 
 
@@ -203,11 +216,11 @@ def execution_matches(
 def _arithmetic_match(prediction: str, reference: str, index: int) -> bool:
     try:
         expected = evaluate_arithmetic(reference)
-    except (SyntaxError, ValueError, ArithmeticError, _Rejected, RecursionError) as err:
+    except _UNUSABLE_EXPRESSION as err:
         raise ValueError(f"references[{index}] = {reference!r} does not evaluate: {err}") from err
     try:
         return _same_number(evaluate_arithmetic(prediction), expected)
-    except (SyntaxError, ValueError, ArithmeticError, _Rejected, RecursionError, MemoryError):
+    except (*_UNUSABLE_EXPRESSION, MemoryError):
         return False
 
 

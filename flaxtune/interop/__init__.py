@@ -11,7 +11,7 @@ See ``importer.py`` (sharded / dtype / quantized loading), ``exporter.py``,
 ``peft_export.py`` (PEFT adapters) and ``python -m flaxtune.interop --help``.
 """
 
-from flaxtune.interop.errors import CheckpointMismatchError, InteropError
+from flaxtune.interop.errors import HfCheckpointMismatchError, InteropError
 from flaxtune.interop.exporter import export_hf, hf_state_dict
 from flaxtune.interop.hf_config import config_from_hf, config_to_hf
 from flaxtune.interop.importer import ImportedModel, find_tokenizer, import_hf
@@ -24,7 +24,7 @@ from flaxtune.interop.peft_export import (
 )
 
 __all__ = [
-    "CheckpointMismatchError",
+    "HfCheckpointMismatchError",
     "ImportedModel",
     "InteropError",
     "LoraHyperparams",

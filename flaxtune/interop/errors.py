@@ -11,11 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from flaxtune.errors import CheckpointMismatchError, FlaxtuneError
+
 # How many names an error message lists before it summarises the rest.
 _MAX_LISTED = 20
 
 
-class InteropError(ValueError):
+class InteropError(FlaxtuneError, ValueError):
     """A Hugging Face checkpoint or config that flaxtune cannot read or write."""
 
 
@@ -26,8 +28,12 @@ def _listing(names: Sequence[str]) -> str:
     return shown
 
 
-class CheckpointMismatchError(InteropError):
-    """The tensors of a checkpoint do not match the model its config describes.
+class HfCheckpointMismatchError(InteropError, CheckpointMismatchError):
+    """Tensors in Hugging Face layout do not match the model their config describes.
+
+    Raised for a checkpoint being imported and for parameters being exported
+    (against the config they are exported with). It is both an
+    ``InteropError`` and a ``flaxtune.errors.CheckpointMismatchError``.
 
     Attributes:
       missing: tensor names the model needs that the checkpoint lacks.

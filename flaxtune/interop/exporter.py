@@ -35,7 +35,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from flaxtune.interop.errors import CheckpointMismatchError
+from flaxtune.interop.errors import HfCheckpointMismatchError
 from flaxtune.interop.hf_config import config_to_hf, family_of_config
 from flaxtune.interop.names import (
     abstract_params,
@@ -65,7 +65,7 @@ def hf_state_dict(
         if path in flat and tuple(flat[path].shape) != shape
     ]
     if set(flat) != set(expected) or mismatched:
-        raise CheckpointMismatchError(
+        raise HfCheckpointMismatchError(
             "The parameters to export",
             missing=sorted(set(expected) - set(flat)),
             unexpected=sorted(set(flat) - set(expected)),

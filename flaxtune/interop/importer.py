@@ -48,7 +48,7 @@ import numpy as np
 from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding
 
-from flaxtune.interop.errors import CheckpointMismatchError, InteropError
+from flaxtune.interop.errors import HfCheckpointMismatchError, InteropError
 from flaxtune.interop.hf_config import config_from_hf, family_of, t5_scales_decoder_output
 from flaxtune.interop.names import (
     TensorMapping,
@@ -143,7 +143,7 @@ def check_checkpoint(
                 mismatched.append((name, reader.shape(name), m.hf_shape))
     unexpected = [n for n in present - known if not is_ignored(family, n)]
     if expected - present or unexpected or mismatched:
-        raise CheckpointMismatchError(
+        raise HfCheckpointMismatchError(
             f"The checkpoint in {reader.directory}",
             missing=sorted(expected - present),
             unexpected=unexpected,

@@ -1,6 +1,8 @@
 """LoRA adapters in Hugging Face PEFT format, both ways, and LoRA merging.
 
-flaxtune's LoRA lives next to the kernel it adapts (DESIGN contract 2)::
+flaxtune's LoRA factors are parameters of the Dense layer they adapt,
+siblings of its kernel, so the base parameter keeps its name and a pretrained
+checkpoint loads unchanged::
 
     query/kernel [d_model, heads, head_dim]     frozen base weight W
     query/lora_a [d_model, r]                   A (input side)

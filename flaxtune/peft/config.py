@@ -30,6 +30,8 @@ import dataclasses
 import re
 from typing import Any
 
+from flaxtune.errors import FlaxtuneError
+
 LORA_INITS = ("gaussian", "kaiming", "pissa")
 ADAPTER_KINDS = ("houlsby", "pfeiffer")
 PROMPT_INITS = ("random", "vocab", "text")
@@ -43,7 +45,7 @@ TARGET_PRESETS = {
 }
 
 
-class PeftConfigError(ValueError):
+class PeftConfigError(FlaxtuneError, ValueError):
     """A PEFT configuration that cannot be applied."""
 
 

@@ -31,6 +31,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
+from flaxtune.errors import FlaxtuneError, TokenizerMismatchError
 from flaxtune.peft.config import PeftConfig
 from flaxtune.peft.selective import METHOD_RULES
 
@@ -38,7 +39,7 @@ CONFIG_FILE = "adapter_config.json"
 FORMAT_VERSION = 1
 
 
-class AdapterMismatchError(ValueError):
+class AdapterMismatchError(FlaxtuneError, ValueError):
     """An adapter whose parameters do not fit the model it is loaded into."""
 
 
@@ -140,7 +141,7 @@ def load_adapter(
         raise ValueError(f"{config_path}: unsupported format_version {meta.get('format_version')}.")
     fingerprint = meta.get("tokenizer_fingerprint")
     if expected_tokenizer_fingerprint is not None and fingerprint != expected_tokenizer_fingerprint:
-        raise ValueError(
+        raise TokenizerMismatchError(
             f"the adapter was trained with tokenizer {fingerprint}, but this model uses "
             f"{expected_tokenizer_fingerprint}; load the tokenizer the adapter was trained with."
         )

@@ -1,6 +1,6 @@
 """Which parameters train: rule presets for every method, and a summary table.
 
-Trainability is data (DESIGN, contract 3): an ordered list of
+Trainability is data (``flaxtune.train.partition``): an ordered list of
 ``(regex, label)`` rules, first ``re.fullmatch`` wins, every parameter must
 be covered and every rule must match something. This module writes those
 lists for the PEFT methods and for the *selective* family, which trains a

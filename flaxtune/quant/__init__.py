@@ -24,7 +24,7 @@ from flaxtune.quant.nf4 import nf4_codebook
 from flaxtune.quant.policy import PRESETS, Policy, cast_floating, get_policy
 from flaxtune.quant.qarray import (
     QArray,
-    QuantError,
+    QuantErrorStats,
     dequantize,
     quantization_error,
     quantize,
@@ -42,7 +42,7 @@ __all__ = [
     "MemoryPlan",
     "Policy",
     "QArray",
-    "QuantError",
+    "QuantErrorStats",
     "QuantReport",
     "QuantSpec",
     "XlaCheck",

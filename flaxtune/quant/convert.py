@@ -29,7 +29,8 @@ relative-position tables and norm scales::
     .../mlp_norm/scale       f32[512]          f32[512]
 
 How kernels are found: in flaxtune's models every matmul goes through
-``Dense`` (DESIGN.md §5), whose weight is the only leaf named ``kernel``. A
+``flaxtune.transformer.Dense``, whose weight is the only leaf named
+``kernel`` (a float array or a ``QArray``, which Dense accepts alike). A
 kernel contracts its first axis, except the attention output projections
 (``.../attention/out/kernel`` and ``.../cross_attention/out/kernel``, shape
 ``[heads, head_dim, d_model]``), which contract two. The 4-bit group is 64

@@ -23,25 +23,25 @@ All are ``flax.struct`` pytrees: they live in the train state, are donated,
 sharded (replicated scalars) and checkpointed like every other leaf, and
 ``adjust`` is jit-compatible (no Python branching on traced values).
 
-Use in a train step::
+How ``flaxtune.train.step`` uses a scaler (the state holds it as
+``state.loss_scale``)::
 
-    def step(state, batch):
-        def scaled_loss(params):
-            loss, aux = loss_fn(params, batch)
-            return state.loss_scale.scale(loss), aux
+    grads = grad(lambda p: loss_scale.scale(loss_fn(p, batch)))(state.trainable)
+    grads = loss_scale.unscale(grads)
+    grad_norm = global_norm_f32(grads)     # one pass over the gradients
+    finite = isfinite(grad_norm)           # a NaN or inf anywhere makes it non-finite
+    trainable, opt_state = lax.cond(finite, apply_optimizer, keep_old_state)
+    loss_scale = loss_scale.adjust(finite)
 
-        grads, aux = jax.grad(scaled_loss, has_aux=True)(state.params)
-        grads = state.loss_scale.unscale(grads)
-        finite = all_finite(grads)
-        new_params, new_opt_state = apply_optimizer(grads, state)
-        # A non-finite step changes nothing but the scale (and a skip counter).
-        params = select_tree(finite, new_params, state.params)
-        opt_state = select_tree(finite, new_opt_state, state.opt_state)
-        return state.replace(params=params, opt_state=opt_state,
-                             loss_scale=state.loss_scale.adjust(finite))
-
-The static and no-op scalers never change, but the step still skips a
-non-finite update with them: one NaN batch must not poison the parameters.
+A non-finite step changes nothing but the scale and the skip counter, and the
+static and no-op scalers skip it too: one NaN batch must not poison the
+parameters. The step decides finiteness from the gradient norm it reports
+anyway, instead of a separate ``all_finite`` pass, and it skips with
+``lax.cond`` instead of ``select_tree``: a select reads and writes every
+parameter and optimizer moment once more per step (about a tenth of a
+t5-small step on CPU), while the skipped branch of a ``cond`` costs nothing.
+``all_finite`` and ``select_tree`` remain for code that wants those
+operations on other trees.
 """
 
 from __future__ import annotations

@@ -4,12 +4,18 @@ A policy is three dtypes, written as a short string (after jmp)::
 
     p=f32,c=bf16,o=f32      param (storage), compute, output
 
-and parsed once, at configuration time. The model casts its parameters and
-inputs with ``cast_to_compute`` at the top of the forward pass and its
-outputs with ``cast_to_output``; the optimizer updates parameters in
-``param_dtype``. Softmax, normalization statistics and the loss always run in
-float32 (``Policy.reduction_dtype``) whatever the compute dtype: their sums and
-exponentials lose too much in 8 mantissa bits.
+and parsed once, at configuration time. A run hands the policy to the model
+as two ``TransformerConfig`` fields (``flaxtune.train.run_config``):
+``param_dtype`` (parameters are created, stored and updated in it) and
+``dtype`` = the compute dtype (each layer casts its parameters and inputs to
+it for the computation). Attention softmax (unless
+``float32_attention_logits=False``), normalization statistics and the loss
+run in float32 (``Policy.reduction_dtype``) whatever the compute dtype: their
+sums and exponentials lose too much in 8 mantissa bits. The output dtype
+``o`` is what ``cast_to_output`` gives a caller; the models return logits in
+the compute dtype and the loss casts them to float32 itself. The tree casts
+(``cast_to_param`` / ``cast_to_compute`` / ``cast_to_output``) are for
+parameter trees outside a model, e.g. converting a checkpoint.
 
 Named presets:
 

@@ -18,7 +18,8 @@ packed two to a byte along ``B`` (element ``2i`` in the low nibble, ``2i+1`` in
 the high one), so their ``values`` are ``uint8[G, B/2, out...]``. The output
 axes are never reshaped, so the output dimension keeps its sharding.
 
-Invariant (the contract of DESIGN.md §5)::
+A ``QArray`` stands in for the float kernel of ``flaxtune.transformer.Dense``,
+the one layer every matmul of the models goes through. Invariant::
 
     x ≈ (q - zero_point) * scale          (zero_point = 0 when absent)
     |x - dequantize(quantize(x))| <= scale / 2          for int8 and int4
@@ -149,8 +150,12 @@ class QArray:
 
 
 @dataclasses.dataclass(frozen=True)
-class QuantError:
-    """How far a dequantized array is from the float array it replaces."""
+class QuantErrorStats:
+    """How far a dequantized array is from the float array it replaces.
+
+    A record of statistics (returned by :func:`quantization_error`), not an
+    exception.
+    """
 
     max_abs_error: float
     rms_error: float
@@ -378,7 +383,7 @@ def dequantize(q: QArray, dtype: jnp.dtype = jnp.float32) -> jax.Array:
     return x.reshape(q.shape).astype(dtype)
 
 
-def quantization_error(x: jax.Array, q: QArray) -> QuantError:
+def quantization_error(x: jax.Array, q: QArray) -> QuantErrorStats:
     """Measures ``|x - dequantize(q)|`` on the host (not for use under jit).
 
     The float32 dequantized array is materialized and compared in float64, so
@@ -387,14 +392,14 @@ def quantization_error(x: jax.Array, q: QArray) -> QuantError:
     """
     x64 = np.asarray(jax.device_get(x), np.float64)
     diff = np.abs(x64 - np.asarray(jax.device_get(dequantize(q, jnp.float32)), np.float64))
-    return QuantError(
+    return QuantErrorStats(
         max_abs_error=float(diff.max()),
         rms_error=float(np.sqrt(np.mean(diff**2))),
         max_abs_value=float(np.abs(x64).max()),
     )
 
 
-def requantize_like(q: QArray, new_value: jax.Array) -> tuple[QArray, QuantError]:
+def requantize_like(q: QArray, new_value: jax.Array) -> tuple[QArray, QuantErrorStats]:
     """Quantizes ``new_value`` exactly as ``q`` was quantized, and reports the error.
 
     The building block of merging LoRA into a quantized base: dequantize the

@@ -4,13 +4,14 @@ Which kernels to quantize, and how, is data: an ordered list of
 ``(regex, QuantSpec | None)`` rules matched with ``re.fullmatch`` against the
 ``/``-joined path of every leaf (``decoder/layers_0/mlp/wi/kernel``). The
 first matching rule wins; ``None`` keeps the leaf in float. As with the
-trainability rules (DESIGN.md §3), a rule that matches nothing is an error
-(it is almost always a typo), and every decision is logged and reported::
+trainability rules (``flaxtune.train.partition``), a rule that matches
+nothing is an error (it is almost always a typo), and every decision is
+logged and reported::
 
-    before                                   after quantize_params(params, rules)
-    mlp/wi/kernel   f32[512, 2048]           mlp/wi/kernel   QArray(nf4, [512, 2048])
-    mlp/wi/bias     f32[2048]                mlp/wi/bias     f32[2048]     (ndim < 2)
-    embed/embedding f32[32128, 512]          embed/embedding f32[32128, 512] (rule: None)
+    before                                  after quantize_params(params, rules)
+    .../mlp/wi/kernel     f32[512, 2048]    QArray(nf4, [512, 2048])
+    .../mlp/wi/bias       f32[2048]         f32[2048]        (ndim < 2; use_bias=True)
+    token_embed/embedding f32[32128, 512]   f32[32128, 512]  (rule: None)
 
 Leaves that are not floating, or have fewer than two axes, are never
 quantized, whatever the rules say (biases, norm scales, counters). A rule

@@ -38,8 +38,8 @@ How the pieces fit (a loop needs little more)::
 
 from flaxtune.train.checkpoints import (
     CheckpointManager,
-    CheckpointMismatchError,
     TokenizerMismatchError,
+    TrainCheckpointMismatchError,
     file_fingerprint,
 )
 from flaxtune.train.host_memory import retain_freed_host_memory
@@ -77,11 +77,11 @@ __all__ = [
     "FROZEN",
     "LOGICAL_AXIS_RULES",
     "CheckpointManager",
-    "CheckpointMismatchError",
     "MetricsWriter",
     "OptimizerConfig",
     "ProgressBar",
     "TokenizerMismatchError",
+    "TrainCheckpointMismatchError",
     "TrainState",
     "TrainabilityRules",
     "compiled_flops",

@@ -27,9 +27,11 @@ Decisions:
   killed mid-save (even by ``kill -9``) leaves a tmp directory that is never
   listed as a step and never restored; ``cleanup_tmp_directories`` deletes
   it on the next start.
-* **When.** ``save`` writes when ``step % save_interval_steps == 0``, and
-  also (orbax's initial-save policy) on the first call in a directory that
-  has no checkpoint yet.
+* **When.** ``save`` writes when ``step % save_interval_steps == 0`` (or
+  with ``force=True``, or after a preemption notice, orbax's
+  ``PreemptionCheckpointingPolicy``). orbax's default initial save, after
+  the first step of a fresh run, is left out: a run killed before its first
+  interval restarts from step 0 and reproduces the same losses.
 * **Async.** Saves are asynchronous by default: device arrays are copied to
   host, then written in a background thread while training continues. The
   next save (or ``wait_until_finished``/``close``) waits for the previous.
@@ -37,7 +39,7 @@ Decisions:
   arrays or ``jax.ShapeDtypeStruct`` s with shardings, and every leaf is read
   straight into its sharding. Before reading, the checkpoint's tree is
   compared with the target's: missing, unexpected or differently shaped
-  entries are listed by path in one ``CheckpointMismatchError``.
+  entries are listed by path in one ``TrainCheckpointMismatchError``.
 * **Run files are never overwritten.** A resumed run with a changed config
   keeps ``config.json`` and writes the new one to ``config.1.json`` (2, ...);
   a different tokenizer fingerprint than the one recorded is an error.
@@ -61,23 +63,28 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from flaxtune.data.tokenizer import TokenizerMismatchError
+from flaxtune.errors import CheckpointMismatchError, TokenizerMismatchError
 from flaxtune.train.state import TrainState
 
 PyTree = Any
 
 __all__ = [
     "CheckpointManager",
-    "CheckpointMismatchError",
     "TokenizerMismatchError",
+    "TrainCheckpointMismatchError",
     "file_fingerprint",
 ]
 
 _STATE, _DATA, _META = "state", "data", "meta"
 
 
-class CheckpointMismatchError(ValueError):
-    """The checkpoint's tree does not fit the state it is restored into."""
+class TrainCheckpointMismatchError(CheckpointMismatchError):
+    """An orbax checkpoint's ``TrainState`` tree does not fit the state it is restored into.
+
+    Raised before any array is read, listing every missing, unexpected and
+    differently shaped entry by path (a different model config, trainability
+    rules or optimizer than the checkpoint was written with).
+    """
 
 
 def file_fingerprint(path: str | os.PathLike) -> str:
@@ -361,17 +368,17 @@ class CheckpointManager:
         )
 
     def check_compatible(self, target: TrainState, step: int) -> None:
-        """Raises ``CheckpointMismatchError`` if ``step``'s tree does not fit ``target``."""
+        """Raises ``TrainCheckpointMismatchError`` if ``step``'s tree does not fit ``target``."""
         saved_tree = self._manager.item_metadata(step)[_STATE]
         saved_tree = getattr(saved_tree, "tree", saved_tree)
         if saved_tree is None:
-            raise CheckpointMismatchError(
+            raise TrainCheckpointMismatchError(
                 f"Checkpoint {self.directory / str(step)} has no readable train state; it was "
                 "not written by flaxtune's CheckpointManager."
             )
         problem = _describe_mismatch(_metadata_shapes(saved_tree), _target_shapes(target))
         if problem:
-            raise CheckpointMismatchError(
+            raise TrainCheckpointMismatchError(
                 f"Checkpoint {self.directory / str(step)} does not fit the model's train state:\n  "
                 f"{problem}\nRestore with the model config, trainability rules and optimizer "
                 "the checkpoint was written with, or start a fresh workdir."

@@ -1,7 +1,9 @@
 """The frozen base of a PEFT run, stored as the precision policy and the quantization say.
 
-Under PEFT the frozen parameters are read, never updated, so an fp32 master
-copy of them is wasted memory (DESIGN.md §4). After the sharded init, the
+Under PEFT the frozen parameters are read, never updated. A float32 master
+copy exists so that small optimizer updates are not rounded away; parameters
+that receive no updates need none, and holding them in float32 only costs
+memory. After the sharded init, the
 frozen subtree of the train state is transformed once:
 
 1. **Quantize** (optional, QLoRA-style): every frozen Dense ``kernel`` becomes

@@ -6,10 +6,16 @@
         clip_by_global_norm(clip_global_norm),        # over all trainable leaves
         multi_transform({                             # one branch per label
             "trainable": chain(precondition, masked(decay), -lr(t) * 1.0),
-            "lora":      chain(precondition, masked(decay), -lr(t) * 4.0),
+            "head":      chain(precondition, masked(decay), -lr(t) * 4.0),
             ...
         }, labels),
     )
+
+for labels given by trainability rules such as ``[(r".*/lora_(a|b)", "trainable"),
+(r"decoder/logits_dense/kernel", "head"), (r".*", "frozen")]`` and
+``lr_multipliers={"head": 4.0}``. The presets of ``flaxtune.peft`` label
+every trained parameter ``"trainable"``; other labels come from rules written
+by hand.
 
 where ``precondition`` is Adam's moments, Adafactor's factored second
 moments, or SGD momentum, and ``decay`` is decoupled weight decay
@@ -57,15 +63,19 @@ __all__ = [
     "weight_decay_mask",
 ]
 
-# Paths are `/`-joined, e.g. `encoder/layers_0/pre_attention_layer_norm/scale`.
+# Paths are `/`-joined, e.g. `encoder/layers_0/attention_norm/scale`. In the
+# flaxtune models these keep out of weight decay every `*_norm/scale` (and
+# LayerNorm's `bias`, and Dense biases with use_bias=True); the embedding
+# patterns add `token_embed/embedding`, T5's `relpos_bias/rel_embedding`,
+# learned `position_embed/embedding` and prompt tuning's `prompt/embedding`.
 DEFAULT_NO_DECAY_PATTERNS: tuple[str, ...] = (
     r"(.*/)?bias",  # biases
     r"(.*/)?scale",  # norm scales (RMSNorm/LayerNorm call theirs `scale`)
     r"(.*/)?[^/]*norm[^/]*/[^/]+",  # any leaf of a module whose name contains "norm"
 )
 DEFAULT_EMBEDDING_PATTERNS: tuple[str, ...] = (
-    r"(.*/)?[^/]*embed[^/]*",  # a leaf named like `embedding`
-    r"(.*/)?[^/]*embed[^/]*/[^/]+",  # any leaf of a module named like `token_embedder`
+    r"(.*/)?[^/]*embed[^/]*",  # a leaf named like `embedding` or `rel_embedding`
+    r"(.*/)?[^/]*embed[^/]*/[^/]+",  # any leaf of a module named like `token_embed`
 )
 
 _SCHEDULES = ("constant", "warmup_cosine", "linear", "inverse_sqrt")

@@ -15,6 +15,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from flaxtune.data import Tokenizer
+from flaxtune.errors import TokenizerMismatchError
 
 
 def save_params(
@@ -52,7 +53,7 @@ def load_params(run_dir: Path, tokenizer: Tokenizer) -> dict[str, Any]:
         )
     meta = json.loads(meta_path.read_text())
     if meta["tokenizer_fingerprint"] != tokenizer.fingerprint:
-        raise ValueError(
+        raise TokenizerMismatchError(
             f"{run_dir} was trained with tokenizer {meta['tokenizer_fingerprint']}, this run "
             f"uses {tokenizer.fingerprint}; set tokenizer.path to {run_dir}/tokenizer.model."
         )

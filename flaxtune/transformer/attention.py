@@ -28,8 +28,8 @@ prefilling) at ``cache_slot`` and attends over the whole buffer; the stack's
 mask hides unwritten and padded slots. Cross-attention projects the encoder
 output once, on the first decode call that receives it, and later calls pass
 ``kv=None`` to reuse the cached projections. A call that finds no cache yet
-only creates it (zeros, sized by its inputs): that is how
-``decoding.init_cache`` obtains the cache's shapes.
+only creates it (zeros, sized by its inputs): decoding runs such a call
+under ``jax.eval_shape`` to learn the cache's shapes (``decoding._zeros_cache``).
 """
 
 from __future__ import annotations

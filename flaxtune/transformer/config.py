@@ -31,6 +31,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from flaxtune.errors import FlaxtuneError
+
 ACTIVATIONS = ("relu", "gelu", "gated-gelu", "swiglu")
 NORMS = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
@@ -42,7 +44,7 @@ _DTYPES = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(FlaxtuneError, ValueError):
     """A Transformer configuration that cannot describe a working model."""
 
 

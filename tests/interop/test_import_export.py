@@ -16,7 +16,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from safetensors.numpy import load_file, save_file
 
 from flaxtune.interop import (
-    CheckpointMismatchError,
+    HfCheckpointMismatchError,
     InteropError,
     export_hf,
     import_hf,
@@ -110,7 +110,7 @@ def test_missing_extra_and_misshaped_tensors_are_all_listed(tmp_path):
         tensors["model.norm.weight"] = np.zeros((25,), np.float32)
 
     _rewrite(directory, edit)
-    with pytest.raises(CheckpointMismatchError) as err:
+    with pytest.raises(HfCheckpointMismatchError) as err:
         import_hf(directory)
     assert err.value.missing == ["model.layers.1.mlp.up_proj.weight"]
     assert err.value.unexpected == ["model.layers.7.self_attn.q_proj.weight"]
@@ -265,7 +265,7 @@ def test_tokenizer_file_is_found(tmp_path):
 def test_export_refuses_params_that_do_not_fit_the_config(tmp_path):
     config = tiny_config("t5-v1.0")
     params = random_params(tiny_config("t5-v1.0", d_ff=40))
-    with pytest.raises(CheckpointMismatchError, match="mlp/wi/kernel"):
+    with pytest.raises(HfCheckpointMismatchError, match="mlp/wi/kernel"):
         export_hf(params, config, tmp_path)
     assert not (tmp_path / SINGLE_FILE).exists()
 

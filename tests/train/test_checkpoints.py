@@ -16,8 +16,8 @@ from jax.sharding import PartitionSpec as P
 from flaxtune.quant.loss_scale import DynamicLossScale
 from flaxtune.train.checkpoints import (
     CheckpointManager,
-    CheckpointMismatchError,
     TokenizerMismatchError,
+    TrainCheckpointMismatchError,
     file_fingerprint,
 )
 from flaxtune.train.mesh import make_mesh, sharded_train_state
@@ -168,7 +168,7 @@ def test_mismatched_checkpoints_name_the_paths(tmp_path):
         ckpt.save(_state())
         ckpt.wait_until_finished()
         other_rules = _state(rules=toy.RULES_HEAD_ONLY, steps=0)
-        with pytest.raises(CheckpointMismatchError) as e:
+        with pytest.raises(TrainCheckpointMismatchError) as e:
             ckpt.restore(other_rules)
         msg = str(e.value)
         assert "missing from the checkpoint" in msg and "frozen.wi.kernel" in msg
@@ -180,7 +180,7 @@ def test_mismatched_checkpoints_name_the_paths(tmp_path):
             "wi": {**target.trainable["wi"], "kernel": jnp.zeros((toy.EMBED, 32))},
         }
         with pytest.raises(
-            CheckpointMismatchError,
+            TrainCheckpointMismatchError,
             match=r"trainable\.wi\.kernel: checkpoint "
             r"\(8, 16\) vs model \(8, 32\)",
         ):
