@@ -66,11 +66,11 @@ logger = logging.getLogger(__name__)
 # name in the report.
 METHOD_SETTINGS: dict[str, tuple[str, dict[str, Any]]] = {
     "full": ("full fine-tuning", {}),
-    "bitfit": ("BitFit (norm scales; T5 has no biases)", {"selective": "bitfit"}),
-    "last_layers": ("last block of each stack", {"selective": "last_layers:1"}),
+    "bitfit": ("BitFit (norm scales; T5 has no biases)", {"peft.selective.rules": ("bitfit",)}),
+    "last_layers": ("last block of each stack", {"peft.selective.last_layers": 1}),
     "lora": ("LoRA r=8 on q,v", {"peft.method": "lora"}),
-    "dora": ("DoRA r=8 on q,v", {"peft.method": "dora"}),
-    "houlsby": ("Houlsby adapters", {"peft.method": "houlsby"}),
+    "dora": ("DoRA r=8 on q,v", {"peft.method": "lora", "peft.lora.use_dora": True}),
+    "houlsby": ("Houlsby adapters", {"peft.method": "adapters", "peft.adapters.kind": "houlsby"}),
     # Virtual tokens sit in front of one example, so these two train on unpacked
     # rows (fewer examples per step than the packed rows of the other methods).
     "prompt_tuning": ("prompt tuning", {"peft.method": "prompt_tuning", "data.pack": False}),
@@ -364,7 +364,7 @@ def memory_row(
     (weights, gradients, optimizer state, estimated activations, batch).
     """
     from flaxtune.quant.memory import check_against_xla
-    from flaxtune.train.run_config import base_quant_config
+    from flaxtune.train.run_config import base_quant_config, selective_config
     from flaxtune.train.step_memory import StepMemory
 
     check = check_against_xla(
@@ -375,7 +375,7 @@ def memory_row(
         run_cfg.data.batch_size,
         (run_cfg.data.inputs_length, run_cfg.data.targets_length),
         quant=base_quant_config(run_cfg),
-        selective=tuple(s for s in run_cfg.selective.split(",") if s),
+        selective=selective_config(run_cfg),
         frozen_in_compute_dtype=run_cfg.quant.frozen_in_compute_dtype,
         step_memory=StepMemory.from_dict(step_memory) if step_memory else None,
     )

@@ -91,7 +91,7 @@ def get_config() -> ml_collections.ConfigDict:
         )
     )
     # Extra per-method overrides of `run`, "key=value;key=value" with dotted keys,
-    # e.g. --config.method_overrides.lora="peft.lora_rank=16;peft.lora_targets=qkvo".
+    # e.g. --config.method_overrides.lora="peft.lora.rank=16;peft.lora.targets=qkvo".
     c.method_overrides = ml_collections.ConfigDict({name: "" for name in ALL_METHODS})
 
     # Sizes that replace the ones above when quick=True.

@@ -120,7 +120,7 @@ def test_pretraining_is_reused_and_a_failing_method_is_reported(study, data_dir,
     shutil.copytree(root / "pretrain", tmp_path / "pretrain")
     marker = (tmp_path / "pretrain" / "metrics.jsonl").stat().st_mtime_ns
     cfg = tiny_study(data_dir, methods="full,lora", precisions="", check_memory=False)
-    cfg.method_overrides.lora = "peft.lora_rank=1000"  # larger than the layer
+    cfg.method_overrides.lora = "peft.lora.rank=1000"  # larger than the layer
     assert seed_study.run(cfg, tmp_path) == 1
     assert (tmp_path / "pretrain" / "metrics.jsonl").stat().st_mtime_ns == marker
     again = json.loads((tmp_path / "results.json").read_text())
@@ -138,7 +138,7 @@ def test_config_errors_name_the_problem(data_dir, tmp_path):
     with pytest.raises(ValueError, match="precisions"):
         seed_study.resolve(tiny_study(data_dir, precisions="fp8"))
     bad = tiny_study(data_dir)
-    bad.method_overrides.lora = "peft.lora_rank"
+    bad.method_overrides.lora = "peft.lora.rank"
     with pytest.raises(ValueError, match="key=value"):
         seed_study.resolve(bad)
     cfg = seed_study.resolve(tiny_study(data_dir))
@@ -150,7 +150,10 @@ def test_method_configs_change_only_what_the_method_needs(data_dir, tmp_path):
     cfg = seed_study.resolve(tiny_study(data_dir))
     full = seed_study.method_config(cfg, "full", tmp_path)
     qlora = seed_study.method_config(cfg, "qlora", tmp_path)
-    assert full.peft.method == "none" and full.selective == ""
+    assert full.peft.method == "none" and full.peft.selective.to_dict() == {
+        "rules": (),
+        "last_layers": 0,
+    }
     assert (qlora.peft.method, qlora.quant.base) == ("lora", "nf4")
     assert qlora.optimizer.learning_rate == cfg.learning_rates.qlora
     assert full.train.num_steps == cfg.quick_sizes.finetune_steps
