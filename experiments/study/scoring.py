@@ -36,6 +36,7 @@ from flaxtune.train.run_config import (
     data_directory,
     loader_config,
     model_config,
+    selective_config,
 )
 from flaxtune.train.run_dir import load_params
 from flaxtune.train.scoring import generation_scores, make_predict_fn
@@ -187,7 +188,7 @@ def memory_row(
         run_cfg.data.batch_size,
         (run_cfg.data.inputs_length, run_cfg.data.targets_length),
         quant=base_quant_config(run_cfg),
-        selective=tuple(s for s in run_cfg.selective.split(",") if s),
+        selective=selective_config(run_cfg),
         frozen_in_compute_dtype=run_cfg.quant.frozen_in_compute_dtype,
         step_memory=StepMemory.from_dict(step_memory) if step_memory else None,
     )
