@@ -64,8 +64,10 @@ def use_compilation_cache(root: Path) -> None:
 
 
 def setup_worker(root: str) -> None:
-    """A worker's start-up: its log shows the study's messages; the shared compilation cache."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    """A worker's start-up: the shared compilation cache, and INFO messages of the
+    study and of flaxtune in the job logs (as ``experiments.main`` shows them)."""
+    logging.getLogger("experiments").setLevel(logging.INFO)
+    logging.getLogger("flaxtune").setLevel(logging.INFO)
     use_compilation_cache(Path(root))
 
 

@@ -11,7 +11,6 @@ from experiments.configs import seed_study as study_config
 from experiments.study.config import method_config, method_label, pretrain_config, resolve
 from flaxtune.peft import RECIPES
 
-CONFIG_FILE = Path(study_config.__file__)
 PRETRAIN = Path("/tmp/pretrain")
 
 
@@ -34,7 +33,8 @@ def test_method_configs_are_the_shared_run_plus_the_recipe():
         "lora": {"peft.method": "lora"},
         "dora": {"peft.method": "lora", "peft.lora.use_dora": True},
         "qlora": {"peft.method": "lora", "quant.base": "nf4"},
-        "houlsby": {"peft.method": "adapters", "peft.adapters.kind": "houlsby"},
+        # The recipe's kind=houlsby is also the run config's default kind.
+        "houlsby": {"peft.method": "adapters"},
         "ia3": {"peft.method": "ia3"},
         # Virtual tokens sit in front of one example: unpacked rows.
         "prompt_tuning": {"peft.method": "prompt_tuning", "data.pack": False},
@@ -50,6 +50,7 @@ def test_method_configs_are_the_shared_run_plus_the_recipe():
         }
         assert differ == changes, name
         assert c.optimizer.learning_rate == cfg.learning_rates[name]
+    assert method_config(cfg, "houlsby", PRETRAIN).peft.adapters.kind == "houlsby"
     assert full.init_from == str(PRETRAIN)
     assert full.tokenizer.path == str(PRETRAIN / "tokenizer.model")
     assert full.train.num_steps == cfg.finetune_steps
@@ -95,25 +96,34 @@ def test_method_overrides_are_nested_and_stored_only_where_set():
     assert flatten(method_config(again, "lora", PRETRAIN)) == flatten(lora)
 
 
+# ml_collections loads config files through a deprecated importlib call.
+@pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")
 def test_command_line_sets_nested_method_and_quick_overrides():
+    argv = [
+        "prog",
+        "--config.method_overrides.lora.peft.lora.rank=16",
+        "--config.method_overrides.houlsby.peft.adapters.reduction_factor=4",
+        "--config.quick=True",
+        "--config.quick_overrides.run.model.overrides.num_decoder_layers=2",
+    ]
     values = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", str(CONFIG_FILE), flag_values=values)
-    values(
-        [
-            "prog",
-            "--config.method_overrides.lora.peft.lora.rank=16",
-            "--config.method_overrides.houlsby.peft.adapters.reduction_factor=4",
-            "--config.quick=True",
-            "--config.quick_overrides.run.model.overrides.num_decoder_layers=2",
-        ]
+    # The flag experiments.main defines (sys_argv: the overrides it makes flags of).
+    config_flags.DEFINE_config_file(
+        "config", study_config.__file__, flag_values=values, sys_argv=argv
     )
+    values(argv)
     cfg = resolve(values.config)
     assert method_config(cfg, "lora", PRETRAIN).peft.lora.rank == 16
     assert method_config(cfg, "houlsby", PRETRAIN).peft.adapters.reduction_factor == 4
     assert cfg.run.model.overrides.num_encoder_layers == 1
     assert cfg.run.model.overrides.num_decoder_layers == 2
-    with pytest.raises(flags.IllegalFlagValueError, match="rank"):
-        values(["prog", "--config.method_overrides.lora.peft.lora.rank=many"])
+    bad = ["prog", "--config.method_overrides.lora.peft.lora.rank=many"]
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file(
+        "config", study_config.__file__, flag_values=values, sys_argv=bad
+    )
+    with pytest.raises(flags.IllegalFlagValueError, match="many"):
+        values(bad)
 
 
 def test_quick_overrides_shrink_the_study_and_the_model():
