@@ -59,7 +59,8 @@ def set_dotted(cfg: ml_collections.ConfigDict, key: str, value: Any, *, source: 
             where = ".".join(key.split(".")[:depth]) or "the top level"
             raise KeyError(
                 f"{source}: {key!r} is not a key of the config it overrides "
-                f"({part!r} is not under {where}); see experiments/configs/default.py."
+                f"({part!r} is not under {where}); the study's fields are in "
+                "experiments/configs/seed_study.py, the run config's in default.py."
             )
         if depth < len(parents):
             node = node[part]
@@ -98,8 +99,13 @@ def _check_names(cfg: ml_collections.ConfigDict) -> None:
 
 
 def resolve(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """A checked copy of ``cfg``: quick overrides applied, per-method overrides reduced to
-    the leaves that are set, and the study's seed and scoring sizes copied into ``run``."""
+    """A checked copy of ``cfg``, ready to run.
+
+    The quick overrides are applied (``quick=True``), the per-method overrides
+    reduced to the leaves that are set, the study's seed and scoring sizes
+    copied into ``run``, and every method's run config derived once, so that a
+    bad key fails here.
+    """
     cfg = copy.deepcopy(cfg)
     _check_names(cfg)
     if cfg.quick:

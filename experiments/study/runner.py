@@ -76,8 +76,10 @@ def fine_tune(
     results: Results,
     pretraining: dict[str, Any],
 ) -> None:
-    """Phases 3-5 (and 7): every method fine-tuned, scored, its forgetting measured
-    and its memory planned; the pretrained model's scores and the baselines.
+    """Phases 3-5 (and 7): each method fine-tuned, scored and its forgetting measured.
+
+    Each method's memory is planned too, and the pretrained model and the
+    trivial baselines are scored beside them.
 
     ``pretraining``: what the pretraining run returned (kept with its scores).
     """
