@@ -58,7 +58,10 @@ METHODS = {
         prefix_tuning=peft_lib.PrefixTuningConfig(num_virtual_tokens=20)
     ),
 }
-SELECTIVE = {"bitfit": ("bitfit",), "last_layers": ("last_layers:2",)}
+SELECTIVE = {
+    "bitfit": peft_lib.SelectiveConfig(rules=("bitfit",)),
+    "last_layers": peft_lib.SelectiveConfig(last_layers=2),
+}
 PEER_NAMES = {
     ("full", "fp32"): "t5_full",
     ("lora", "fp32"): "t5_lora",
@@ -101,7 +104,7 @@ def measure(method: str, args, peak_flops: float) -> dict:
     )["params"]
     rng = jax.random.PRNGKey(0)
     abstract = nn.meta.unbox(jax.eval_shape(init, rng))
-    rules = peft_lib.trainability_rules(abstract, peft, SELECTIVE.get(method, ()))
+    rules = peft_lib.trainability_rules(abstract, peft, SELECTIVE.get(method))
     labels = label_params(abstract, rules)
     summary = peft_lib.trainable_summary(abstract, labels)
     opt_config = OptimizerConfig(

@@ -7,6 +7,7 @@ Each field has a comment above it. Override on the command line, e.g.
 import ml_collections
 
 from flaxtune.data.tasks import BUNDLED_TASKS
+from flaxtune.train.run_config import peft_section
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -17,9 +18,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.policy = "fp32"
     # Workdir of a finished run whose final parameters initialize this one ("" = none).
     c.init_from = ""
-    # Comma-separated selective presets (bitfit, last_layers:N, attention, ffn, embeddings,
-    # head, norms); empty with peft.method=none means full fine-tuning.
-    c.selective = ""
 
     c.model = ml_collections.ConfigDict()
     # A preset of flaxtune.transformer (see preset_names()).
@@ -40,27 +38,47 @@ def get_config() -> ml_collections.ConfigDict:
         )
     )
 
-    c.peft = ml_collections.ConfigDict()
-    # none | lora | dora | houlsby | pfeiffer | ia3 | prompt_tuning | prefix_tuning
-    c.peft.method = "none"
-    # LoRA/DoRA: module-path regex or preset (qv, qkvo, ffn, all-linear).
-    c.peft.lora_targets = "qv"
-    # LoRA/DoRA rank.
-    c.peft.lora_rank = 8
-    # LoRA/DoRA alpha (scaling alpha / rank).
-    c.peft.lora_alpha = 16.0
-    # Dropout on the LoRA branch input.
-    c.peft.lora_dropout = 0.0
-    # LoRA A initialization: kaiming | gaussian | pissa.
-    c.peft.lora_init = "kaiming"
-    # Adapters: bottleneck width is d_model // reduction factor.
-    c.peft.adapter_reduction_factor = 8
-    # Prompt and prefix tuning: number of virtual tokens.
-    c.peft.num_virtual_tokens = 16
-    # Prompt tuning init: random | vocab.
-    c.peft.prompt_init = "vocab"
-    # Prefix tuning through a reparameterization MLP.
-    c.peft.prefix_reparameterize = False
+    # Parameter-efficient fine-tuning. The section is generated from the method registry
+    # (flaxtune.peft.METHODS), so every option of every method is here; each field is
+    # documented below and in its config class (flaxtune/peft/config.py). Defaults are the
+    # classes' except PEFT_RUN_DEFAULTS (flaxtune/train/run_config.py): adapters with
+    # reduction_factor 8, prompt and prefix tuning with 16 virtual tokens, prompts from the
+    # vocabulary. Options of a method other than peft.method must keep their defaults (an
+    # error otherwise: they would do nothing). Named settings (dora, qlora, houlsby,
+    # bitfit, ...) are flaxtune.peft.RECIPES; e.g. DoRA is peft.method=lora with
+    # peft.lora.use_dora=True.
+    #
+    # peft.method: none | lora | adapters | ia3 | prompt_tuning | prefix_tuning
+    #   (none with no selective rule below: full fine-tuning).
+    # peft.lora (LoraConfig), the update W + scaling * A @ B:
+    #   targets: module-path regex or preset (qv, qkvo, ffn, all-linear).
+    #   rank: rank of A @ B.
+    #   alpha: scaling is alpha / rank (alpha / sqrt(rank) with use_rslora).
+    #   dropout: dropout on the LoRA branch's input.
+    #   use_rslora: rank-stabilized scaling.
+    #   init: A's initialization: kaiming | gaussian | pissa (the top-rank SVD of the kernel).
+    #   use_dora: DoRA, a trainable magnitude per output feature.
+    #   overrides: (regex, rank, alpha) triples; the first that matches a layer sets its own.
+    # peft.adapters (AdapterConfig), bottleneck adapters h + up(act(down(h))):
+    #   kind: houlsby (after attention and FFN) | pfeiffer (after FFN only).
+    #   reduction_factor: the bottleneck width is d_model // reduction_factor.
+    #   activation: relu | gelu | silu | tanh.
+    # peft.ia3 (IA3Config), learned rescaling vectors:
+    #   keys, values, mlp: rescale the keys, the values, the FFN hidden activation.
+    # peft.prompt_tuning (PromptTuningConfig), trainable input embeddings:
+    #   num_virtual_tokens: how many.
+    #   init: random | vocab (embedding rows of token ids drawn with init_seed) | text.
+    #   init_token_ids: the token ids of init=text (repeated to num_virtual_tokens).
+    #   init_seed: seed of the token ids of init=vocab.
+    # peft.prefix_tuning (PrefixTuningConfig), trainable keys and values in every attention:
+    #   num_virtual_tokens: how many.
+    #   reparameterize: produce them by an MLP from a trainable embedding (Li & Liang 2021).
+    #   hidden: the width of that MLP.
+    # peft.selective (SelectiveConfig), original parameters that train too:
+    #   rules: presets: bitfit (biases; norm scales without biases), attention, ffn,
+    #     embeddings, head, norms.
+    #   last_layers: train the last N blocks of every stack (0: none).
+    c.peft = peft_section()
 
     c.quant = ml_collections.ConfigDict()
     # Quantize the frozen base's Dense kernels: "" (float) | int8 | int4 | nf4 (QLoRA is

@@ -1,26 +1,35 @@
 """The seed study: every fine-tuning method and precision side by side.
 
 ``python -m experiments.main`` (no ``--config``) runs this config through
-``experiments/seed_study.py``. ``run`` holds the settings every training run
-of the study shares (model, tokenizer, data, optimizer, evaluation): it is a
-complete ``default`` config, so each phase is an ordinary
-``train_and_evaluate`` run whose ``config.json`` can be rerun on its own.
-Override anything on the command line, e.g.::
+``experiments.study`` (the package's docstring lists the phases). ``run``
+holds the settings every training run of the study shares (model, tokenizer,
+data, optimizer, evaluation): it is a complete ``default`` config, so each
+phase is an ordinary ``train_and_evaluate`` run whose ``config.json`` can be
+rerun on its own. Override anything on the command line, e.g.::
 
     python -m experiments.main --config=experiments/configs/seed_study.py \
         --config.methods=full,lora --config.finetune_steps=300 --workdir=/tmp/study
 
-``quick=True`` replaces the sizes with those in ``quick_sizes`` and applies its
-``run_overrides`` (a one-layer-per-stack model): a smoke run of every phase (all
-methods, all precisions) in a few minutes.
+Each method is a recipe of ``flaxtune.peft.RECIPES`` (what it trains); what
+the study changes for one method alone is under ``method_overrides.<method>``,
+shaped like ``run``: every run-config field is there, unset (``None``) unless
+the study sets it, and settable with its type, e.g.
+``--config.method_overrides.lora.peft.lora.rank=16``.
+
+``quick=True`` applies ``quick_overrides``, shaped like this config (its
+sizes, and a one-layer-per-stack model under ``run``): a smoke run of every
+phase (all methods, all precisions) in a few minutes.
 """
 
+from typing import Any
+
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 from experiments.configs import default
 
-# Every fine-tuning method the study knows, in report order. Each is one
-# entry of ``METHOD_SETTINGS`` in experiments/seed_study.py.
+# The fine-tuning methods the study compares, in report order: recipes of
+# flaxtune.peft.RECIPES, each with a learning rate below.
 ALL_METHODS = (
     "full",
     "bitfit",
@@ -37,10 +46,52 @@ ALL_PRECISIONS = ("fp32", "bf16", "fp16", "int8", "int4", "nf4")
 
 
 def get_config() -> ml_collections.ConfigDict:
+    c = _study_settings()
+    c.run = _shared_run_config()
+    # Per method, overrides of `run` for that method alone: every field of
+    # `run`, unset unless given.
+    c.method_overrides = ml_collections.ConfigDict(
+        {name: _unset_like(c.run) for name in ALL_METHODS}
+    )
+    # Virtual tokens sit in front of one example, so these two train on unpacked
+    # rows (fewer examples per step than the packed rows of the other methods).
+    c.method_overrides.prompt_tuning.data.pack = False
+    c.method_overrides.prefix_tuning.data.pack = False
+    # What replaces the settings above when quick=True (same shape as this config).
+    c.quick_overrides = ml_collections.ConfigDict(
+        dict(
+            pretrain_steps=40,
+            finetune_steps=20,
+            eval_examples=4,
+            max_new_tokens=16,
+            # Tiny runs are mostly compilation, which leaves a core idle: a third run fits.
+            parallel_runs=3,
+            # Two more compilations per method; the tests check the planner on tiny runs.
+            check_memory=False,
+            # One layer per stack instead of two: toy runs are mostly tracing and
+            # compiling, whose cost grows with depth.
+            run=dict(model=dict(overrides=dict(num_encoder_layers=1, num_decoder_layers=1))),
+        )
+    )
+    return c
+
+
+def _unset_like(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """``cfg``'s shape with every leaf an unset placeholder of the leaf's type."""
+    out: dict[str, Any] = {}
+    for key, value in cfg.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            out[key] = _unset_like(value)
+        else:
+            out[key] = placeholder(type(value))
+    return ml_collections.ConfigDict(out)
+
+
+def _study_settings() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     # Seed of everything: init, data order, dropout, tokenizer (copied into `run`).
     c.seed = 0
-    # Use `quick_sizes` instead of the full sizes below (a smoke run of every phase).
+    # Apply `quick_overrides` (a smoke run of every phase with small sizes).
     c.quick = False
 
     # Comma-separated methods to fine-tune (a subset of ALL_METHODS, in any order).
@@ -90,42 +141,23 @@ def get_config() -> ml_collections.ConfigDict:
             qlora=1e-2,
         )
     )
-    # Extra per-method overrides of `run`, "key=value;key=value" with dotted keys,
-    # e.g. --config.method_overrides.lora="peft.lora_rank=16;peft.lora_targets=qkvo".
-    c.method_overrides = ml_collections.ConfigDict({name: "" for name in ALL_METHODS})
+    return c
 
-    # Sizes that replace the ones above when quick=True.
-    c.quick_sizes = ml_collections.ConfigDict(
-        dict(
-            pretrain_steps=40,
-            finetune_steps=20,
-            eval_examples=4,
-            max_new_tokens=16,
-            # Tiny runs are mostly compilation, which leaves a core idle: a third run fits.
-            parallel_runs=3,
-            # Two more compilations per method; the tests check the planner on tiny runs.
-            check_memory=False,
-            # Overrides of `run` ("key=value;..."): one layer per stack instead of two.
-            # Toy runs are mostly tracing and compiling, whose cost grows with depth.
-            run_overrides="model.overrides.num_encoder_layers=1;"
-            "model.overrides.num_decoder_layers=1",
-        )
-    )
 
-    # The shared run config: model, tokenizer, data, optimizer, training and
-    # evaluation settings of every phase (see experiments/configs/default.py).
-    c.run = default.get_config()
-    c.run.train.log_every = 20
-    c.run.train.eval_every = 200
-    c.run.train.checkpoint_every = 400
-    c.run.train.keep_checkpoints = 1
-    c.run.eval.num_batches = 4
+def _shared_run_config() -> ml_collections.ConfigDict:
+    """Model, tokenizer, data, optimizer, training and evaluation settings of every phase."""
+    run = default.get_config()
+    run.train.log_every = 20
+    run.train.eval_every = 200
+    run.train.checkpoint_every = 400
+    run.train.keep_checkpoints = 1
+    run.eval.num_batches = 4
     # Lengths that hold ~95% of the bundled prompts and answers unclipped (padding
     # is compute too: these are 78% of the default's 96+48 tokens per row).
-    c.run.data.inputs_length = 72
-    c.run.data.targets_length = 40
+    run.data.inputs_length = 72
+    run.data.targets_length = 40
     # Pack several examples per row: padding is most of an unpacked row here, and
     # packed rows carry ~1.4x the examples for the same compute (prompt and prefix
     # tuning, which put virtual tokens in front of one example, turn it off).
-    c.run.data.pack = True
-    return c
+    run.data.pack = True
+    return run

@@ -32,6 +32,9 @@ from flaxtune.peft.registry import (
     RECIPES,
     Recipe,
     build_peft_config,
+    config_from_options,
+    default_options,
+    field_defaults,
     recipe,
 )
 from flaxtune.peft.selective import (
@@ -58,7 +61,10 @@ __all__ = [
     "Recipe",
     "SelectiveConfig",
     "build_peft_config",
+    "config_from_options",
+    "default_options",
     "extract_adapter",
+    "field_defaults",
     "fold_prefix",
     "format_summary",
     "init_prompt",

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import typing
 from typing import Any
 
 from flaxtune.errors import FlaxtuneError
@@ -208,8 +209,8 @@ class PeftConfig:
 
     @property
     def methods(self) -> tuple[str, ...]:
-        names = ("lora", "adapters", "ia3", "prompt_tuning", "prefix_tuning")
-        return tuple(n for n in names if getattr(self, n) is not None)
+        """The methods this config holds, in field order."""
+        return tuple(f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None)
 
     def lora_for(self, path: tuple[str, ...]) -> LoraConfig | None:
         """The LoRA config if the Dense at ``path`` is a target, else None."""
@@ -225,12 +226,9 @@ class PeftConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PeftConfig:
+        # Each field is ``<MethodConfig> | None``: its first type argument is the class.
         kinds = {
-            "lora": LoraConfig,
-            "adapters": AdapterConfig,
-            "ia3": IA3Config,
-            "prompt_tuning": PromptTuningConfig,
-            "prefix_tuning": PrefixTuningConfig,
+            name: typing.get_args(hint)[0] for name, hint in typing.get_type_hints(cls).items()
         }
         unknown = sorted(set(data) - set(kinds))
         if unknown:

@@ -46,7 +46,9 @@ __all__ = [
     "Method",
     "Recipe",
     "build_peft_config",
+    "config_from_options",
     "default_options",
+    "field_defaults",
     "recipe",
 ]
 
@@ -77,58 +79,97 @@ METHOD_NAMES: tuple[str, ...] = ("none", *METHODS)
 
 def _method(name: str) -> Method:
     if name not in METHODS:
-        raise PeftConfigError(f"unknown PEFT method {name!r}; use one of {list(METHOD_NAMES)}.")
+        hint = ""
+        if name in RECIPES:  # an old method name that is now a recipe (dora, houlsby, ...)
+            settings = ", ".join(
+                f"{k}={v!r}"
+                for k, v in RECIPES[name].run_overrides().items()
+                if v not in ((), 0, "")  # the defaults of selective and quant.base
+            )
+            hint = f" ({name!r} is a recipe: {settings})"
+        raise PeftConfigError(f"peft.method={name!r} is not one of {list(METHOD_NAMES)}{hint}.")
     return METHODS[name]
+
+
+def field_defaults(cls: type) -> dict[str, Any]:
+    """A config class's fields with their defaults as written (``targets="qv"``, not its regex)."""
+    return {
+        f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default
+        for f in dataclasses.fields(cls)
+    }
 
 
 def default_options(name: str) -> dict[str, Any]:
     """The options of method ``name`` with their defaults (the config class's)."""
-    return dataclasses.asdict(_method(name).config_class())
+    return field_defaults(_method(name).config_class)
 
 
-def _method_config(name: str, options: Mapping[str, Any]) -> Any:
-    cls = _method(name).config_class
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(options) - fields)
+def config_from_options(cls: type, options: Mapping[str, Any], section: str) -> Any:
+    """``cls(**options)``; an option that is not a field of ``cls`` is an error naming it.
+
+    ``section`` is the options' place in a run config (``peft.lora``), for the
+    messages. Config files hold lists where the dataclasses hold (hashable)
+    tuples, so lists become tuples.
+    """
+    fields = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(options) - set(fields))
     if unknown:
         raise PeftConfigError(
-            f"unknown option(s) {unknown} of PEFT method {name!r}; valid: {sorted(fields)}."
+            f"unknown option(s) {[f'{section}.{k}' for k in unknown]}; {section} has {fields}."
         )
-    values = {}
-    for key, value in options.items():
-        # Config files hold lists where the dataclasses hold (hashable) tuples.
-        values[key] = tuple(value) if isinstance(value, list) else value
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
     return cls(**values)
 
 
+def _method_config(name: str, options: Mapping[str, Any]) -> Any:
+    return config_from_options(_method(name).config_class, options, f"peft.{name}")
+
+
 def build_peft_config(
-    method: str, options: Mapping[str, Mapping[str, Any]] | None = None
+    method: str,
+    options: Mapping[str, Mapping[str, Any]] | None = None,
+    *,
+    unchanged: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> PeftConfig | None:
     """The ``PeftConfig`` of ``method`` with ``options[method]`` (None for ``"none"``).
 
     ``options`` maps method names to option dicts (a run config's ``peft``
-    section has one per method). Options of the other methods must be their
-    defaults: a changed value there would otherwise do nothing, so it is an
-    error naming the key.
+    section has one per method). The options of the other methods would do
+    nothing, so each must be *unchanged*: equal to ``unchanged[other]``
+    (the values its configuration starts from, e.g. a run config's defaults)
+    or, where that does not name it, the config class's default. A changed
+    one is an error naming the key.
     """
     options = dict(options or {})
+    unchanged = dict(unchanged or {})
     if method != "none":
         _method(method)
     for other, values in options.items():
-        if other == method:
-            continue
-        default = _method(other).config_class()
-        for key, value in dict(values).items():
-            # Compared as built configs: fields are normalized on construction
-            # (``targets="qv"`` becomes its regex).
-            if _method_config(other, {key: value}) != default:
-                raise PeftConfigError(
-                    f"peft.{other}.{key}={value!r} has no effect with peft.method={method!r}; "
-                    f"set peft.method={other!r} or leave it at {getattr(default, key)!r}."
-                )
+        if other != method:
+            _check_unchanged(other, dict(values), dict(unchanged.get(other, {})), method)
     if method == "none":
         return None
     return PeftConfig(**{method: _method_config(method, dict(options.get(method, {})))})
+
+
+def _check_unchanged(
+    name: str, values: dict[str, Any], start: dict[str, Any], selected: str
+) -> None:
+    """Raises if ``values`` (options of the non-selected method ``name``) differ from ``start``."""
+    before = _method_config(name, start)
+    # Compared as built configs: fields are normalized on construction
+    # (``targets="qv"`` becomes its regex).
+    after = _method_config(name, {**start, **values})
+    changed = [k for k in values if getattr(after, k) != getattr(before, k)]
+    if changed:
+        settings = ", ".join(f"peft.{name}.{k}={values[k]!r}" for k in changed)
+        # The values as written (``"qv"``), not as normalized.
+        written = field_defaults(type(before)) | start
+        restore = ", ".join(f"peft.{name}.{k}={written[k]!r}" for k in changed)
+        raise PeftConfigError(
+            f"{settings} has no effect with peft.method={selected!r}; "
+            f"set peft.method={name!r} or restore {restore}."
+        )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -4,23 +4,23 @@ Trainability is data (``flaxtune.train.partition``): an ordered list of
 ``(regex, label)`` rules, first ``re.fullmatch`` wins, every parameter must
 be covered and every rule must match something. This module writes those
 lists for the PEFT methods and for the *selective* family, which trains a
-chosen subset of the original parameters:
+chosen subset of the original parameters, described by a :class:`SelectiveConfig`:
 
-==================  ==========================================================
-selective preset    trains
-==================  ==========================================================
-``bitfit``          biases; a model without biases (T5, LLaMA) trains its norm
-                    scales instead, the closest analogue
-``last_layers:N``   the last N blocks of every stack (and the final norms)
-``attention``       every attention sub-layer (self and cross)
-``ffn``             every feed-forward sub-layer
-``embeddings``      the token embedding (and learned positions)
-``head``            the output projection (an untied head)
-``norms``           every norm scale/bias
-==================  ==========================================================
+=====================  =======================================================
+``SelectiveConfig``    trains
+=====================  =======================================================
+``rules``: preset      ``bitfit``: biases; a model without biases (T5, LLaMA)
+                       trains its norm scales instead, the closest analogue;
+                       ``attention``: every attention sub-layer (self and
+                       cross); ``ffn``: every feed-forward sub-layer;
+                       ``embeddings``: the token embedding (and learned
+                       positions); ``head``: the output projection (an untied
+                       head); ``norms``: every norm scale/bias
+``last_layers=N``      the last N blocks of every stack (and the final norms)
+=====================  =======================================================
 
-Presets combine: ``selective=("attention", "head")`` trains both, and PEFT
-methods add their own parameters on top.
+Rules combine: ``SelectiveConfig(rules=("attention", "head"), last_layers=1)``
+trains all three, and PEFT methods add their own parameters on top.
 """
 
 from __future__ import annotations
@@ -66,6 +66,12 @@ class SelectiveConfig:
     last_layers: int = 0
 
     def __post_init__(self) -> None:
+        if isinstance(self.rules, str) or not all(isinstance(r, str) for r in self.rules):
+            raise PeftConfigError(
+                f"selective rules={self.rules!r} must be a tuple of preset names, "
+                'e.g. ("bitfit",) or ("attention", "head").'
+            )
+        object.__setattr__(self, "rules", tuple(self.rules))
         known = ("bitfit", *SELECTIVE_RULES)
         unknown = [r for r in self.rules if r not in known]
         if unknown:
@@ -73,15 +79,17 @@ class SelectiveConfig:
                 f"unknown selective rule(s) {unknown}; known: {list(known)} "
                 "(the last N blocks are peft.selective.last_layers=N)."
             )
-        if not isinstance(self.last_layers, int) or self.last_layers < 0:
+        last = self.last_layers
+        if isinstance(last, bool) or not isinstance(last, int) or last < 0:
             raise PeftConfigError(
-                f"selective last_layers={self.last_layers!r} must be an integer >= 0 "
+                f"selective last_layers={last!r} must be an integer >= 0 "
                 "(0 trains no block as a whole)."
             )
 
-    def presets(self) -> tuple[str, ...]:
-        last = (f"last_layers:{self.last_layers}",) if self.last_layers else ()
-        return (*self.rules, *last)
+    @property
+    def active(self) -> bool:
+        """Whether it selects any original parameter (False: PEFT or full fine-tuning only)."""
+        return bool(self.rules or self.last_layers)
 
 
 def _paths(params: Any) -> list[str]:
@@ -96,40 +104,48 @@ def _last_layers_rule(params: Any, n: int) -> str:
         if m:
             layers[m.group(1)].add(int(m.group(2)))
     if not layers:
-        raise ValueError("last_layers: the parameters have no encoder/decoder layers_N blocks.")
+        raise ValueError(
+            "selective last_layers: the parameters have no encoder/decoder layers_N blocks."
+        )
     parts = []
     for stack, idx in sorted(layers.items()):
         if n > len(idx):
-            raise ValueError(f"last_layers:{n} but the {stack} has only {len(idx)} layers.")
+            raise ValueError(
+                f"selective last_layers={n} but the {stack} has only {len(idx)} layers; "
+                f"use at most {min(len(i) for i in layers.values())}."
+            )
         chosen = "|".join(str(i) for i in sorted(idx)[-n:])
         parts.append(f"{stack}/(layers_({chosen})/.*|final_norm/.*)")
     return "(" + "|".join(parts) + ")"
 
 
-def selective_rule(params: Any, preset: str) -> str:
-    if preset.startswith("last_layers:"):
-        return _last_layers_rule(params, int(preset.split(":", 1)[1]))
+def _preset_rule(params: Any, preset: str) -> str:
     if preset == "bitfit":
         has_bias = any(p.endswith("/bias") and "_norm/" not in p for p in _paths(params))
         return r".*/bias" if has_bias else SELECTIVE_RULES["norms"]
-    if preset not in SELECTIVE_RULES:
-        known = [*SELECTIVE_RULES, "bitfit", "last_layers:N"]
-        raise ValueError(f"unknown selective preset {preset!r}; known: {known}.")
-    return SELECTIVE_RULES[preset]
+    return SELECTIVE_RULES[preset]  # SelectiveConfig checked the name
 
 
 def trainability_rules(
-    params: Any, peft: PeftConfig | None = None, selective: tuple[str, ...] = ()
+    params: Any, peft: PeftConfig | None = None, selective: SelectiveConfig | None = None
 ) -> Rules:
     """Rules that train the PEFT parameters and the selected subsets; freeze the rest.
 
-    With neither PEFT nor selective presets, everything trains (full
+    With neither PEFT nor a selective rule, everything trains (full
     fine-tuning).
     """
+    selective = SelectiveConfig() if selective is None else selective
+    if not isinstance(selective, SelectiveConfig):
+        raise TypeError(
+            f"selective={selective!r}: pass a SelectiveConfig, e.g. "
+            'SelectiveConfig(rules=("bitfit",), last_layers=1).'
+        )
     rules: Rules = []
     if peft is not None:
         rules += [(METHOD_RULES[m], "trainable") for m in peft.methods]
-    rules += [(selective_rule(params, s), "trainable") for s in selective]
+    rules += [(_preset_rule(params, s), "trainable") for s in selective.rules]
+    if selective.last_layers:
+        rules.append((_last_layers_rule(params, selective.last_layers), "trainable"))
     if not rules:
         return [(".*", "trainable")]
     return [*rules, (".*", "frozen")]

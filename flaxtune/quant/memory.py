@@ -314,7 +314,7 @@ def plan(
     lengths: tuple[int, int] = (128, 32),
     *,
     quant: Any = None,
-    selective: tuple[str, ...] = (),
+    selective: Any = None,
     frozen_in_compute_dtype: bool = True,
 ) -> MemoryPlan:
     """Plans the memory of one train step.
@@ -327,7 +327,7 @@ def plan(
       batch: sequences per step.
       lengths: ``(source, target)`` lengths; decoder-only models read ``target``.
       quant: a ``BaseQuantConfig`` for the frozen base (QLoRA), or None.
-      selective: selective trainability presets, as in the loop's config.
+      selective: a ``SelectiveConfig`` (original parameters that train too), or None.
       frozen_in_compute_dtype: store frozen float parameters in the compute dtype.
     """
     policy = get_policy(policy)
@@ -361,7 +361,7 @@ def plan(
             add(jnp.dtype(frozen_dtype).name, n * jnp.dtype(frozen_dtype).itemsize)
     gradients = sum(math.prod(v.shape) * jnp.dtype(v.dtype).itemsize for v in trainable.values())
     groups = len({flat_labels[p] for p in trainable})
-    method = "full" if mcfg.peft is None and not selective else "peft"
+    method = "full" if mcfg.peft is None and not (selective and selective.active) else "peft"
     quant_text = f", {quant.qtype} base" if quant is not None else ""
     return MemoryPlan(
         description=(
@@ -453,7 +453,7 @@ def check_against_xla(
     lengths: tuple[int, int] = (128, 32),
     *,
     quant: Any = None,
-    selective: tuple[str, ...] = (),
+    selective: Any = None,
     frozen_in_compute_dtype: bool = True,
     step_memory: StepMemory | None = None,
 ) -> XlaCheck:

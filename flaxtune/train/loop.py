@@ -71,6 +71,7 @@ from flaxtune.train.run_config import (
     loader_config,
     model_config,
     optimizer_config,
+    selective_config,
 )
 from flaxtune.train.run_dir import load_params, save_params
 from flaxtune.train.scoring import generation_scores
@@ -132,9 +133,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path) -> d
     init_params = lambda rng: model.init(rng, *args, **kw)["params"]
     init_rng, state_rng = jax.random.split(jax.random.PRNGKey(cfg.seed))
     abstract = nn.meta.unbox(jax.eval_shape(init_params, init_rng))
-    rules = peft_lib.trainability_rules(
-        abstract, mcfg.peft, tuple(s for s in cfg.selective.split(",") if s)
-    )
+    rules = peft_lib.trainability_rules(abstract, mcfg.peft, selective_config(cfg))
     labels = label_params(abstract, rules)
     # Decided before any array exists, so a quantized base under full
     # fine-tuning fails in seconds.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
+from typing import Any
 
 import ml_collections
 
@@ -25,58 +26,74 @@ from flaxtune.transformer import get_config
 
 logger = logging.getLogger(__name__)
 
-PEFT_METHODS = (
-    "none",
-    "lora",
-    "dora",
-    "houlsby",
-    "pfeiffer",
-    "ia3",
-    "prompt_tuning",
-    "prefix_tuning",
-)
+# The run config's PEFT options where they differ from the config classes'
+# defaults; every other option starts at its class default. The runs these
+# configs describe use small models (d_model 128 by default).
+PEFT_RUN_DEFAULTS: dict[str, dict[str, Any]] = {
+    # A bottleneck of d_model // 8: 16 units at d_model 128 (the class's 16 leaves 8).
+    "adapters": {"reduction_factor": 8},
+    # 16 virtual tokens, initialized from token embeddings of the vocabulary, which
+    # trains faster than random vectors (Lester et al. 2021).
+    "prompt_tuning": {"num_virtual_tokens": 16, "init": "vocab"},
+    # As many virtual keys and values as prompt tuning has tokens.
+    "prefix_tuning": {"num_virtual_tokens": 16},
+}
+
+
+def peft_run_options() -> dict[str, dict[str, Any]]:
+    """Every method's options as a run config starts them (see ``PEFT_RUN_DEFAULTS``)."""
+    return {
+        name: peft_lib.default_options(name) | PEFT_RUN_DEFAULTS.get(name, {})
+        for name in peft_lib.METHODS
+    }
+
+
+def peft_section() -> ml_collections.ConfigDict:
+    """The run config's ``peft`` section, generated from the method registry.
+
+    ``method`` (``none``), one section per method of ``flaxtune.peft.METHODS``
+    holding its config class's fields (``peft.lora.rank``, ...) at
+    :func:`peft_run_options`, and ``selective`` with ``SelectiveConfig``'s
+    fields. A new field of a config class appears here by itself.
+    """
+    section = ml_collections.ConfigDict()
+    section.method = "none"
+    for name, options in peft_run_options().items():
+        section[name] = ml_collections.ConfigDict(options)
+    section.selective = ml_collections.ConfigDict(peft_lib.field_defaults(peft_lib.SelectiveConfig))
+    return section
+
+
+def _peft_options(cfg: ml_collections.ConfigDict) -> dict[str, dict[str, Any]]:
+    """``cfg.peft``'s method sections, options it does not set at their run defaults."""
+    known = {"method", "selective", *peft_lib.METHODS}
+    unknown = sorted(set(cfg.peft.keys()) - known)
+    if unknown:
+        raise ValueError(
+            f"unknown run config key(s) {[f'peft.{k}' for k in unknown]}; peft holds "
+            f"{sorted(known)} (a method's options are peft.<method>.<option>, e.g. "
+            "peft.lora.rank)."
+        )
+    start = peft_run_options()
+    return {name: start[name] | dict(cfg.peft.get(name, {})) for name in peft_lib.METHODS}
 
 
 def peft_config(cfg: ml_collections.ConfigDict) -> peft_lib.PeftConfig | None:
-    """The ``PeftConfig`` named by ``cfg.peft.method`` with its options."""
-    p = cfg.peft
-    method = p.method
-    if method not in PEFT_METHODS:
-        raise ValueError(f"peft.method={method!r} is not one of {list(PEFT_METHODS)}.")
-    if method == "none":
-        return None
-    if method in ("lora", "dora"):
-        return peft_lib.PeftConfig(
-            lora=peft_lib.LoraConfig(
-                targets=p.lora_targets,
-                rank=p.lora_rank,
-                alpha=p.lora_alpha,
-                dropout=p.lora_dropout,
-                use_dora=method == "dora",
-                init=p.lora_init,
-            )
-        )
-    if method in ("houlsby", "pfeiffer"):
-        return peft_lib.PeftConfig(
-            adapters=peft_lib.AdapterConfig(
-                kind=method,
-                reduction_factor=p.adapter_reduction_factor,
-            )
-        )
-    if method == "ia3":
-        return peft_lib.PeftConfig(ia3=peft_lib.IA3Config())
-    if method == "prompt_tuning":
-        return peft_lib.PeftConfig(
-            prompt_tuning=peft_lib.PromptTuningConfig(
-                num_virtual_tokens=p.num_virtual_tokens,
-                init=p.prompt_init,
-            )
-        )
-    return peft_lib.PeftConfig(
-        prefix_tuning=peft_lib.PrefixTuningConfig(
-            num_virtual_tokens=p.num_virtual_tokens,
-            reparameterize=p.prefix_reparameterize,
-        )
+    """The ``PeftConfig`` of ``cfg.peft.method`` with the options in ``cfg.peft.<method>``.
+
+    The options of the other methods would do nothing, so each must keep its
+    run default (:func:`peft_run_options`); a changed one is an error naming it.
+    """
+    return peft_lib.build_peft_config(
+        cfg.peft.method, _peft_options(cfg), unchanged=peft_run_options()
+    )
+
+
+def selective_config(cfg: ml_collections.ConfigDict) -> peft_lib.SelectiveConfig:
+    """Which original parameters train, from ``cfg.peft.selective``."""
+    _peft_options(cfg)  # the same check of peft's keys as peft_config
+    return peft_lib.config_from_options(
+        peft_lib.SelectiveConfig, dict(cfg.peft.selective), "peft.selective"
     )
 
 

@@ -5,15 +5,16 @@ import shutil
 
 import pytest
 
-from experiments import seed_study, study_report
 from experiments.configs import seed_study as study_config
+from experiments.study import report as study_report
+from experiments.study import runner
 
 
 def tiny_study(data_dir, **changes):
     """The quick variant with a tiny model, a few steps and a few examples per task."""
     c = study_config.get_config()
     c.quick = True
-    c.quick_sizes.update(
+    c.quick_overrides.update(
         dict(
             pretrain_steps=12,
             finetune_steps=6,
@@ -45,8 +46,8 @@ def tiny_study(data_dir, **changes):
     r.train.update(dict(log_every=2, eval_every=6, checkpoint_every=6))
     r.eval.num_batches = 1
     r.eval.batch_size = 8
-    for key, value in changes.items():  # quick=True takes sizes from quick_sizes
-        (c.quick_sizes if key in c.quick_sizes else c)[key] = value
+    for key, value in changes.items():  # quick=True takes sizes from quick_overrides
+        (c.quick_overrides if key in c.quick_overrides else c)[key] = value
     return c
 
 
@@ -60,7 +61,7 @@ SOME_PRECISIONS = "fp32,bf16,nf4"
 def study(data_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("study")
     cfg = tiny_study(data_dir, methods=SOME_METHODS, precisions=SOME_PRECISIONS)
-    code = seed_study.run(cfg, root)
+    code = runner.run(cfg, root)
     return code, root, json.loads((root / "results.json").read_text())
 
 
@@ -94,6 +95,14 @@ def check_study(code, root, results, methods, precisions):
     report = (root / "report.md").read_text()
     for name in [*methods, *precisions]:
         assert f"| {name} |" in report
+    assert results["methods"]["lora"]["label"] == "LoRA r=8 on q,v"
+    assert "**lora**: LoRA r=8 on q,v" in report
+    # Each job's output is in its own log (two workers: the jobs ran there).
+    best = results["best_method"]
+    for name in methods:
+        assert "initialized from" in (root / "logs" / f"method-{name}.log").read_text(), name
+    for precision in precisions:
+        assert (root / "logs" / f"precision-{best}:{precision}.log").exists()
     for name in ("curves", "score_vs_params", "memory", "attention", "float_formats"):
         assert (root / "plots" / f"{name}.png").stat().st_size > 1000
 
@@ -104,7 +113,7 @@ def test_quick_study_fills_every_phase(study):
 
 @pytest.mark.slow
 def test_quick_study_with_every_method_and_precision(data_dir, tmp_path):
-    code = seed_study.run(tiny_study(data_dir), tmp_path)
+    code = runner.run(tiny_study(data_dir), tmp_path)
     results = json.loads((tmp_path / "results.json").read_text())
     check_study(
         code,
@@ -120,8 +129,8 @@ def test_pretraining_is_reused_and_a_failing_method_is_reported(study, data_dir,
     shutil.copytree(root / "pretrain", tmp_path / "pretrain")
     marker = (tmp_path / "pretrain" / "metrics.jsonl").stat().st_mtime_ns
     cfg = tiny_study(data_dir, methods="full,lora", precisions="", check_memory=False)
-    cfg.method_overrides.lora = "peft.lora_rank=1000"  # larger than the layer
-    assert seed_study.run(cfg, tmp_path) == 1
+    cfg.method_overrides.lora.peft.lora.rank = 1000  # larger than the layer
+    assert runner.run(cfg, tmp_path) == 1
     assert (tmp_path / "pretrain" / "metrics.jsonl").stat().st_mtime_ns == marker
     again = json.loads((tmp_path / "results.json").read_text())
     assert "rank" in again["failures"]["lora"]["error"]
@@ -130,40 +139,6 @@ def test_pretraining_is_reused_and_a_failing_method_is_reported(study, data_dir,
     # Same seed, same pretrained model: the same numbers as the first study.
     assert again["methods"]["full"]["scores"] == results["methods"]["full"]["scores"]
     assert again["methods"]["full"]["curve"] == results["methods"]["full"]["curve"]
-
-
-def test_config_errors_name_the_problem(data_dir, tmp_path):
-    with pytest.raises(ValueError, match=r"unknown.*lorra"):
-        seed_study.resolve(tiny_study(data_dir, methods="full,lorra"))
-    with pytest.raises(ValueError, match="precisions"):
-        seed_study.resolve(tiny_study(data_dir, precisions="fp8"))
-    bad = tiny_study(data_dir)
-    bad.method_overrides.lora = "peft.lora_rank"
-    with pytest.raises(ValueError, match="key=value"):
-        seed_study.resolve(bad)
-    cfg = seed_study.resolve(tiny_study(data_dir))
-    with pytest.raises(KeyError, match="no_such_key"):
-        seed_study.set_dotted(cfg.run, "peft.no_such_key", "1")
-
-
-def test_method_configs_change_only_what_the_method_needs(data_dir, tmp_path):
-    cfg = seed_study.resolve(tiny_study(data_dir))
-    full = seed_study.method_config(cfg, "full", tmp_path)
-    qlora = seed_study.method_config(cfg, "qlora", tmp_path)
-    assert full.peft.method == "none" and full.selective == ""
-    assert (qlora.peft.method, qlora.quant.base) == ("lora", "nf4")
-    assert qlora.optimizer.learning_rate == cfg.learning_rates.qlora
-    assert full.train.num_steps == cfg.quick_sizes.finetune_steps
-    assert full.init_from == str(tmp_path)
-    # Packed rows, except for the methods that put virtual tokens before one example.
-    assert full.data.pack and qlora.data.pack
-    for name in ("prompt_tuning", "prefix_tuning"):
-        assert not seed_study.method_config(cfg, name, tmp_path).data.pack
-    pre = seed_study.pretrain_config(cfg)
-    assert pre.data.objective == cfg.pretrain_objective == "span_reconstruction"
-    assert (pre.data.inputs_length, pre.data.targets_length) == tuple(cfg.pretrain_lengths)
-    assert not pre.data.pack  # its batches also measure forgetting of prompt tuning
-    assert full.data.batch_size == cfg.finetune_batch_size
 
 
 def test_report_renders_from_results_alone(study):
@@ -199,19 +174,3 @@ def test_plain_statements_name_who_beats_the_references_and_who_does_not():
         "- **lora** does not reach most of full fine-tuning's mean score: 58% of it "
         "with 2% of its trainable parameters." in lines
     )
-
-
-def test_quick_sizes_shrink_the_model_through_run_overrides():
-    cfg = study_config.get_config()
-    full = seed_study.resolve(cfg)
-    cfg.quick = True
-    quick = seed_study.resolve(cfg)
-    layers = lambda c: (
-        c.run.model.overrides.num_encoder_layers,
-        c.run.model.overrides.num_decoder_layers,
-    )
-    assert layers(full) == (2, 2) and layers(quick) == (1, 1)
-    assert quick.finetune_steps == cfg.quick_sizes.finetune_steps
-    cfg.quick_sizes.run_overrides = "model.overrides.num_layers=1"
-    with pytest.raises(KeyError, match="num_layers"):
-        seed_study.resolve(cfg)

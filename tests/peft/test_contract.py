@@ -4,7 +4,9 @@ For each method: identity at initialization where promised; merged equals
 unmerged; save -> load round trip; training changes only trainable
 parameters (frozen ones bit-identical), reduces the loss, and keeps no
 optimizer state for frozen parameters; KV-cached decoding equals the full
-forward pass with the method active.
+forward pass with the method active. The table of cases comes from the
+registry: every method of ``flaxtune.peft.METHODS``, every recipe that sets
+a method's options, and variants of the other options.
 """
 
 import dataclasses
@@ -17,12 +19,10 @@ import pytest
 from flax import traverse_util
 
 from flaxtune.peft import (
-    AdapterConfig,
-    IA3Config,
-    LoraConfig,
+    METHODS,
+    RECIPES,
     PeftConfig,
-    PrefixTuningConfig,
-    PromptTuningConfig,
+    build_peft_config,
     extract_adapter,
     fold_prefix,
     insert_adapter,
@@ -34,39 +34,67 @@ from flaxtune.peft import (
 )
 from tests.transformer.util import cached_logits, random_tokens, tiny_model
 
-METHODS = {
-    "lora": PeftConfig(lora=LoraConfig(targets="qv", rank=2, alpha=4.0)),
-    "lora-all-rslora-gaussian": PeftConfig(
-        lora=LoraConfig(
-            targets="all-linear",
-            rank=3,
-            alpha=3.0,
-            use_rslora=True,
-            init="gaussian",
-            overrides=((r".*mlp/.*", 2, 8.0),),
-        )
+# Options that fit the tiny models (a rank below every layer's size, a few
+# virtual tokens), one entry per method of the registry: a new method fails
+# ``test_every_registered_method_is_covered`` until it has one.
+SMALL = {
+    "lora": {"rank": 2, "alpha": 4.0},
+    "adapters": {"reduction_factor": 6},
+    "ia3": {},
+    "prompt_tuning": {"num_virtual_tokens": 3},
+    "prefix_tuning": {"num_virtual_tokens": 2},
+}
+
+
+def small(method, **options):
+    return build_peft_config(method, {method: {**SMALL[method], **options}})
+
+
+# Every method of the registry with small options, every recipe that sets
+# options of a method (dora, houlsby, pfeiffer, ...), and variants that
+# exercise the other options.
+CASES = {name: small(name) for name in METHODS}
+for r in RECIPES.values():
+    if r.options:
+        peft = r.peft_config(**{k: v for k, v in SMALL[r.method].items() if k not in r.options})
+        if peft not in CASES.values():  # houlsby: the adapters' default kind
+            CASES[r.name] = peft
+CASES |= {
+    "lora-all-rslora-gaussian": small(
+        "lora",
+        targets="all-linear",
+        rank=3,
+        alpha=3.0,
+        use_rslora=True,
+        init="gaussian",
+        overrides=((r".*mlp/.*", 2, 8.0),),
     ),
-    "dora": PeftConfig(lora=LoraConfig(targets="qkvo", rank=2, use_dora=True)),
-    "houlsby": PeftConfig(adapters=AdapterConfig(kind="houlsby", reduction_factor=6)),
-    "pfeiffer": PeftConfig(
-        adapters=AdapterConfig(kind="pfeiffer", reduction_factor=4, activation="gelu")
-    ),
-    "ia3": PeftConfig(ia3=IA3Config()),
-    "prompt": PeftConfig(prompt_tuning=PromptTuningConfig(num_virtual_tokens=3)),
-    "prefix": PeftConfig(prefix_tuning=PrefixTuningConfig(num_virtual_tokens=2)),
-    "prefix-reparam": PeftConfig(
-        prefix_tuning=PrefixTuningConfig(num_virtual_tokens=2, reparameterize=True, hidden=7)
-    ),
+    "dora-qkvo": small("lora", targets="qkvo", use_dora=True),
+    "pfeiffer-gelu": small("adapters", kind="pfeiffer", reduction_factor=4, activation="gelu"),
+    "ia3-values-only": small("ia3", keys=False, mlp=False),
+    "prefix-reparam": small("prefix_tuning", reparameterize=True, hidden=7),
     "lora+prompt": PeftConfig(
-        lora=LoraConfig(rank=2), prompt_tuning=PromptTuningConfig(num_virtual_tokens=2)
+        lora=small("lora").lora, prompt_tuning=small("prompt_tuning").prompt_tuning
     ),
 }
-IDENTITY_AT_INIT = {"lora", "lora-all-rslora-gaussian", "dora", "houlsby", "pfeiffer", "ia3"}
+# The methods whose new parameters start as the identity (LoRA's B = 0, adapters'
+# up = 0, IA3's ones); soft prompts add new tokens.
+IDENTITY_AT_INIT = {
+    name
+    for name, peft in CASES.items()
+    if not {"prompt_tuning", "prefix_tuning"} & set(peft.methods)
+}
 KINDS = ["tiny-t5", "tiny-llama"]
 
 
+def test_every_registered_method_is_covered():
+    assert set(SMALL) == set(METHODS)
+    assert {m for peft in CASES.values() for m in peft.methods} == set(METHODS)
+    assert {"dora", "pfeiffer"} <= set(CASES)
+
+
 def setup(kind, method):
-    config, model, params = tiny_model(kind, peft=METHODS[method])
+    config, model, params = tiny_model(kind, peft=CASES[method])
     rng = np.random.RandomState(0)
     enc = random_tokens(rng, (2, 6), config.vocab_size).at[1, 4:].set(config.pad_id)
     dec = random_tokens(rng, (2, 5), config.vocab_size)
@@ -109,7 +137,7 @@ def test_identity_at_initialization(kind, method):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("method", ["lora", "lora-all-rslora-gaussian", "dora"])
+@pytest.mark.parametrize("method", ["lora", "lora-all-rslora-gaussian", "dora", "dora-qkvo"])
 def test_merged_equals_unmerged(kind, method):
     config, model, params, enc, dec = setup(kind, method)
     params = perturb(params, config.peft)
@@ -128,7 +156,7 @@ def test_merged_equals_unmerged(kind, method):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", sorted(CASES))
 def test_save_load_round_trip(kind, method, tmp_path):
     config, model, params, enc, dec = setup(kind, method)
     params = perturb(params, config.peft)
@@ -181,7 +209,7 @@ def _train(config, model, params, enc, dec, steps=5):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", sorted(CASES))
 def test_training_changes_only_trainable_parameters(kind, method):
     config, model, params, enc, dec = setup(kind, method)
     before = traverse_util.flatten_dict(params, sep="/")
@@ -204,7 +232,7 @@ def cached_equals_full(config, model, params, enc, dec):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", sorted(CASES))
 def test_cached_decoding_equals_full_forward_with_method(kind, method):
     config, model, params, enc, dec = setup(kind, method)
     cached_equals_full(config, model, perturb(params, config.peft), enc, dec)

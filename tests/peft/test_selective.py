@@ -11,6 +11,7 @@ from flaxtune.peft import (
     LoraConfig,
     PeftConfig,
     PeftConfigError,
+    SelectiveConfig,
     format_summary,
     trainability_rules,
     trainable_summary,
@@ -54,33 +55,75 @@ def test_t5_small_lora_qv_reports_the_peft_count():
 
 def test_bitfit_trains_norms_when_there_are_no_biases():
     _, _, params = tiny_model("tiny-t5")
-    paths = trainable_paths(params, trainability_rules(params, selective=("bitfit",)))
+    paths = trainable_paths(
+        params, trainability_rules(params, selective=SelectiveConfig(rules=("bitfit",)))
+    )
     assert paths and all(re.fullmatch(r".*_norm/scale", p) for p in paths)
     _, _, biased = tiny_model("tiny-t5", use_bias=True)
-    paths = trainable_paths(biased, trainability_rules(biased, selective=("bitfit",)))
+    paths = trainable_paths(
+        biased, trainability_rules(biased, selective=SelectiveConfig(rules=("bitfit",)))
+    )
     assert paths and all(p.endswith("/bias") for p in paths)
     assert not any("_norm/" in p for p in paths)
 
 
 def test_last_layers_and_components():
     _, _, params = tiny_model("tiny-t5", num_encoder_layers=3, num_decoder_layers=3)
-    paths = trainable_paths(params, trainability_rules(params, selective=("last_layers:1",)))
+    paths = trainable_paths(
+        params, trainability_rules(params, selective=SelectiveConfig(last_layers=1))
+    )
     assert {p.split("/")[1] for p in paths} == {"layers_2", "final_norm"}
-    paths = trainable_paths(params, trainability_rules(params, selective=("attention",)))
+    paths = trainable_paths(
+        params, trainability_rules(params, selective=SelectiveConfig(rules=("attention",)))
+    )
     assert paths and all("attention/" in p for p in paths)
     assert any("cross_attention" in p for p in paths)
     _, _, untied = tiny_model("tiny-llama")
-    paths = trainable_paths(untied, trainability_rules(untied, selective=("head", "embeddings")))
+    both = SelectiveConfig(rules=("head", "embeddings"))
+    paths = trainable_paths(untied, trainability_rules(untied, selective=both))
     assert paths == ["decoder/logits_dense/kernel", "token_embed/embedding"]
-    with pytest.raises(ValueError, match="has only 3 layers"):
-        trainability_rules(params, selective=("last_layers:4",))
-    with pytest.raises(ValueError, match="unknown selective preset 'mlp'"):
-        trainability_rules(params, selective=("mlp",))
+    with pytest.raises(ValueError, match="last_layers=4 but the decoder has only 3 layers"):
+        trainability_rules(params, selective=SelectiveConfig(last_layers=4))
+
+
+def test_rules_and_last_layers_combine():
+    _, _, params = tiny_model("tiny-t5", num_encoder_layers=3, num_decoder_layers=2)
+    both = SelectiveConfig(rules=("attention",), last_layers=1)
+    paths = set(trainable_paths(params, trainability_rules(params, selective=both)))
+    attention = set(
+        trainable_paths(
+            params, trainability_rules(params, selective=SelectiveConfig(rules=("attention",)))
+        )
+    )
+    last = set(
+        trainable_paths(
+            params, trainability_rules(params, selective=SelectiveConfig(last_layers=1))
+        )
+    )
+    assert paths == attention | last and attention - last and last - attention
+    assert {p.split("/")[1] for p in last} == {"layers_2", "layers_1", "final_norm"}
+    assert not SelectiveConfig().active and both.active
+
+
+def test_bad_selective_configs_name_the_fix():
+    with pytest.raises(PeftConfigError, match=r"unknown selective rule\(s\) \['mlp'\].*ffn"):
+        SelectiveConfig(rules=("mlp",))
+    with pytest.raises(PeftConfigError, match=r"last_layers=N"):
+        SelectiveConfig(rules=("last_layers:1",))  # the old string form
+    with pytest.raises(PeftConfigError, match="must be a tuple of preset names"):
+        SelectiveConfig(rules="bitfit")
+    for bad in (-1, 1.5, True):
+        with pytest.raises(PeftConfigError, match="must be an integer >= 0"):
+            SelectiveConfig(last_layers=bad)
+    _, _, params = tiny_model("tiny-t5")
+    with pytest.raises(TypeError, match="pass a SelectiveConfig"):
+        trainability_rules(params, None, ("bitfit",))
 
 
 def test_full_fine_tuning_trains_everything():
     _, _, params = tiny_model("tiny-llama")
     assert trainability_rules(params) == [(".*", "trainable")]
+    assert trainability_rules(params, None, SelectiveConfig()) == [(".*", "trainable")]
 
 
 def test_bad_peft_configs():

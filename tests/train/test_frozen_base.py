@@ -116,7 +116,7 @@ def qlora_config(data_dir, **train):
     train = {"checkpoint_every": 1, "keep_checkpoints": 8, **train}
     cfg = tiny_config(data_dir, log_every=1, **train)
     cfg.peft.method = "lora"
-    cfg.peft.lora_targets = "all-linear"
+    cfg.peft.lora.targets = "all-linear"
     cfg.quant.base = "nf4"
     cfg.policy = "fp16"  # fp16 compute: dynamic loss scaling end to end too
     cfg.optimizer.schedule = "constant"

@@ -7,9 +7,15 @@ import pytest
 
 from experiments.configs import tiny
 from flaxtune.data import Tokenizer, make_loader
+from flaxtune.peft import LoraConfig, PeftConfig, SelectiveConfig
 from flaxtune.train.loop import train_and_evaluate
 from flaxtune.train.metrics_writer import read_metrics
-from flaxtune.train.run_config import loader_config, optimizer_config, peft_config
+from flaxtune.train.run_config import (
+    loader_config,
+    optimizer_config,
+    peft_config,
+    selective_config,
+)
 
 
 def tiny_config(data_dir, **train):
@@ -88,6 +94,22 @@ def test_config_errors_are_loud():
     cfg.peft.method = "lora2"
     with pytest.raises(ValueError, match=r"peft\.method='lora2' is not one of"):
         peft_config(cfg)
+    cfg = tiny.get_config()
+    cfg.peft.selective.rules = ("bitfit", "last_layers:1")  # the old string form
+    with pytest.raises(ValueError, match=r"peft\.selective\.last_layers=N"):
+        selective_config(cfg)
+
+
+def test_peft_and_selective_configs_come_from_the_peft_section():
+    cfg = tiny.get_config()
+    assert peft_config(cfg) is None and selective_config(cfg) == SelectiveConfig()
+    cfg.peft.method = "lora"
+    cfg.peft.lora.rank = 4
+    cfg.peft.lora.use_dora = True
+    cfg.peft.selective.rules = ["norms", "head"]  # a list, as a command line gives it
+    cfg.peft.selective.last_layers = 1
+    assert peft_config(cfg) == PeftConfig(lora=LoraConfig(rank=4, use_dora=True))
+    assert selective_config(cfg) == SelectiveConfig(rules=("norms", "head"), last_layers=1)
 
 
 def test_generation_scores_during_training_pick_the_best_checkpoint(data_dir, tmp_path):

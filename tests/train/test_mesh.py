@@ -145,7 +145,7 @@ def test_transformer_losses_match_on_one_device_and_a_2x2x2_mesh(kind):
     args, kw = model_inputs(config, batches[0])
     init = lambda r: model.init(r, *args, **kw)["params"]
     abstract = nn.meta.unbox(jax.eval_shape(init, toy.rng()))
-    labels = label_params(abstract, trainability_rules(abstract, None, ()))
+    labels = label_params(abstract, trainability_rules(abstract, None))
     opt = OptimizerConfig(name="adamw", learning_rate=1e-2, weight_decay=0.01)
 
     def train(mesh):

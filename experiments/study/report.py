@@ -3,7 +3,7 @@
 ``render(results)`` is a pure function of the results dict, so a report can be
 regenerated (or restyled) from a finished study without rerunning anything::
 
-    python -m experiments.study_report /tmp/flaxtune_demo/results.json
+    python -m experiments.study.report /tmp/flaxtune_demo/results.json
 """
 
 from __future__ import annotations
@@ -133,17 +133,34 @@ def _plain_statements(results: dict[str, Any], tasks: list[str]) -> list[str]:
 
 
 def render(results: dict[str, Any]) -> str:
-    methods = results["methods"]
+    """The whole ``report.md`` of the study ``results``."""
     tasks = list(results["pretrained"]["scores"])
+    out = _header(results)
+    out += _methods_section(results, tasks)
+    out += _plain_statements(results, tasks)
+    out += _precisions_section(results, tasks)
+    out += _memory_section(results["methods"])
+    if results.get("plots"):
+        out += ["## Plots", ""]
+        out += [f"![{name}](plots/{file})" for name, file in results["plots"].items()]
+        out.append("")
+    return "\n".join(out)
+
+
+def _objective(cfg: dict[str, Any]) -> str:
+    return cfg.get("pretrain_objective", "span_corruption").replace("_", " ")
+
+
+def _header(results: dict[str, Any]) -> list[str]:
+    """The title, what was run, and the failures if any."""
     cfg = results["config"]
     versions = ", ".join(f"{k} {results['versions'][k]}" for k in ("jax", "flax", "optax"))
-    objective = cfg.get("pretrain_objective", "span_corruption").replace("_", " ")
     out = [
         "# flaxtune seed study",
         "",
-        f"Seed {results['seed']}; {len(methods)} fine-tuning methods, "
+        f"Seed {results['seed']}; {len(results['methods'])} fine-tuning methods, "
         f"{cfg['finetune_steps']} steps each from the same pretrained model "
-        f"({cfg['pretrain_steps']} steps of {objective}); {cfg['eval_examples']} test "
+        f"({cfg['pretrain_steps']} steps of {_objective(cfg)}); {cfg['eval_examples']} test "
         f"examples per task; total time {results.get('seconds', 0) / 60:.1f} min. "
         f"Versions: {versions}.",
         "",
@@ -152,15 +169,24 @@ def render(results: dict[str, Any]) -> str:
         out += ["## Failures", ""]
         out += [f"- **{name}**: `{f['error']}`" for name, f in results["failures"].items()]
         out.append("")
+    return out
 
-    out += ["## Methods", "", f"Scores: {_metric_legend(tasks)}.", ""]
+
+def _methods_section(results: dict[str, Any], tasks: list[str]) -> list[str]:
+    """Every method's scores next to the pretrained model's and the baselines'."""
+    methods = results["methods"]
+    out = ["## Methods", ""]
+    labels = [f"**{name}**: {row['label']}" for name, row in methods.items() if "label" in row]
+    if labels:
+        out += ["; ".join(labels) + ".", ""]
+    out += [f"Scores: {_metric_legend(tasks)}.", ""]
     header = ["method", "trainable", "%", "peak MiB (XLA)", "step s"]
     header += [_short(t) for t in tasks] + ["mean", "forgetting Δ"]
-    pre_loss = results["pretrained"]["objective_loss"]
+    pre = results["pretrained"]
+    pre_loss = pre["objective_loss"]
     rows = []
     for name, row in methods.items():
-        mem = row.get("memory", {})
-        peak = mem.get("xla_peak_bytes")
+        peak = row.get("memory", {}).get("xla_peak_bytes")
         rows.append(
             [
                 name,
@@ -173,94 +199,89 @@ def render(results: dict[str, Any]) -> str:
                 f"{row['objective_loss'] - pre_loss:+.3f}",
             ]
         )
-    pre = results["pretrained"]
-    rows.append(
-        [
-            "pretrained only",
-            0,
-            "0",
-            None,
-            None,
-            *_task_cells(pre["scores"], tasks),
-            statistics.mean(pre["primary"].values()),
-            "+0.000",
-        ]
-    )
+    pre_mean = statistics.mean(pre["primary"].values())
+    pre_cells = _task_cells(pre["scores"], tasks)
+    rows.append(["pretrained only", 0, "0", None, None, *pre_cells, pre_mean, "+0.000"])
     for kind in ("copy", "majority"):
         base = {t: results["baselines"][t][kind] for t in tasks if t in results["baselines"]}
         rows.append(
             [f"baseline: {kind}", 0, "0", None, None, *_task_cells(base, tasks), None, None]
         )
     out += _table(header, rows)
-    out += [
+    return [
+        *out,
         "",
-        f"Forgetting Δ: change of the {objective} validation loss (pretrained model: "
-        f"{pre_loss:.3f}) after fine-tuning; larger means more of the pretraining objective lost.",
+        f"Forgetting Δ: change of the {_objective(results['config'])} validation loss "
+        f"(pretrained model: {pre_loss:.3f}) after fine-tuning; larger means more of the "
+        "pretraining objective lost.",
         "",
     ]
-    out += _plain_statements(results, tasks)
 
-    if results["precisions"]:
-        out += [
-            f"## Precisions (inference of {results.get('best_method')})",
-            "",
-            f"Scores: {_metric_legend(tasks)}.",
-            "",
-        ]
-        header = ["precision", "model MiB", "s / batch", *[_short(t) for t in tasks], "mean"]
-        rows = []
-        for name, row in results["precisions"].items():
-            rows.append(
-                [
-                    name,
-                    f"{row['model_bytes'] / MIB:.2f}",
-                    row["batch_seconds"],
-                    *_task_cells(row["scores"], tasks),
-                    statistics.mean(row["primary"].values()),
-                ]
-            )
-        out += [*_table(header, rows), ""]
 
+def _precisions_section(results: dict[str, Any], tasks: list[str]) -> list[str]:
+    """The best method's model under every inference precision."""
+    if not results["precisions"]:
+        return []
+    out = [
+        f"## Precisions (inference of {results.get('best_method')})",
+        "",
+        f"Scores: {_metric_legend(tasks)}.",
+        "",
+    ]
+    header = ["precision", "model MiB", "s / batch", *[_short(t) for t in tasks], "mean"]
+    rows = []
+    for name, row in results["precisions"].items():
+        rows.append(
+            [
+                name,
+                f"{row['model_bytes'] / MIB:.2f}",
+                row["batch_seconds"],
+                *_task_cells(row["scores"], tasks),
+                statistics.mean(row["primary"].values()),
+            ]
+        )
+    return [*out, *_table(header, rows), ""]
+
+
+def _memory_section(methods: dict[str, Any]) -> list[str]:
+    """The memory planner's lines against XLA's compiled train step, per method."""
     with_memory = {n: r["memory"] for n, r in methods.items() if "memory" in r}
-    if with_memory:
-        out += ["## Memory: planner against XLA", ""]
-        header = [
-            "method",
-            "weights MiB",
-            "gradients MiB",
-            "optimizer MiB",
-            "W+G+O planned / XLA",
-            "activations MiB (est.)",
-            "planned total MiB",
-            "XLA peak MiB",
-        ]
-        rows = []
-        for name, m in with_memory.items():
-            rows.append(
-                [
-                    name,
-                    *(f"{m[k] / MIB:.3f}" for k in ("weights", "gradients", "optimizer")),
-                    f"{m['planned_wgo_bytes'] / MIB:.3f} / {m['xla_wgo_bytes'] / MIB:.3f} "
-                    f"({m['wgo_ratio']:.2f})",
-                    f"{m['activations'] / MIB:.2f}",
-                    f"{m['planned_peak_bytes'] / MIB:.2f}",
-                    f"{m['xla_peak_bytes'] / MIB:.2f}",
-                ]
-            )
-        out += [*_table(header, rows), ""]
-        out += [
-            "W+G+O: weights + gradients + optimizer state, which the planner counts exactly "
-            "and XLA's compiled step holds as arguments (and gradient outputs); activations "
-            "are the planner's estimate, XLA's temporaries hold them and the fused "
-            "kernels' scratch.",
-            "",
-        ]
-
-    if results.get("plots"):
-        out += ["## Plots", ""]
-        out += [f"![{name}](plots/{file})" for name, file in results["plots"].items()]
-        out.append("")
-    return "\n".join(out)
+    if not with_memory:
+        return []
+    header = [
+        "method",
+        "weights MiB",
+        "gradients MiB",
+        "optimizer MiB",
+        "W+G+O planned / XLA",
+        "activations MiB (est.)",
+        "planned total MiB",
+        "XLA peak MiB",
+    ]
+    rows = []
+    for name, m in with_memory.items():
+        rows.append(
+            [
+                name,
+                *(f"{m[k] / MIB:.3f}" for k in ("weights", "gradients", "optimizer")),
+                f"{m['planned_wgo_bytes'] / MIB:.3f} / {m['xla_wgo_bytes'] / MIB:.3f} "
+                f"({m['wgo_ratio']:.2f})",
+                f"{m['activations'] / MIB:.2f}",
+                f"{m['planned_peak_bytes'] / MIB:.2f}",
+                f"{m['xla_peak_bytes'] / MIB:.2f}",
+            ]
+        )
+    return [
+        "## Memory: planner against XLA",
+        "",
+        *_table(header, rows),
+        "",
+        "W+G+O: weights + gradients + optimizer state, which the planner counts exactly "
+        "and XLA's compiled step holds as arguments (and gradient outputs); activations "
+        "are the planner's estimate, XLA's temporaries hold them and the fused "
+        "kernels' scratch.",
+        "",
+    ]
 
 
 def main(argv: list[str]) -> None:

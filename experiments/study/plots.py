@@ -10,7 +10,8 @@
 * ``float_formats.png``: the bits of one value in fp32, fp16 and bf16.
 
 Figures are ``matplotlib.figure.Figure`` objects, never pyplot: no global
-state, so drawing is safe in tests and threads.
+state and no backend to choose (``savefig`` renders PNG with Agg), so drawing
+is safe in tests, threads and processes without a display.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from typing import Any
 import jax
 import numpy as np
 from flax import traverse_util
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
 from flaxtune.data import iterate_examples
 from flaxtune.data.templates import TemplateChoice
@@ -33,12 +36,7 @@ from flaxtune.transformer import DecodeConfig
 MIB = 2**20
 
 
-def _figure(width: float, height: float):
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure
-
+def _figure(width: float, height: float) -> Figure:
     return Figure(figsize=(width, height), dpi=110)
 
 
@@ -213,9 +211,7 @@ def float_formats(value: float, path: Path) -> None:
     fig.savefig(path)
 
 
-def _rect(xy, colour):
-    from matplotlib.patches import Rectangle
-
+def _rect(xy, colour) -> Rectangle:
     return Rectangle(xy, 0.92, 0.9, color=colour)
 
 
