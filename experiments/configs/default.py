@@ -56,9 +56,11 @@ def get_config() -> ml_collections.ConfigDict:
     #   alpha: scaling is alpha / rank (alpha / sqrt(rank) with use_rslora).
     #   dropout: dropout on the LoRA branch's input.
     #   use_rslora: rank-stabilized scaling.
-    #   init: A's initialization: kaiming | gaussian | pissa (the top-rank SVD of the kernel).
+    #   init: kaiming | gaussian (A's draw; B = 0) | pissa (A, B from the kernel's top-rank
+    #     SVD, the kernel keeps the rest; applied once the base is loaded).
     #   use_dora: DoRA, a trainable magnitude per output feature.
-    #   overrides: (regex, rank, alpha) triples; the first that matches a layer sets its own.
+    #   overrides: (regex, rank, alpha) triples; the first that matches a layer sets its own
+    #     (an entry that sets no layer is an error).
     # peft.adapters (AdapterConfig), bottleneck adapters h + up(act(down(h))):
     #   kind: houlsby (after attention and FFN) | pfeiffer (after FFN only).
     #   reduction_factor: the bottleneck width is d_model // reduction_factor.
@@ -67,13 +69,14 @@ def get_config() -> ml_collections.ConfigDict:
     #   keys, values, mlp: rescale the keys, the values, the FFN hidden activation.
     # peft.prompt_tuning (PromptTuningConfig), trainable input embeddings:
     #   num_virtual_tokens: how many.
-    #   init: random | vocab (embedding rows of token ids drawn with init_seed) | text.
-    #   init_token_ids: the token ids of init=text (repeated to num_virtual_tokens).
-    #   init_seed: seed of the token ids of init=vocab.
+    #   init: random | vocab (embedding rows of token ids drawn with init_seed) | text
+    #     (rows of init_token_ids); applied once the base is loaded.
+    #   init_token_ids: the token ids of init=text, repeated to length (an error otherwise).
+    #   init_seed: seed of the token ids of init=vocab (an error with another init).
     # peft.prefix_tuning (PrefixTuningConfig), trainable keys and values in every attention:
     #   num_virtual_tokens: how many.
     #   reparameterize: produce them by an MLP from a trainable embedding (Li & Liang 2021).
-    #   hidden: the width of that MLP.
+    #   hidden: the width of that MLP (an error without reparameterize).
     # peft.selective (SelectiveConfig), original parameters that train too:
     #   rules: presets: bitfit (biases; norm scales without biases), attention, ffn,
     #     embeddings, head, norms.

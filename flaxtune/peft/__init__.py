@@ -2,8 +2,9 @@
 
 The methods live in the model definition (``TransformerConfig.peft``); this
 package holds their configs, the computations the layers call, and the pure
-functions around them (merge, PiSSA, prompt init, prefix folding, adapter
-I/O, trainability rules).
+functions around them (merge, PiSSA, prompt init and the ``initialize`` hook
+that applies both to a run's loaded base, prefix folding, adapter I/O,
+trainability rules).
 """
 
 from flaxtune.peft.config import (
@@ -16,6 +17,7 @@ from flaxtune.peft.config import (
     PrefixTuningConfig,
     PromptTuningConfig,
 )
+from flaxtune.peft.initialize import initialize, needs_initialize
 from flaxtune.peft.io import (
     AdapterMismatchError,
     AdapterSet,
@@ -68,11 +70,13 @@ __all__ = [
     "fold_prefix",
     "format_summary",
     "init_prompt",
+    "initialize",
     "insert_adapter",
     "layer_delta",
     "load_adapter",
     "lora_layers",
     "merge",
+    "needs_initialize",
     "pissa_init",
     "recipe",
     "save_adapter",

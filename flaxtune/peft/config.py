@@ -36,6 +36,8 @@ from flaxtune.errors import FlaxtuneError
 LORA_INITS = ("gaussian", "kaiming", "pissa")
 ADAPTER_KINDS = ("houlsby", "pfeiffer")
 PROMPT_INITS = ("random", "vocab", "text")
+# Width of prefix tuning's reparameterization MLP unless configured.
+PREFIX_HIDDEN = 64
 
 # Module-path regexes for the usual LoRA targets.
 TARGET_PRESETS = {
@@ -67,11 +69,13 @@ class LoraConfig:
         ``use_rslora``).
       dropout: dropout on the LoRA branch's input (training only).
       init: ``gaussian`` (A ~ N(0, 1/r), B = 0), ``kaiming`` (A Kaiming-
-        uniform, B = 0, as Hugging Face PEFT's default) or ``pissa``.
+        uniform, B = 0, as Hugging Face PEFT's default) or ``pissa`` (from
+        the kernel's SVD, once the base is loaded: ``initialize.initialize``).
       use_dora: weight-decomposed LoRA: a trainable magnitude per output
         feature rescales the direction of ``W + scaling * A @ B``.
       overrides: ``(regex, rank, alpha)`` triples; the first whose regex
-        fullmatches a targeted path sets that layer's rank and alpha.
+        fullmatches a targeted path sets that layer's rank and alpha (one
+        that matches no LoRA layer is an error of ``trainability_rules``).
     """
 
     targets: str = "qv"
@@ -156,7 +160,9 @@ class PromptTuningConfig:
     ``init``: ``random``; ``vocab`` (rows of the token embedding sampled with
     ``init_seed``); ``text`` (the embeddings of ``init_token_ids``, repeated to
     length, as in Lester et al. 2021). Initialization from the vocabulary
-    happens after the base model is loaded: see ``prompts.init_prompt``.
+    happens after the base model is loaded: see ``initialize.initialize``.
+    ``init_seed`` and ``init_token_ids`` belong to one init each; set with
+    another, they are an error.
     """
 
     num_virtual_tokens: int = 20
@@ -175,6 +181,17 @@ class PromptTuningConfig:
             raise PeftConfigError(
                 "prompt_tuning.init='text' needs init_token_ids (the tokenized text)."
             )
+        # Options of the other inits would do nothing: an error, not a silent no-op.
+        if self.init != "text" and self.init_token_ids:
+            raise PeftConfigError(
+                f"prompt_tuning.init_token_ids={self.init_token_ids!r} only apply with "
+                f"init='text' (init is {self.init!r}); set init='text' or leave them empty."
+            )
+        if self.init != "vocab" and self.init_seed != 0:
+            raise PeftConfigError(
+                f"prompt_tuning.init_seed={self.init_seed!r} only applies with init='vocab' "
+                f"(init is {self.init!r}); set init='vocab' or leave it at 0."
+            )
         object.__setattr__(self, "init_token_ids", tuple(self.init_token_ids))
 
 
@@ -185,16 +202,25 @@ class PrefixTuningConfig:
     With ``reparameterize``, each layer's prefix is produced by a small MLP
     from a trainable embedding (Li & Liang 2021: more stable training);
     ``prompts.fold_prefix`` evaluates the MLP once after training and stores
-    the plain prefixes, so inference pays nothing for it.
+    the plain prefixes, so inference pays nothing for it. ``hidden`` is the
+    MLP's width (an error to change without ``reparameterize``).
     """
 
     num_virtual_tokens: int = 20
     reparameterize: bool = False
-    hidden: int = 64
+    hidden: int = PREFIX_HIDDEN
 
     def __post_init__(self) -> None:
         if self.num_virtual_tokens < 1:
             raise PeftConfigError("prefix_tuning.num_virtual_tokens must be >= 1.")
+        if self.hidden < 1:
+            raise PeftConfigError(f"prefix_tuning.hidden must be >= 1, got {self.hidden}.")
+        # Without the MLP, its width would do nothing: an error, not a silent no-op.
+        if not self.reparameterize and self.hidden != PREFIX_HIDDEN:
+            raise PeftConfigError(
+                f"prefix_tuning.hidden={self.hidden} only applies with reparameterize=True; "
+                f"set reparameterize=True or leave hidden at {PREFIX_HIDDEN}."
+            )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

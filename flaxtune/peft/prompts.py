@@ -6,7 +6,7 @@ needs the *pretrained* embedding table, so it is a function applied to the
 loaded parameters rather than a flax initializer. Prefix tuning's
 reparameterization MLP (Li & Liang 2021) helps training only; ``fold_prefix``
 evaluates it once and stores plain prefixes, returning the config to use
-from then on (``reparameterize=False``).
+from then on (``reparameterize=False``, the MLP's width back at its default).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from flaxtune.peft.config import PeftConfig
+from flaxtune.peft.config import PREFIX_HIDDEN, PeftConfig
 
 
 def init_prompt(params: Any, peft: PeftConfig, *, embedding_path: str = "token_embed/embedding"):
@@ -61,7 +61,6 @@ def fold_prefix(params: Any, peft: PeftConfig) -> tuple[Any, PeftConfig]:
         both = both.reshape(embedding.shape[0], 2, *kv_shape)
         flat[f"{module}/prefix_key"] = both[:, 0]
         flat[f"{module}/prefix_value"] = both[:, 1]
-    folded = dataclasses.replace(
-        peft, prefix_tuning=dataclasses.replace(prefix, reparameterize=False)
-    )
+    plain = dataclasses.replace(prefix, reparameterize=False, hidden=PREFIX_HIDDEN)
+    folded = dataclasses.replace(peft, prefix_tuning=plain)
     return jax.tree_util.tree_map(jnp.asarray, traverse_util.unflatten_dict(flat, sep="/")), folded

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 from flax import traverse_util
 
-from flaxtune.peft.config import PeftConfig, PeftConfigError
+from flaxtune.peft.config import LoraConfig, PeftConfig, PeftConfigError
 
 Rules = list[tuple[str, str]]
 
@@ -126,6 +126,23 @@ def _preset_rule(params: Any, preset: str) -> str:
     return SELECTIVE_RULES[preset]  # SelectiveConfig checked the name
 
 
+def _check_lora_overrides(params: Any, lora: LoraConfig) -> None:
+    """Each LoRA override must set some layer's rank: else it would do nothing."""
+    layers = sorted({p.rsplit("/", 1)[0] for p in _paths(params) if p.endswith("/lora_a")})
+    # The override each layer takes: the first whose regex fullmatches its path.
+    used = {
+        next((i for i, o in enumerate(lora.overrides) if re.fullmatch(o[0], m)), None)
+        for m in layers
+    }
+    for i, override in enumerate(lora.overrides):
+        if i not in used:
+            raise PeftConfigError(
+                f"lora.overrides entry {override!r} sets no layer's rank: its regex fullmatches "
+                f"no LoRA layer that an earlier entry does not take (LoRA layers: "
+                f"{layers[:4]}{' ...' if len(layers) > 4 else ''}); fix the regex or remove it."
+            )
+
+
 def trainability_rules(
     params: Any, peft: PeftConfig | None = None, selective: SelectiveConfig | None = None
 ) -> Rules:
@@ -142,6 +159,8 @@ def trainability_rules(
         )
     rules: Rules = []
     if peft is not None:
+        if peft.lora is not None:
+            _check_lora_overrides(params, peft.lora)
         rules += [(METHOD_RULES[m], "trainable") for m in peft.methods]
     rules += [(_preset_rule(params, s), "trainable") for s in selective.rules]
     if selective.last_layers:

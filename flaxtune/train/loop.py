@@ -75,6 +75,7 @@ from flaxtune.train.run_config import (
 )
 from flaxtune.train.run_dir import load_params, save_params
 from flaxtune.train.scoring import generation_scores
+from flaxtune.train.state import replace_params
 from flaxtune.train.step import make_train_step
 from flaxtune.train.step_memory import StepMemory
 from flaxtune.transformer import build_model
@@ -165,6 +166,11 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path) -> d
         init_values = traverse_util.flatten_dict(
             load_params(Path(cfg.init_from), tokenizer), sep="/"
         )
+    if not resuming and peft_lib.needs_initialize(mcfg.peft):
+        # PiSSA and prompts from tokens are computed from the base parameters
+        # (init_from's, else the draws): made here, they replace all the draws.
+        params = replace_params(jax.jit(init_params)(init_rng), init_values or {})
+        init_values = traverse_util.flatten_dict(peft_lib.initialize(params, mcfg.peft), sep="/")
     state, shardings = sharded_train_state(
         init_params,
         init_rng,
@@ -175,7 +181,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path) -> d
         loss_scale=make_loss_scale(policy.default_loss_scale),
         init_values=init_values,
     )
-    if init_values is not None:
+    if not resuming and cfg.init_from:
         logger.info("initialized from %s", cfg.init_from)
     summary["optimizer_state_bytes"] = count_optimizer_state_bytes(state.opt_state)
     logger.info(

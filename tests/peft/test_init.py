@@ -1,10 +1,19 @@
-"""PiSSA and prompt initializations applied to loaded parameters."""
+"""PiSSA and prompt initializations applied to loaded parameters, and the hook that runs them."""
 
+import jax
 import numpy as np
 import pytest
 from flax import traverse_util
 
-from flaxtune.peft import LoraConfig, PeftConfig, PromptTuningConfig, init_prompt, pissa_init
+from flaxtune.peft import (
+    LoraConfig,
+    PeftConfig,
+    PromptTuningConfig,
+    init_prompt,
+    initialize,
+    needs_initialize,
+    pissa_init,
+)
 from tests.transformer.util import random_tokens, tiny_model
 
 
@@ -51,3 +60,33 @@ def test_prompt_init_from_vocabulary_and_text():
     )
     with pytest.raises(ValueError, match="init_token_ids hold id 500"):
         init_prompt(tiny_model("tiny-t5", peft=bad)[2], bad)
+
+
+def test_initialize_applies_what_the_config_asks_and_nothing_else():
+    plain = PeftConfig(
+        lora=LoraConfig(rank=2), prompt_tuning=PromptTuningConfig(num_virtual_tokens=3)
+    )
+    _, _, params = tiny_model("tiny-t5", peft=plain)
+    assert not needs_initialize(None) and not needs_initialize(plain)
+    assert initialize(params, plain) is params and initialize(params, None) is params
+    both = PeftConfig(
+        lora=LoraConfig(rank=2, init="pissa"),
+        prompt_tuning=PromptTuningConfig(num_virtual_tokens=3, init="vocab", init_seed=4),
+    )
+    _, _, params = tiny_model("tiny-t5", peft=both)
+    assert needs_initialize(both)
+    expected = init_prompt(pissa_init(params, both.lora), both)
+    got = initialize(params, both)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, got, expected)
+    flat, new = (traverse_util.flatten_dict(t, sep="/") for t in (params, got))
+    changed = sorted(p for p in flat if not np.array_equal(flat[p], new[p]))
+    # PiSSA moves the LoRA layers' kernels, A and B; the prompt comes from the vocabulary.
+    lora = {p.rsplit("/", 1)[0] for p in flat if p.endswith("/lora_a")}
+    assert changed == sorted(
+        [f"{m}/{leaf}" for m in lora for leaf in ("kernel", "lora_a", "lora_b")]
+        + ["encoder/prompt/embedding"]
+    )
+    ids = np.random.RandomState(4).randint(0, flat["token_embed/embedding"].shape[0], size=3)
+    np.testing.assert_array_equal(
+        new["encoder/prompt/embedding"], np.asarray(flat["token_embed/embedding"])[ids]
+    )

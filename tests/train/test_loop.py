@@ -3,7 +3,9 @@ exact resume after an interruption, and loud configuration errors."""
 
 import json
 
+import numpy as np
 import pytest
+from flax.traverse_util import flatten_dict
 
 from experiments.configs import tiny
 from flaxtune.data import Tokenizer, make_loader
@@ -16,6 +18,7 @@ from flaxtune.train.run_config import (
     peft_config,
     selective_config,
 )
+from flaxtune.train.run_dir import load_params
 
 
 def tiny_config(data_dir, **train):
@@ -126,3 +129,46 @@ def test_generation_scores_during_training_pick_the_best_checkpoint(data_dir, tm
     ]
     assert [r["step"] for r in records] == [3, 6]
     assert all(0.0 <= r["eval/bundled/sentiment/macro_f1"] <= 1.0 for r in records)
+
+
+def test_pissa_and_vocabulary_prompts_initialize_a_run(data_dir, tmp_path):
+    """The base-dependent inits reach the run (learning rate 0: final params = initial)."""
+
+    def run(name, method, **options):
+        cfg = tiny_config(data_dir, num_steps=1, log_every=1, eval_every=1, checkpoint_every=1)
+        cfg.optimizer.learning_rate = 0.0
+        cfg.optimizer.schedule = "constant"
+        cfg.eval.generate_examples = 0
+        cfg.peft.method = method
+        for key, value in options.items():
+            cfg.peft[method][key] = value
+        train_and_evaluate(cfg, tmp_path / name)
+        tokenizer = Tokenizer.load(tmp_path / name / "tokenizer.model")
+        return flatten_dict(load_params(tmp_path / name, tokenizer), sep="/"), cfg
+
+    params, cfg = run("pissa", "lora", init="pissa")
+    query = "encoder/layers_0/attention/query"
+    a, b = np.asarray(params[f"{query}/lora_a"]), np.asarray(params[f"{query}/lora_b"])
+    residual = np.asarray(params[f"{query}/kernel"]).reshape(a.shape[0], -1)
+    top = cfg.peft.lora.alpha / cfg.peft.lora.rank * (a @ b.reshape(a.shape[1], -1))
+    # The layer's weight is residual + scaling * A @ B, and A @ B holds its top-r
+    # singular directions: the residual holds exactly the others.
+    singular = np.linalg.svd(residual + top, compute_uv=False)
+    rank = cfg.peft.lora.rank
+    np.testing.assert_allclose(
+        np.linalg.svd(top, compute_uv=False)[:rank], singular[:rank], rtol=1e-4
+    )
+    np.testing.assert_allclose(
+        np.linalg.svd(residual, compute_uv=False)[: len(singular) - rank],
+        singular[rank:],
+        rtol=1e-4,
+        atol=1e-6,
+    )
+
+    params, cfg = run("vocab", "prompt_tuning")
+    assert cfg.peft.prompt_tuning.init == "vocab"  # the run config's default
+    table = np.asarray(params["token_embed/embedding"])
+    ids = np.random.RandomState(0).randint(
+        0, table.shape[0], cfg.peft.prompt_tuning.num_virtual_tokens
+    )
+    np.testing.assert_array_equal(params["encoder/prompt/embedding"], table[ids])
