@@ -14,8 +14,8 @@ where a method acts, so reading a layer tells you what it computes:
 * ``PromptEmbedding`` / ``prefix_keys_values`` — the soft prompts.
 
 This module imports nothing from ``flaxtune.transformer`` (the Transformer
-imports it); its products go through ``flaxtune.quant.qdot.float_dot``, the
-same matmul as Dense: compute dtype, 16-bit products accumulated in float32.
+imports it); its products go through ``flaxtune.matmul.float_dot``, the same
+matmul as Dense: compute dtype, 16-bit products accumulated in float32.
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flaxtune.matmul import float_dot
 from flaxtune.module_param import param
 from flaxtune.peft.config import AdapterConfig, LoraConfig, PrefixTuningConfig
 from flaxtune.quant.qarray import QArray, dequantize
-from flaxtune.quant.qdot import float_dot
 
 Array = jax.Array
 
