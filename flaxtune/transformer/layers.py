@@ -145,6 +145,7 @@ class Dense(nn.Module):
                 kernel,
                 config=lora,
                 path="/".join(self.path),
+                kernel_axes=self.kernel_axes,
                 n_in=n_in,
                 out_shape=self.out_shape,
                 dtype=self.dtype,
