@@ -264,10 +264,7 @@ def prefix_keys_values(
     """
     n = config.num_virtual_tokens
     shape = (n, kv_heads, head_dim)
-
-    def boxed(init, axes):
-        return nn.with_logical_partitioning(init, axes)
-
+    boxed = nn.with_logical_partitioning
     if not config.reparameterize:
         init = boxed(nn.initializers.normal(stddev=1.0), (PROMPT_AXIS, "heads", "kv"))
         key = param(module, "prefix_key", init, shape, jnp.float32)
