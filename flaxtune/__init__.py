@@ -23,8 +23,7 @@ from flaxtune.transformer import (
     generate,
     get_config,
 )
-
-__version__ = "0.1.0"
+from flaxtune.version import __version__ as __version__
 
 __all__ = [
     "DecodeConfig",

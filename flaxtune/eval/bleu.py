@@ -31,9 +31,9 @@ import math
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
-from flaxtune import __version__
 from flaxtune.eval.rouge import normalize_references
 from flaxtune.eval.tokenize import BLEU_TOKENIZERS, bleu_tokenizer
+from flaxtune.version import __version__
 
 __all__ = ["SMOOTH_METHODS", "BleuResult", "bleu", "bleu_statistics", "sentence_bleu"]
 

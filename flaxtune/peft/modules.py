@@ -14,8 +14,22 @@ where a method acts, so reading a layer tells you what it computes:
 * ``PromptEmbedding`` / ``prefix_keys_values`` — the soft prompts.
 
 This module imports nothing from ``flaxtune.transformer`` (the Transformer
-imports it); its products go through ``flaxtune.quant.qdot.float_dot``, the
-same matmul as Dense: compute dtype, 16-bit products accumulated in float32.
+imports it); its products go through ``flaxtune.matmul.float_dot``, the same
+matmul as Dense: compute dtype, 16-bit products accumulated in float32.
+
+Every parameter is created with ``flaxtune.module_param.param`` and a
+logically partitioned initializer, as the base layers create theirs, so it
+shards under FSDP and tensor parallelism by the same rules table
+(``flaxtune.train.mesh.LOGICAL_AXIS_RULES``). LoRA's factors take their axes
+from the base kernel ``[in..., out...]``: ``lora_a`` the kernel's leading
+input axis and ``lora_rank``, ``lora_b`` ``lora_rank`` and the kernel's
+output axes, DoRA's magnitude the output axes; so ``x @ A @ B`` is split
+across devices exactly as ``x @ W`` is. ``lora_a`` flattens a multi-axis
+input (``[heads * head_dim, r]`` for the attention output projection) and
+names that axis after the leading input axis (``heads``): row-major
+flattening keeps each head's rows contiguous, so sharding the flat axis in
+equal blocks is sharding the heads, as long as the trailing input axes
+(``kv``) are not sharded themselves, which the rules table guarantees.
 """
 
 from __future__ import annotations
@@ -27,12 +41,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flaxtune.matmul import float_dot
 from flaxtune.module_param import param
 from flaxtune.peft.config import AdapterConfig, LoraConfig, PrefixTuningConfig
 from flaxtune.quant.qarray import QArray, dequantize
-from flaxtune.quant.qdot import float_dot
 
 Array = jax.Array
+
+# Logical axis of LoRA's rank dimension (never sharded: r is small).
+LORA_RANK_AXIS = "lora_rank"
+# Soft-prompt and prefix virtual tokens.
+PROMPT_AXIS = "prompt"
 
 
 def _dot(x: Array, w: Array, n_in: int, dtype: Any) -> Array:
@@ -55,6 +74,7 @@ def lora(
     *,
     config: LoraConfig,
     path: str,
+    kernel_axes: tuple[str, ...],
     n_in: int,
     out_shape: tuple[int, ...],
     dtype: Any,
@@ -65,6 +85,8 @@ def lora(
 
     Parameters (created in ``module``): ``lora_a [in_flat, r]`` and
     ``lora_b [r, *out_shape]``; with DoRA also ``lora_magnitude [*out_shape]``.
+    ``kernel_axes`` are the base kernel's logical axes ``in_axes + out_axes``;
+    the factors take theirs from it (see the module docstring).
     """
     in_shape = x.shape[-n_in:]
     in_flat = math.prod(in_shape)
@@ -81,8 +103,21 @@ def lora(
         if config.init == "kaiming"
         else nn.initializers.normal(stddev=1.0 / rank)
     )
-    a = param(module, "lora_a", a_init, (in_flat, rank), param_dtype)
-    b = param(module, "lora_b", nn.initializers.zeros_init(), (rank, *out_shape), param_dtype)
+    in_axes, out_axes = lora_axes(kernel_axes, n_in)
+    a = param(
+        module,
+        "lora_a",
+        nn.with_logical_partitioning(a_init, (in_axes[0], LORA_RANK_AXIS)),
+        (in_flat, rank),
+        param_dtype,
+    )
+    b = param(
+        module,
+        "lora_b",
+        nn.with_logical_partitioning(nn.initializers.zeros_init(), (LORA_RANK_AXIS, *out_axes)),
+        (rank, *out_shape),
+        param_dtype,
+    )
     h = x.reshape(*x.shape[: x.ndim - n_in], in_flat)
     if config.dropout:
         h = nn.Dropout(rate=config.dropout, name="lora_dropout")(h, deterministic=deterministic)
@@ -93,12 +128,27 @@ def lora(
     weight = _dense_weight(kernel).astype(jnp.float32)
     merged = weight + scaling * lora_delta_from(a, b, weight.shape, n_in)
     norm = _column_norm(merged, n_in)
-    magnitude = module.param(
+    magnitude = param(
+        module,
         "lora_magnitude",
-        lambda *_: _column_norm(weight, n_in).astype(param_dtype),
+        nn.with_logical_partitioning(
+            lambda *_: _column_norm(weight, n_in).astype(param_dtype), out_axes
+        ),
+        tuple(out_shape),
+        param_dtype,
     )
     factor = magnitude.astype(jnp.float32) / jax.lax.stop_gradient(norm)
     return ((y + delta_y).astype(jnp.float32) * factor).astype(dtype)
+
+
+def lora_axes(kernel_axes: tuple[str, ...], n_in: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The base kernel's logical ``(input axes, output axes)``, checked against ``n_in``."""
+    if not 1 <= n_in < len(kernel_axes):
+        raise ValueError(
+            f"LoRA needs a kernel with {n_in} input axes and at least one output axis; its "
+            f"logical axes are {kernel_axes}."
+        )
+    return tuple(kernel_axes[:n_in]), tuple(kernel_axes[n_in:])
 
 
 def lora_delta_from(a: Array, b: Array, kernel_shape: tuple[int, ...], n_in: int) -> Array:
@@ -188,7 +238,9 @@ class PromptEmbedding(nn.Module):
         table = param(
             self,
             "embedding",
-            nn.with_logical_partitioning(nn.initializers.normal(stddev=0.5), ("prompt", "embed")),
+            nn.with_logical_partitioning(
+                nn.initializers.normal(stddev=0.5), (PROMPT_AXIS, "embed")
+            ),
             (self.num_virtual_tokens, self.features),
             jnp.float32,
         )
@@ -212,25 +264,32 @@ def prefix_keys_values(
     """
     n = config.num_virtual_tokens
     shape = (n, kv_heads, head_dim)
+    boxed = nn.with_logical_partitioning
     if not config.reparameterize:
-        init = nn.initializers.normal(stddev=1.0)
+        init = boxed(nn.initializers.normal(stddev=1.0), (PROMPT_AXIS, "heads", "kv"))
         key = param(module, "prefix_key", init, shape, jnp.float32)
         value = param(module, "prefix_value", init, shape, jnp.float32)
         return key.astype(dtype), value.astype(dtype)
+    fan_in = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
     embedding = param(
-        module, "prefix_embedding", nn.initializers.normal(stddev=1.0), (n, d_model), jnp.float32
+        module,
+        "prefix_embedding",
+        boxed(nn.initializers.normal(stddev=1.0), (PROMPT_AXIS, "embed")),
+        (n, d_model),
+        jnp.float32,
     )
     w_in = param(
         module,
         "prefix_mlp_in",
-        nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal"),
+        boxed(fan_in, ("embed", "prefix_hidden")),
         (d_model, config.hidden),
         jnp.float32,
     )
+    # The output joins keys and values of every key/value head: [hidden, 2 * kv * head_dim].
     w_out = param(
         module,
         "prefix_mlp_out",
-        nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal"),
+        boxed(fan_in, ("prefix_hidden", "prefix_kv")),
         (config.hidden, 2 * kv_heads * head_dim),
         jnp.float32,
     )

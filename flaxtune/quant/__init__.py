@@ -7,7 +7,9 @@
   (``python -m flaxtune.quant.formats 2.71828``).
 * ``qarray``: the ``QArray`` pytree (int8, int4, nf4) with ``quantize`` /
   ``dequantize``; ``rules``: quantizing a parameter tree by path rules;
-  ``qdot``: the products a Dense layer computes with a (quantized) kernel;
+  ``qdot``: products with a quantized kernel (dequantize-and-multiply, or
+  int8 x int8 with int32 accumulation), and ``kernel_param``, how a layer
+  reads a kernel that may be stored quantized;
   ``checkpoint``: quantized checkpoints that are small on disk; ``sharding``:
   partition specs for QArray leaves; ``convert``: ``to_precision(params,
   "nf4")``, a float model's parameters in a named inference format;

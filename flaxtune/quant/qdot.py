@@ -1,22 +1,23 @@
-"""Matrix products with quantized kernels: what Dense calls.
+"""Matrix products with quantized kernels, and reading a kernel that may be quantized.
 
-``qdot(x, w, n_in=...)`` computes ``x @ w`` for ``x`` of shape ``[..., in...]``
-and a kernel of logical shape ``[in..., out...]``, contracting the last
-``n_in`` axes of ``x`` with the first ``n_in`` of ``w``. ``w`` may be a float
-array or a :class:`QArray`, so a Dense layer has one call for both:
+``qdot(x, q, n_in=...)`` computes ``x @ q`` for ``x`` of shape ``[..., in...]``
+and a :class:`QArray` ``q`` of logical shape ``[in..., out...]``, contracting
+the last ``n_in`` axes of ``x`` with the first ``n_in`` of the kernel:
 
-* float kernel, or 4-bit (int4/nf4) kernel, or int8 kernel with
-  ``quantize_activations=False``: the kernel is (dequantized and) cast to the
-  compute dtype and multiplied in it. 16-bit products accumulate in float32
-  (``preferred_element_type``) and are rounded once at the end: on CPU and
-  GPU this is both more accurate and faster than a bf16-accumulating dot
-  (DESIGN.md, performance facts).
-* int8 kernel with ``quantize_activations=True`` (:func:`int8_matmul`): each
+* 4-bit (int4/nf4) kernels, and int8 kernels with
+  ``quantize_activations=False``: the kernel is dequantized to the compute
+  dtype and multiplied with ``flaxtune.matmul.float_dot``, the product float
+  kernels use (16-bit products accumulate in float32);
+* int8 kernels with ``quantize_activations=True`` (:func:`int8_matmul`): each
   row of ``x`` is quantized on the fly to int8 with its own absmax scale, the
   product of the integer codes is accumulated exactly in int32, and the
   result is rescaled by ``row_scale * weight_scale``. This is the
   LLM.int8()-style "W8A8" path (without the fp16 outlier split); it is fast
   where the backend has int8 matrix units (GPU tensor cores, TPU, VNNI).
+
+Float kernels are not this module's business: the layer that owns a kernel
+(``flaxtune.transformer.layers.Dense``) multiplies a float kernel with
+``float_dot`` and hands a QArray to ``qdot``.
 
 Error of the W8A8 path, per output element ``y_j = sum_k x_k w_kj``: with
 ``|x_k - x̂_k| <= s_x / 2`` and ``|w_kj - ŵ_kj| <= s_w / 2``::
@@ -26,15 +27,15 @@ Error of the W8A8 path, per output element ``y_j = sum_k x_k w_kj``: with
 which the tests check. The int32 accumulator cannot overflow for
 ``K < 2**31 / 127**2 ≈ 133_000`` contraction elements.
 
-A Dense layer reads its kernel with :func:`kernel_param` rather than
+A layer reads its kernel with :func:`kernel_param` rather than
 ``self.param``: flax checks an existing parameter's leaves against the shape
 the initializer would produce, and a QArray's leaves (blocked codes, scales)
-never have the kernel's shape, so ``self.param`` rejects it.
+never have the kernel's shape, so ``self.param`` rejects it. ``Dense`` does
+exactly this.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any
 
@@ -42,83 +43,9 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from flaxtune.matmul import check_kernel_shapes, float_dot
 from flaxtune.module_param import param
 from flaxtune.quant.qarray import QArray, block_scales, dequantize
-
-
-def _check_shapes(x: jax.Array, w_shape: tuple[int, ...], n_in: int) -> None:
-    if not 1 <= n_in < len(w_shape):
-        raise ValueError(f"n_in={n_in} is invalid for a kernel of shape {w_shape}.")
-    if x.ndim < n_in or tuple(x.shape[x.ndim - n_in :]) != tuple(w_shape[:n_in]):
-        raise ValueError(
-            f"Cannot contract the last {n_in} axes of input {tuple(x.shape)} with the first "
-            f"{n_in} axes of kernel {tuple(w_shape)}."
-        )
-
-
-def _accumulation_dtype(dtype: Any) -> Any:
-    return jnp.float32 if jnp.dtype(dtype).itemsize < 4 else None
-
-
-def float_dot(x: jax.Array, w: jax.Array, *, n_in: int, compute_dtype: Any) -> jax.Array:
-    """``x @ w`` in ``compute_dtype``, 16-bit inputs accumulating in float32."""
-    x = x.astype(compute_dtype)
-    w = w.astype(compute_dtype)
-    y = _kernel_dot(x, w, n_in, _accumulation_dtype(compute_dtype))
-    return y.astype(compute_dtype)
-
-
-def _dims(x_ndim: int, n_in: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(batch axes, contracted axes) of an input of rank ``x_ndim``."""
-    return tuple(range(x_ndim - n_in)), tuple(range(x_ndim - n_in, x_ndim))
-
-
-def _kernel_dot_impl(x: jax.Array, w: jax.Array, n_in: int, accum_dtype: Any) -> jax.Array:
-    _, x_in = _dims(x.ndim, n_in)
-    return jax.lax.dot_general(
-        x, w, ((x_in, tuple(range(n_in))), ((), ())), preferred_element_type=accum_dtype
-    )
-
-
-# Same products as autodiff of ``_kernel_dot_impl`` (bit-identical results), in
-# a different operand order for the kernel gradient. ``dW = x^T g`` contracts
-# the batch axes, which are the *major* axes of both operands; XLA's CPU
-# matmul kernels want the contracted axis minor on the left, so one operand
-# is copied transposed first. JAX's own transpose rule always writes the
-# product as ``(g^T x)^T``, i.e. it transposes ``g``: for an MLP's input
-# projection that is the [tokens, d_ff] activation gradient, four times the
-# size of ``x``, and XLA fuses the ReLU/dropout masks into that strided copy
-# (a t5-small step spent ~10% of its time there). Here the smaller of ``x``
-# and ``g`` is the one transposed.
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _kernel_dot(x: jax.Array, w: jax.Array, n_in: int, accum_dtype: Any) -> jax.Array:
-    return _kernel_dot_impl(x, w, n_in, accum_dtype)
-
-
-def _kernel_dot_fwd(x, w, n_in, accum_dtype):
-    return _kernel_dot_impl(x, w, n_in, accum_dtype), (x, w)
-
-
-def _kernel_dot_bwd(n_in, accum_dtype, residuals, g):
-    x, w = residuals
-    x_batch, _ = _dims(x.ndim, n_in)
-    n_out = w.ndim - n_in
-    g_out = tuple(range(g.ndim - n_out, g.ndim))
-    w_out = tuple(range(n_in, w.ndim))
-    # dx [batch..., in...] = g [batch..., out...] . w [in..., out...] over out.
-    dx = jax.lax.dot_general(g, w, ((g_out, w_out), ((), ())), preferred_element_type=accum_dtype)
-    batch_dims = (x_batch, x_batch)
-    if x.size <= g.size:
-        dw = jax.lax.dot_general(x, g, (batch_dims, ((), ())), preferred_element_type=accum_dtype)
-    else:
-        dw_t = jax.lax.dot_general(
-            g, x, (batch_dims, ((), ())), preferred_element_type=accum_dtype
-        )  # [out..., in...]
-        dw = jnp.transpose(dw_t, tuple(range(n_out, w.ndim)) + tuple(range(n_out)))
-    return dx.astype(x.dtype), dw.astype(w.dtype)
-
-
-_kernel_dot.defvjp(_kernel_dot_fwd, _kernel_dot_bwd)
 
 
 def quantize_rows(x: jax.Array, n_in: int) -> tuple[jax.Array, jax.Array]:
@@ -146,7 +73,7 @@ def int8_matmul(x: jax.Array, w: QArray, *, compute_dtype: Any = jnp.float32) ->
     """
     if w.qtype != "int8":
         raise ValueError(f"int8_matmul needs an int8 QArray, got {w.qtype}; use qdot.")
-    _check_shapes(x, w.shape, w.n_in)
+    check_kernel_shapes(x, w.shape, w.n_in)
     out_shape = w.shape[w.n_in :]
     n_out = math.prod(out_shape)
     n_groups, group = w.values.shape[:2]
@@ -175,32 +102,35 @@ def int8_matmul(x: jax.Array, w: QArray, *, compute_dtype: Any = jnp.float32) ->
 
 def qdot(
     x: jax.Array,
-    w: jax.Array | QArray,
+    w: QArray,
     *,
     n_in: int = 1,
     compute_dtype: Any = None,
     quantize_activations: bool = False,
 ) -> jax.Array:
-    """``x @ w`` contracting the last ``n_in`` axes of ``x`` (see the module docstring).
+    """``x @ w`` for a quantized kernel, contracting the last ``n_in`` axes of ``x``.
+
+    See the module docstring for the two paths.
 
     Args:
       x: input ``[..., in...]``.
-      w: float kernel or QArray of logical shape ``[in..., out...]``.
-      n_in: number of contracted axes; must equal ``w.n_in`` for a QArray.
+      w: QArray of logical shape ``[in..., out...]``.
+      n_in: number of contracted axes; must equal ``w.n_in``.
       compute_dtype: dtype of the product and the result; default ``x.dtype``.
       quantize_activations: int8 kernels only: use the W8A8 int32 path.
     """
-    compute_dtype = jnp.dtype(compute_dtype or x.dtype)
-    if isinstance(w, QArray) and w.n_in != n_in:
+    if not isinstance(w, QArray):
+        raise TypeError(
+            f"qdot multiplies quantized kernels (QArray), got {type(w).__name__}; multiply a "
+            "float kernel with flaxtune.matmul.float_dot."
+        )
+    compute_dtype = jnp.dtype(x.dtype if compute_dtype is None else compute_dtype)
+    if w.n_in != n_in:
         raise ValueError(
             f"The kernel was quantized with n_in={w.n_in} contraction axes but qdot was "
             f"called with n_in={n_in}; its scales are laid out for n_in={w.n_in}."
         )
-    _check_shapes(x, tuple(w.shape), n_in)
-    if not isinstance(w, QArray):
-        if quantize_activations:
-            raise ValueError("quantize_activations=True needs an int8 QArray kernel.")
-        return float_dot(x, w, n_in=n_in, compute_dtype=compute_dtype)
+    check_kernel_shapes(x, tuple(w.shape), n_in)
     if quantize_activations:
         if w.qtype != "int8":
             raise ValueError(
@@ -222,11 +152,12 @@ def kernel_param(
 
     When the parameter already exists and is a QArray (a quantized kernel
     swapped into the params tree), it is returned after checking its logical
-    shape; otherwise this is exactly ``module.param``. Call it inside a
-    module's ``setup`` or ``@nn.compact`` method.
+    shape; otherwise this is ``flaxtune.module_param.param`` (``module.param``
+    with a direct shape check; ``init_fn`` may return a logically partitioned
+    box). Call it inside a module's ``setup`` or ``@nn.compact`` method.
     """
     if module.has_variable("params", name):
-        value = module.get_variable("params", name)
+        value = nn.meta.unbox(module.get_variable("params", name))
         if isinstance(value, QArray):
             if value.shape != tuple(shape):
                 raise ValueError(

@@ -7,6 +7,10 @@ One rules table maps the logical axis names that parameters carry (via
 * ``fsdp``: data parallelism whose params (``embed`` axis) are sharded too;
 * ``tensor``: tensor (model) parallelism over ``mlp``/``heads``/``vocab``.
 
+PEFT parameters follow the same table: LoRA's factors carry their base
+kernel's input or output axes (plus ``lora_rank``), so they are split the
+way the kernel is.
+
 The batch is split over ``("data", "fsdp")``. The same code runs on one
 device (every mesh axis of size 1), on 8 fake CPU devices in tests and on a
 GPU/TPU mesh.
@@ -49,19 +53,26 @@ AxisRules = Sequence[tuple[str, str | tuple[str, ...] | None]]
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
+# Every logical axis name a flaxtune parameter or activation constraint
+# carries, and nothing else (tests/train/test_logical_axes.py checks both
+# directions over every preset and PEFT method). An axis mapped to None is
+# replicated; the rank, bucket, adapter, virtual-token and prefix-MLP axes
+# are small. ``kv`` (head_dim) must stay unsharded: LoRA's ``lora_a``
+# flattens ``[heads, kv]`` into one axis named ``heads``.
 LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("batch", BATCH_AXES),
     ("embed", "fsdp"),
     ("mlp", "tensor"),
     ("heads", "tensor"),
     ("kv", None),
-    ("joined_kv", "tensor"),
     ("vocab", "tensor"),
     ("length", None),
     ("relpos_buckets", None),
-    ("abspos_buckets", None),
     ("lora_rank", None),
-    ("stack", None),
+    ("adapter", None),
+    ("prompt", None),
+    ("prefix_hidden", None),
+    ("prefix_kv", None),
 )
 
 __all__ = [

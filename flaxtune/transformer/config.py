@@ -22,6 +22,12 @@ field                     values
 ``head_dim`` is independent of ``d_model // num_heads`` (T5 v1.1 small has
 d_model 512 but 6 heads of 64), and ``num_kv_heads`` below ``num_heads`` gives
 grouped-query attention (``num_kv_heads == 1`` is multi-query attention).
+
+Parameter-efficient methods are part of the architecture too: ``peft`` holds
+a ``flaxtune.peft.PeftConfig`` that the layers read to grow LoRA, adapter,
+IA3 or soft-prompt parameters beside the base ones. The dependency runs one
+way: the transformer package imports peft (its configs and the computations
+its layers call), and peft never imports the transformer package.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from flaxtune.errors import FlaxtuneError
+from flaxtune.peft.config import PeftConfig
 
 ACTIVATIONS = ("relu", "gelu", "gated-gelu", "swiglu")
 NORMS = ("layernorm", "rmsnorm")
@@ -135,10 +142,11 @@ class TransformerConfig:
     decoder_start_id: int = 0
 
     # --- parameter-efficient fine-tuning -------------------------------------
-    # A flaxtune.peft.PeftConfig (or None): which layers grow LoRA, adapter or
-    # prompt parameters. Kept as ``Any`` so the transformer package does not
-    # import peft.
-    peft: Any = None
+    # Which layers grow LoRA, adapter, IA3 or soft-prompt parameters (None:
+    # none). The layers call the methods' computations in
+    # ``flaxtune.peft.modules``, so the transformer package imports peft;
+    # peft never imports the transformer package.
+    peft: PeftConfig | None = None
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)

@@ -19,10 +19,11 @@ Dense kernels have shape ``in_shape + out_shape`` and contract the trailing
 ``len(in_shape)`` axes of the input: ``[d_model] -> [heads, head_dim]`` for a
 query projection, ``[heads, head_dim] -> [d_model]`` for the output one.
 
-Numerics follow the DESIGN contract: parameters are stored in
-``param_dtype``, cast to the compute ``dtype`` at use, and matmuls under a
-16-bit compute dtype accumulate in float32 (``preferred_element_type``), which
-on CPU is also twice as fast as a bf16-accumulating dot. Norms always compute
+Numerics: parameters are stored in ``param_dtype`` and cast to the compute
+``dtype`` at use; a float kernel is multiplied by ``flaxtune.matmul.float_dot``
+(under a 16-bit compute dtype the products accumulate in float32, which on
+CPU is also twice as fast as a bf16-accumulating dot), a quantized one by
+``flaxtune.quant.qdot`` (:func:`kernel_product` chooses). Norms always compute
 in float32.
 """
 
@@ -36,10 +37,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flaxtune.matmul import float_dot
 from flaxtune.module_param import param
 from flaxtune.peft import modules as peft_modules
 from flaxtune.quant.qarray import QArray
-from flaxtune.quant.qdot import qdot
+from flaxtune.quant.qdot import kernel_param, qdot
 from flaxtune.transformer.config import TransformerConfig
 
 Array = jax.Array
@@ -98,19 +100,9 @@ class Dense(nn.Module):
         return (self.features,) if isinstance(self.features, int) else tuple(self.features)
 
     def _kernel(self, in_shape: tuple[int, ...]) -> Any:
-        """The kernel parameter: a float array, or a quantized one if stored so.
-
-        A ``QArray`` in the parameter tree replaces the float kernel (its leaf
-        shapes differ from the float kernel's, so it is read directly rather
-        than through ``self.param``'s shape check).
-        """
-        if self.has_variable("params", "kernel"):
-            stored = self.get_variable("params", "kernel")
-            stored = nn.meta.unbox(stored)
-            if isinstance(stored, QArray):
-                return stored
+        """The kernel parameter: a float array, or a ``QArray`` if stored quantized."""
         init = self.kernel_init or _kernel_fan_in_init(1.0, len(in_shape))
-        return param(
+        return kernel_param(
             self,
             "kernel",
             nn.with_logical_partitioning(init, self.kernel_axes),
@@ -137,10 +129,13 @@ class Dense(nn.Module):
             lora = self.peft.lora_for(self.path) if self.peft is not None else None
             plain = n_in == 1 and not self.use_bias and lora is None
             return kernel if plain and not isinstance(kernel, QArray) else None
-        # One code path for float and quantized kernels; 16-bit products
-        # accumulate in float32 (twice as fast on CPU as bf16 accumulation).
-        w8a8 = self.int8_activations and isinstance(kernel, QArray) and kernel.qtype == "int8"
-        y = qdot(x, kernel, n_in=n_in, compute_dtype=self.dtype, quantize_activations=w8a8)
+        y = kernel_product(
+            x,
+            kernel,
+            n_in=n_in,
+            compute_dtype=self.dtype,
+            int8_activations=self.int8_activations,
+        )
         lora = self.peft.lora_for(self.path) if self.peft is not None else None
         if lora is not None:
             y = peft_modules.lora(
@@ -150,6 +145,7 @@ class Dense(nn.Module):
                 kernel,
                 config=lora,
                 path="/".join(self.path),
+                kernel_axes=self.kernel_axes,
                 n_in=n_in,
                 out_shape=self.out_shape,
                 dtype=self.dtype,
@@ -166,6 +162,28 @@ class Dense(nn.Module):
             )
             y = y + bias.astype(self.dtype)
         return y
+
+
+def kernel_product(
+    x: Array,
+    kernel: Array | QArray,
+    *,
+    n_in: int,
+    compute_dtype: Any,
+    int8_activations: bool = False,
+) -> Array:
+    """``x @ kernel`` over the last ``n_in`` axes of ``x``, for a float or a quantized kernel.
+
+    A float kernel goes through ``float_dot``; a ``QArray`` through
+    ``qdot``, which dequantizes it to ``compute_dtype`` and uses the same
+    ``float_dot``, or, for an int8 kernel with ``int8_activations``, also
+    quantizes ``x`` and accumulates in int32 (W8A8). ``int8_activations`` is
+    a model-wide switch, so it is ignored for float and 4-bit kernels.
+    """
+    if isinstance(kernel, QArray):
+        w8a8 = int8_activations and kernel.qtype == "int8"
+        return qdot(x, kernel, n_in=n_in, compute_dtype=compute_dtype, quantize_activations=w8a8)
+    return float_dot(x, kernel, n_in=n_in, compute_dtype=compute_dtype)
 
 
 def project_together(
@@ -200,10 +218,10 @@ def project_together(
     for (_, dtype), members in groups.items():
         if len(members) == 1:
             i = members[0]
-            outputs[i] = qdot(x, kernels[i], n_in=1, compute_dtype=dtype)
+            outputs[i] = float_dot(x, kernels[i], n_in=1, compute_dtype=dtype)
             continue
         stacked = jnp.stack([kernels[i] for i in members], axis=1)  # [d, n, out...]
-        y = qdot(x, stacked, n_in=1, compute_dtype=dtype)  # [..., n, out...]
+        y = float_dot(x, stacked, n_in=1, compute_dtype=dtype)  # [..., n, out...]
         for j, i in enumerate(members):
             outputs[i] = y[(Ellipsis, j) + (slice(None),) * (stacked.ndim - 2)]
     return outputs

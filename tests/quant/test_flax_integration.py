@@ -1,7 +1,7 @@
 """A QArray stands where a kernel stands: in a flax params dict, under jit and grad.
 
-The project's Dense layer is wired by the lead; this checks the contract it
-relies on with a minimal stand-in module.
+A minimal stand-in for Dense reads its kernel with ``kernel_param`` and
+multiplies with ``kernel_product``, as Dense does.
 """
 
 import flax.linen as nn
@@ -15,9 +15,9 @@ from flaxtune.quant import (
     dequantize,
     get_policy,
     kernel_param,
-    qdot,
     quantize_params,
 )
+from flaxtune.transformer.layers import kernel_product
 
 
 class TinyDense(nn.Module):
@@ -30,7 +30,7 @@ class TinyDense(nn.Module):
     def __call__(self, x):
         init = nn.initializers.normal(0.05)
         kernel = kernel_param(self, "kernel", init, (x.shape[-1], self.features))
-        y = qdot(x, kernel, compute_dtype=jnp.float32)
+        y = kernel_product(x, kernel, n_in=1, compute_dtype=jnp.float32)
         if self.rank:
             a = self.param("lora_a", nn.initializers.normal(0.05), (x.shape[-1], self.rank))
             b = self.param("lora_b", nn.initializers.normal(0.05), (self.rank, self.features))

@@ -1,4 +1,4 @@
-"""project_together: batched projections equal the separate Dense layers."""
+"""project_together: batched projections equal the separate Dense layers; kernel_product."""
 
 import flax.linen as nn
 import jax
@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from flaxtune import peft as peft_lib
-from flaxtune.transformer.layers import Dense, project_together
+from flaxtune.matmul import float_dot
+from flaxtune.quant import dequantize, int8_matmul, quantize
+from flaxtune.transformer.layers import Dense, kernel_product, project_together
 
 
 class Projections(nn.Module):
@@ -85,3 +87,26 @@ def test_layers_that_are_not_plain_products_are_called_themselves(kw):
         assert "params/key/lora_a" not in names
     else:
         assert "params/key/bias" in names
+
+
+def test_kernel_product_dispatches_float_and_quantized_kernels():
+    x = jax.random.normal(jax.random.PRNGKey(0), (3, 64))
+    w = 0.05 * jax.random.normal(jax.random.PRNGKey(1), (64, 8))
+    for dtype in (jnp.float32, jnp.bfloat16):
+        y = kernel_product(x, w, n_in=1, compute_dtype=dtype)
+        np.testing.assert_array_equal(y, float_dot(x, w, n_in=1, compute_dtype=dtype))
+    nf4, int8 = quantize(w, "nf4"), quantize(w, "int8")
+    # A 4-bit kernel ignores the model-wide W8A8 switch: it is dequantized.
+    np.testing.assert_array_equal(
+        kernel_product(x, nf4, n_in=1, compute_dtype=jnp.float32, int8_activations=True),
+        float_dot(x, dequantize(nf4), n_in=1),
+    )
+    np.testing.assert_array_equal(
+        kernel_product(x, int8, n_in=1, compute_dtype=jnp.float32),
+        float_dot(x, dequantize(int8), n_in=1),
+    )
+    w8a8 = lambda x, q: kernel_product(
+        x, q, n_in=1, compute_dtype=jnp.float32, int8_activations=True
+    )
+    np.testing.assert_array_equal(w8a8(x, int8), int8_matmul(x, int8))
+    assert "preferred_element_type=int32" in str(jax.make_jaxpr(w8a8)(x, int8))
