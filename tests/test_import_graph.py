@@ -11,7 +11,8 @@ re-exports.
 
 The intended graph, bottom to top (an arrow is "may import")::
 
-    module_param, matmul, version       primitives, import nothing from flaxtune
+    errors                              the exception classes, imported by any node
+    module_param, matmul, version       primitives, import nothing from flaxtune but errors
     quant        -> module_param, matmul
     peft         -> module_param, matmul, quant
     transformer  -> module_param, matmul, quant, peft
@@ -43,6 +44,7 @@ PACKAGE_DIR = pathlib.Path(__file__).resolve().parents[1] / "flaxtune"
 
 # node -> the nodes it may import directly.
 INTENDED: dict[str, set[str]] = {
+    "errors": set(),
     "module_param": set(),
     "matmul": set(),
     "version": set(),
@@ -55,6 +57,11 @@ INTENDED: dict[str, set[str]] = {
     "interop": {"transformer"},
     "flaxtune": {"peft", "transformer", "version"},
 }
+
+# Every node may raise flaxtune's exceptions: ``errors`` is the bottom layer.
+for _node, _allowed in INTENDED.items():
+    if _node != "errors":
+        _allowed.add("errors")
 
 # (module, imported module) pairs allowed inside a function, with the reason.
 # Empty: there is no justified case today.
