@@ -12,16 +12,15 @@
   reads a kernel that may be stored quantized;
   ``checkpoint``: quantized checkpoints that are small on disk; ``sharding``:
   partition specs for QArray leaves; ``convert``: ``to_precision(params,
-  "nf4")``, a float model's parameters in a named inference format;
-  ``memory``: the memory planner (bytes of weights, gradients, optimizer
-  state and activations of a train step) and its check against XLA
-  (``python -m flaxtune.quant.memory --preset t5-base``).
+  "nf4")``, a float model's parameters in a named inference format.
+
+The memory planner, which counts a train step's bytes (quantized bases
+included), is ``flaxtune.train.memory``: it builds the train step.
 """
 
 from flaxtune.quant.checkpoint import load_quantized, save_quantized
 from flaxtune.quant.convert import PRECISIONS, precision_rules, to_precision
 from flaxtune.quant.formats import Explanation, FormatSpec, explain, explain_all, format_spec
-from flaxtune.quant.memory import MemoryPlan, XlaCheck, check_against_xla, plan
 from flaxtune.quant.nf4 import nf4_codebook
 from flaxtune.quant.policy import PRESETS, Policy, cast_floating, get_policy
 from flaxtune.quant.qarray import (
@@ -41,15 +40,12 @@ __all__ = [
     "PRESETS",
     "Explanation",
     "FormatSpec",
-    "MemoryPlan",
     "Policy",
     "QArray",
     "QuantErrorStats",
     "QuantReport",
     "QuantSpec",
-    "XlaCheck",
     "cast_floating",
-    "check_against_xla",
     "dequantize",
     "dequantize_params",
     "explain",
@@ -60,7 +56,6 @@ __all__ = [
     "kernel_param",
     "load_quantized",
     "nf4_codebook",
-    "plan",
     "precision_rules",
     "qarray_partition_spec",
     "qdot",

@@ -1,28 +1,37 @@
-"""Training machinery, model-agnostic: everything takes a params pytree and a ``loss_fn``.
+"""Training machinery: a train step over a params pytree, its state, and what runs it.
 
+* ``trainer``: the one builder from a model config to the sharded train state
+  and the jitted step (``build_trainer``; ``trainer_spec`` decides everything
+  before any array exists, e.g. for the memory planner).
 * ``partition``: ``(regex, label)`` trainability rules → trainable / frozen split.
 * ``optimizer``: optax AdamW / Adafactor / SGD over the trainable subtree.
 * ``losses``: float32 token cross-entropy (label smoothing, z-loss), accuracy.
 * ``state`` / ``step``: the ``TrainState`` pytree and the jit-able train step.
 * ``mesh``: ``(data, fsdp, tensor)`` mesh, logical axis rules, sharded init.
+* ``frozen_base``: the frozen parameters of a PEFT run, cast or quantized.
 * ``checkpoints``: orbax checkpoints with exact resume and run metadata.
 * ``metrics_writer`` / ``throughput``: JSONL + TensorBoard, progress bar,
   loss curves, tokens/s and MFU.
+* ``memory``: the memory planner, line by line, checked against XLA
+  (``python -m flaxtune.train.memory --preset t5-small --peft lora``).
+* ``loop``: ``train_and_evaluate(config, workdir)``, a whole run from a config.
 * ``host_memory``: keeps XLA's CPU temporaries mapped between steps (call
   ``retain_freed_host_memory()`` before the first computation).
 
 How the pieces fit (a loop needs little more)::
 
     mesh = make_mesh(data=-1, fsdp=1, tensor=1)
-    init = lambda rng: model.init(rng, dummy_inputs)["params"]   # boxed, logical axes
-    labels = label_params(jax.eval_shape(init, init_rng), rules)  # logged per parameter
-    tx = make_optimizer(opt_config, labels)
-    state, shardings = sharded_train_state(init, init_rng, labels, tx, mesh, rng=rng,
-                                           loss_scale=make_loss_scale("dynamic"))
-    step = jit_train_step(
-        make_train_step(loss_fn, tx, schedule=make_schedule(opt_config),
-                        grad_accum_steps=opt_config.grad_accum_steps),
-        mesh, shardings)
+    trainer = build_trainer(
+        model_config,                         # a TransformerConfig (its peft included)
+        optimizer=opt_config,                 # an OptimizerConfig
+        mesh=mesh,
+        example_batch=batch,                  # shapes for model.init
+        policy="mixed_bf16",
+        selective=SelectiveConfig(rules=("bitfit",)),
+        base_quant=None,                      # BaseQuantConfig(qtype="nf4") for QLoRA
+        seed=0,
+    )
+    state, step = trainer.state, trainer.step  # sharded state; jitted step (donates it)
     ckpt = CheckpointManager(workdir, save_interval_steps=500, best_metric="eval/loss",
                              config=config, tokenizer_path=spm_path)
     if ckpt.latest_step() is not None:
@@ -34,6 +43,10 @@ How the pieces fit (a loop needs little more)::
             ckpt.save(state, data_state=loader_state)
     ckpt.close()
     plot_curves(f"{workdir}/metrics.jsonl", f"{workdir}/loss.png")
+
+The pieces ``build_trainer`` puts together are exported too (``label_params``,
+``make_optimizer``, ``sharded_train_state``, ``make_train_step``,
+``jit_train_step``, ...) for a step over another model or loss.
 """
 
 from flaxtune.train.checkpoints import (
@@ -72,6 +85,7 @@ from flaxtune.train.partition import (
 from flaxtune.train.state import TrainState, create_train_state, export_inference_params
 from flaxtune.train.step import make_train_step
 from flaxtune.train.throughput import compiled_flops, measure_peak_flops, throughput_metrics
+from flaxtune.train.trainer import Trainer, TrainerSpec, build_trainer, trainer_spec
 
 __all__ = [
     "FROZEN",
@@ -84,6 +98,9 @@ __all__ = [
     "TrainCheckpointMismatchError",
     "TrainState",
     "TrainabilityRules",
+    "Trainer",
+    "TrainerSpec",
+    "build_trainer",
     "compiled_flops",
     "count_optimizer_state_bytes",
     "create_train_state",
@@ -110,4 +127,5 @@ __all__ = [
     "throughput_metrics",
     "token_accuracy",
     "train_state_shardings",
+    "trainer_spec",
 ]

@@ -2,13 +2,23 @@
 
 The loop wires the parts together and owns nothing else::
 
-    tokenizer ─▶ model config (+ PEFT) ─▶ trainability rules ─▶ optimizer
-        ─▶ sharded train state (init_from's params in place of their draws)
-        ─▶ [restore] ─▶ loop:
-              step ─▶ metrics.jsonl / TensorBoard / progress bar
-              every eval_every: validation loss + generation scores per task
-              every checkpoint_every: orbax checkpoint (state + loader state)
-        ─▶ final params (``params/``), ``scores.json``, loss-curve PNG
+    setup:   tokenizer ─▶ model config (+ PEFT) ─▶ trainer spec (trainability
+             labels, frozen-base plan, optimizer, step) ─▶ checkpoint manager
+             ─▶ trainer: sharded train state (init_from's params in place of
+             their draws), frozen base stored, jitted step
+    resume:  [restore the latest checkpoint] ─▶ the data iterator
+    train:   step ─▶ metrics.jsonl / TensorBoard / progress bar
+             every eval_every: validation loss (+ generation scores per task)
+             every checkpoint_every: orbax checkpoint (state + loader state)
+    finish:  final params (``params/``), ``scores.json``, loss-curve PNG,
+             ``results.json``
+
+The trainer (``flaxtune.train.trainer``) is built in two stages around the
+checkpoint manager: its spec first, so that a configuration error (a
+quantized base under full fine-tuning, say) stops the run before the run
+directory gets its files; the state once the manager says whether the run
+resumes (a resumed run restores its own state; a new one may start from
+``init_from``).
 
 A run is a directory. Everything needed to continue or reuse it is inside:
 ``config.json``, ``tokenizer.model`` (+ its fingerprint in the checkpoint
@@ -31,39 +41,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import traverse_util
 
-from flaxtune import peft as peft_lib
-from flaxtune.data import make_loader
-from flaxtune.quant.loss_scale import make_loss_scale
-from flaxtune.quant.policy import get_policy
+from flaxtune.data import LoaderConfig, Tokenizer, make_loader
 from flaxtune.train.checkpoints import CheckpointManager
-from flaxtune.train.frozen_base import (
-    apply_frozen_base,
-    dequantize_frozen,
-    describe_frozen,
-    logical_axes_by_path,
-    plan_frozen_base,
-)
-from flaxtune.train.losses import eval_loss, make_loss_fn, model_inputs
-from flaxtune.train.mesh import (
-    jit_train_step,
-    make_mesh,
-    mesh_context,
-    shard_batch,
-    sharded_train_state,
-)
+from flaxtune.train.frozen_base import dequantize_frozen
+from flaxtune.train.losses import eval_loss
+from flaxtune.train.mesh import make_mesh, mesh_context, shard_batch
 from flaxtune.train.metrics_writer import MetricsWriter, ProgressBar, plot_curves
-from flaxtune.train.optimizer import (
-    count_optimizer_state_bytes,
-    make_optimizer,
-    make_schedule,
-)
-from flaxtune.train.partition import label_params, merge_params
+from flaxtune.train.partition import merge_params
 from flaxtune.train.run_config import (
     base_quant_config,
     data_directory,
@@ -75,10 +64,9 @@ from flaxtune.train.run_config import (
 )
 from flaxtune.train.run_dir import load_params, save_params
 from flaxtune.train.scoring import generation_scores
-from flaxtune.train.state import replace_params
-from flaxtune.train.step import make_train_step
+from flaxtune.train.state import TrainState
 from flaxtune.train.step_memory import StepMemory
-from flaxtune.transformer import build_model
+from flaxtune.train.trainer import Trainer, trainer_spec
 
 logger = logging.getLogger(__name__)
 
@@ -87,68 +75,68 @@ logger = logging.getLogger(__name__)
 MAX_STEPS_IN_FLIGHT = 2
 
 
-# --------------------------------------------------------------------------
-# Config -> objects
-# --------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """What the phases of one run share."""
+
+    cfg: ml_collections.ConfigDict
+    workdir: Path
+    tokenizer: Tokenizer
+    model_config: Any
+    loader_config: LoaderConfig
+    data_dir: str
+    trainer: Trainer
+    ckpt: CheckpointManager
+    resuming: bool
 
 
-# --------------------------------------------------------------------------
-# Loss and evaluation
-# --------------------------------------------------------------------------
-
-
-# --------------------------------------------------------------------------
-# Parameters in and out of a run directory
-# --------------------------------------------------------------------------
-
-
-# --------------------------------------------------------------------------
-# The run
-# --------------------------------------------------------------------------
 def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
     """Trains as ``cfg`` says, in ``workdir``; returns the final metrics and scores."""
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
+    run = _setup(cfg, workdir)
+    state, iterator = _resume(run)
+    results: dict[str, Any] = {
+        "trainable": run.trainer.summary,
+        "frozen_base": run.trainer.frozen_info,
+    }
+    state = _train(run, state, iterator, results)
+    _finish(run, state, results)
+    return results
+
+
+# --------------------------------------------------------------------------
+# Setup and resume
+# --------------------------------------------------------------------------
+def _example_batch(
+    cfg: ml_collections.ConfigDict, tokenizer: Tokenizer, lcfg: LoaderConfig, data_dir: str
+) -> dict[str, Any]:
+    """A zero batch of one row shaped like the loader's: what the model is initialized with."""
+    one_row = dataclasses.replace(lcfg, batch_size=1, read_threads=0)
+    batch = next(iter(make_loader(cfg.data.tasks, "train", tokenizer, one_row, data_dir=data_dir)))
+    return jax.tree_util.tree_map(lambda x: jnp.zeros((1, *x.shape[1:]), x.dtype), batch)
+
+
+def _setup(cfg: ml_collections.ConfigDict, workdir: Path) -> _Run:
+    """The tokenizer, the trainer and the checkpoint manager of the run."""
     tokenizer = load_or_train_tokenizer(cfg, workdir)
     mcfg = model_config(cfg, tokenizer)
-    model = build_model(mcfg)
     mesh = make_mesh(data=cfg.mesh.data, fsdp=cfg.mesh.fsdp, tensor=cfg.mesh.tensor)
     data_dir = data_directory(cfg)
-
     lcfg = loader_config(cfg, encoder_decoder=mcfg.is_encoder_decoder)
-    example = jax.tree_util.tree_map(
-        lambda x: jnp.zeros((1, *x.shape[1:]), x.dtype),
-        next(
-            iter(
-                make_loader(
-                    cfg.data.tasks,
-                    "train",
-                    tokenizer,
-                    dataclasses.replace(lcfg, batch_size=1, read_threads=0),
-                    data_dir=data_dir,
-                )
-            )
-        ),
+    spec = trainer_spec(
+        mcfg,
+        optimizer=optimizer_config(cfg),
+        mesh=mesh,
+        example_batch=_example_batch(cfg, tokenizer, lcfg, data_dir),
+        policy=cfg.policy,
+        selective=selective_config(cfg),
+        base_quant=base_quant_config(cfg),
+        frozen_in_compute_dtype=cfg.quant.frozen_in_compute_dtype,
+        seed=cfg.seed,
+        label_smoothing=cfg.train.label_smoothing,
+        z_loss=cfg.train.z_loss,
     )
-    args, kw = model_inputs(mcfg, example)
-    init_params = lambda rng: model.init(rng, *args, **kw)["params"]
-    init_rng, state_rng = jax.random.split(jax.random.PRNGKey(cfg.seed))
-    abstract = nn.meta.unbox(jax.eval_shape(init_params, init_rng))
-    rules = peft_lib.trainability_rules(abstract, mcfg.peft, selective_config(cfg))
-    labels = label_params(abstract, rules)
-    # Decided before any array exists, so a quantized base under full
-    # fine-tuning fails in seconds.
-    base_plan = plan_frozen_base(
-        abstract,
-        labels,
-        logical_axes_by_path(jax.eval_shape(init_params, init_rng)),
-        base_quant_config(cfg),
-    )
-    summary = peft_lib.trainable_summary(abstract, labels)
-    logger.info("trainable parameters:\n%s", peft_lib.format_summary(summary))
-    opt_cfg = optimizer_config(cfg)
-    tx = make_optimizer(opt_cfg, labels)
-    policy = get_policy(cfg.policy)
     ckpt = CheckpointManager(
         workdir,
         save_interval_steps=cfg.train.checkpoint_every,
@@ -160,75 +148,51 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path) -> d
     )
     resuming = ckpt.latest_step() is not None
     # A new run from a finished one starts from its params (float, before the
-    # base is quantized); a resumed run restores its own state below instead.
+    # base is quantized); a resumed run restores its own state instead.
     init_values = None
     if not resuming and cfg.init_from:
         init_values = traverse_util.flatten_dict(
             load_params(Path(cfg.init_from), tokenizer), sep="/"
         )
-    if not resuming and peft_lib.needs_initialize(mcfg.peft):
-        # PiSSA and prompts from tokens are computed from the base parameters
-        # (init_from's, else the draws): made here, they replace all the draws.
-        params = replace_params(jax.jit(init_params)(init_rng), init_values or {})
-        init_values = traverse_util.flatten_dict(peft_lib.initialize(params, mcfg.peft), sep="/")
-    state, shardings = sharded_train_state(
-        init_params,
-        init_rng,
-        labels,
-        tx,
-        mesh,
-        rng=state_rng,
-        loss_scale=make_loss_scale(policy.default_loss_scale),
-        init_values=init_values,
-    )
+    if not resuming:
+        # PiSSA and prompts from vocabulary tokens start from the base
+        # parameters (init_from's, else the draws).
+        init_values = spec.peft_initial_values(init_values)
+    trainer = spec.build(init_values)
     if not resuming and cfg.init_from:
         logger.info("initialized from %s", cfg.init_from)
-    summary["optimizer_state_bytes"] = count_optimizer_state_bytes(state.opt_state)
-    logger.info(
-        "optimizer state: %d bytes (trainable parameters only)", summary["optimizer_state_bytes"]
-    )
-    state, shardings, quant_report = apply_frozen_base(
-        state, shardings, base_plan, policy, cast=cfg.quant.frozen_in_compute_dtype
-    )
-    frozen_info = describe_frozen(state.frozen, base_plan, quant_report)
-    logger.info("frozen base: %s", frozen_info)
-    step_fn = jit_train_step(
-        make_train_step(
-            make_loss_fn(model, label_smoothing=cfg.train.label_smoothing, z_loss=cfg.train.z_loss),
-            tx,
-            schedule=make_schedule(opt_cfg),
-            grad_accum_steps=opt_cfg.grad_accum_steps,
-        ),
-        mesh,
-        shardings,
-    )
+    return _Run(cfg, workdir, tokenizer, mcfg, lcfg, data_dir, trainer, ckpt, resuming)
 
-    loader = make_loader(cfg.data.tasks, "train", tokenizer, lcfg, data_dir=data_dir)
-    data_state = None
-    if resuming:
-        state, data_state = ckpt.restore(state)
+
+def _resume(run: _Run) -> tuple[TrainState, Any]:
+    """The state to train from (restored if the run resumes) and the data iterator."""
+    cfg = run.cfg
+    loader = make_loader(
+        cfg.data.tasks, "train", run.tokenizer, run.loader_config, data_dir=run.data_dir
+    )
+    state, data_state = run.trainer.state, None
+    if run.resuming:
+        state, data_state = run.ckpt.restore(run.trainer.state)
+        # The fresh state only gave the restore its shapes and shardings; the
+        # trainer still refers to it, so free its buffers now rather than hold
+        # two train states for the whole run.
+        jax.tree.map(lambda x: x.delete(), run.trainer.state)
         logger.info("resumed from step %d", int(state.step))
-    iterator = loader.iterator(data_state.get("loader") if data_state else None)
+    return state, loader.iterator(data_state.get("loader") if data_state else None)
 
-    def validation_batches() -> Iterator[dict[str, Any]]:
-        val = make_loader(
-            cfg.data.tasks,
-            "validation",
-            tokenizer,
-            dataclasses.replace(lcfg, num_epochs=None, shuffle=False, read_threads=0),
-            data_dir=data_dir,
-        )
-        for i, batch in enumerate(val):
-            if i >= cfg.eval.num_batches:
-                return
-            yield shard_batch(batch, mesh)
 
-    results: dict[str, Any] = {"trainable": summary, "frozen_base": frozen_info}
-    tokens_per_batch = cfg.data.batch_size * (
-        cfg.data.targets_length + (cfg.data.inputs_length if mcfg.is_encoder_decoder else 0)
-    )
+# --------------------------------------------------------------------------
+# Training and evaluation
+# --------------------------------------------------------------------------
+def _train(run: _Run, state: TrainState, iterator: Any, results: dict[str, Any]) -> TrainState:
+    """Steps until ``train.num_steps``: logs, evaluates and checkpoints on the way."""
+    cfg, ckpt = run.cfg, run.ckpt
+    mcfg = run.model_config
+    target_tokens = cfg.data.targets_length
+    source_tokens = cfg.data.inputs_length if mcfg.is_encoder_decoder else 0
+    log_tokens = cfg.data.batch_size * (target_tokens + source_tokens) * cfg.train.log_every
     with (
-        MetricsWriter(workdir) as writer,
+        MetricsWriter(run.workdir) as writer,
         ProgressBar(cfg.train.num_steps, initial=int(state.step)) as bar,
     ):
         last = time.perf_counter()
@@ -237,80 +201,127 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path) -> d
         # is, the host prepares batch k+1 while the device computes step k; a
         # step more than ``MAX_STEPS_IN_FLIGHT`` behind is waited for, so the
         # host never runs far ahead (logging steps wait for their metrics anyway).
-        step = int(state.step)
+        first = step = int(state.step)
         in_flight: collections.deque[jax.Array] = collections.deque()
-        step_compiled = False
         while step < cfg.train.num_steps:
-            batch = shard_batch(next(iterator), mesh)
-            if not step_compiled:
-                # Compiled ahead of the first call (which then reuses it) for
-                # XLA's memory figures of the step this run executes.
-                step_compiled = True
-                memory = StepMemory.from_compiled(step_fn.compile(state, batch), batch)
-                if memory is not None:
-                    results["xla_step_memory"] = memory.to_dict()
-                    logger.info("train step (XLA): %.1f MiB per device", memory.peak_bytes / 2**20)
-            state, metrics = step_fn(state, batch)
+            batch = shard_batch(next(iterator), run.trainer.mesh)
+            if step == first:
+                _record_step_memory(run, state, batch, results)
+            state, metrics = run.trainer.step(state, batch)
             step += 1
             in_flight.append(metrics["loss"])
             if len(in_flight) > MAX_STEPS_IN_FLIGHT:
                 in_flight.popleft().block_until_ready()
-            if step % cfg.train.log_every == 0 or step == cfg.train.num_steps:
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                now = time.perf_counter()
-                metrics["tokens_per_s"] = tokens_per_batch * cfg.train.log_every / (now - last)
-                last = now
-                writer.write_scalars(step, {f"train/{k}": v for k, v in metrics.items()})
-                bar.update(step, {"loss": metrics["loss"]})
+            final = step == cfg.train.num_steps
+            if step % cfg.train.log_every == 0 or final:
+                last = _log_train_metrics(writer, bar, step, metrics, log_tokens, last)
             else:
                 bar.update(step)
             eval_metrics = None
-            if step % cfg.train.eval_every == 0 or step == cfg.train.num_steps:
-                with mesh_context(mesh):
-                    val = eval_loss(
-                        model, merge_params(state.trainable, state.frozen), validation_batches()
-                    )
-                eval_metrics = {f"eval/{k}": v for k, v in val.items()}
-                if cfg.eval.generate_during_training and cfg.eval.generate_examples:
-                    # Generation scores on the validation split, e.g.
-                    # "eval/bundled/sentiment/accuracy": usable as best_metric.
-                    with mesh_context(mesh):
-                        scores = generation_scores(
-                            model,
-                            merge_params(state.trainable, state.frozen),
-                            tokenizer,
-                            cfg,
-                            split="validation",
-                            limit=cfg.eval.generate_examples,
-                        )
-                    eval_metrics.update(
-                        {
-                            f"eval/{task}/{name}": value
-                            for task, row in scores.items()
-                            for name, value in row.items()
-                            if name != "num_examples"
-                        }
-                    )
-                writer.write_scalars(step, eval_metrics)
-                results["eval"] = val
+            if step % cfg.train.eval_every == 0 or final:
+                eval_metrics = _evaluate(run, state, step, writer, results)
             ckpt.save(
                 state,
                 metrics=eval_metrics,
                 data_state=lambda: {"loader": iterator.get_state()},
-                force=step == cfg.train.num_steps,
+                force=final,
                 step=step,
             )
     ckpt.wait_until_finished()
     ckpt.close()
+    return state
 
-    params = jax.device_get(merge_params(state.trainable, dequantize_frozen(state.frozen)))
-    save_params(workdir, params, mcfg, tokenizer, frozen_base=frozen_info)
-    if cfg.eval.generate_examples:
+
+def _record_step_memory(run: _Run, state: TrainState, batch: Any, results: dict[str, Any]) -> None:
+    """XLA's memory figures of the step this run executes, into ``results``.
+
+    The step is compiled ahead of its first call, which then reuses the
+    executable.
+    """
+    memory = StepMemory.from_compiled(run.trainer.step.compile(state, batch), batch)
+    if memory is not None:
+        results["xla_step_memory"] = memory.to_dict()
+        logger.info("train step (XLA): %.1f MiB per device", memory.peak_bytes / 2**20)
+
+
+def _log_train_metrics(
+    writer: MetricsWriter,
+    bar: ProgressBar,
+    step: int,
+    metrics: dict[str, jax.Array],
+    tokens: int,
+    last: float,
+) -> float:
+    """Writes the step's metrics with the tokens/s since ``last``; returns now."""
+    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    now = time.perf_counter()
+    values["tokens_per_s"] = tokens / (now - last)
+    writer.write_scalars(step, {f"train/{k}": v for k, v in values.items()})
+    bar.update(step, {"loss": values["loss"]})
+    return now
+
+
+def _validation_batches(run: _Run) -> Iterator[dict[str, Any]]:
+    """The first ``eval.num_batches`` validation batches, in order, on the mesh."""
+    cfg = run.cfg
+    lcfg = dataclasses.replace(run.loader_config, num_epochs=None, shuffle=False, read_threads=0)
+    val = make_loader(cfg.data.tasks, "validation", run.tokenizer, lcfg, data_dir=run.data_dir)
+    for i, batch in enumerate(val):
+        if i >= cfg.eval.num_batches:
+            return
+        yield shard_batch(batch, run.trainer.mesh)
+
+
+def _evaluate(
+    run: _Run, state: TrainState, step: int, writer: MetricsWriter, results: dict[str, Any]
+) -> dict[str, float]:
+    """Validation loss (and generation scores if asked), written and returned as eval/*."""
+    cfg, model, mesh = run.cfg, run.trainer.model, run.trainer.mesh
+    params = merge_params(state.trainable, state.frozen)
+    with mesh_context(mesh):
+        val = eval_loss(model, params, _validation_batches(run))
+    eval_metrics = {f"eval/{k}": v for k, v in val.items()}
+    if cfg.eval.generate_during_training and cfg.eval.generate_examples:
+        # Generation scores on the validation split, e.g.
+        # "eval/bundled/sentiment/accuracy": usable as best_metric.
         with mesh_context(mesh):
             scores = generation_scores(
                 model,
                 params,
-                tokenizer,
+                run.tokenizer,
+                cfg,
+                split="validation",
+                limit=cfg.eval.generate_examples,
+            )
+        eval_metrics.update(
+            {
+                f"eval/{task}/{name}": value
+                for task, row in scores.items()
+                for name, value in row.items()
+                if name != "num_examples"
+            }
+        )
+    writer.write_scalars(step, eval_metrics)
+    results["eval"] = val
+    return eval_metrics
+
+
+# --------------------------------------------------------------------------
+# The end of the run
+# --------------------------------------------------------------------------
+def _finish(run: _Run, state: TrainState, results: dict[str, Any]) -> None:
+    """Final params, test-split generation scores, loss curve and ``results.json``."""
+    cfg, workdir = run.cfg, run.workdir
+    params = jax.device_get(merge_params(state.trainable, dequantize_frozen(state.frozen)))
+    save_params(
+        workdir, params, run.model_config, run.tokenizer, frozen_base=run.trainer.frozen_info
+    )
+    if cfg.eval.generate_examples:
+        with mesh_context(run.trainer.mesh):
+            scores = generation_scores(
+                run.trainer.model,
+                params,
+                run.tokenizer,
                 cfg,
                 split=cfg.eval.split,
                 limit=cfg.eval.generate_examples,
@@ -319,4 +330,3 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path) -> d
         results["scores"] = scores
     plot_curves(workdir / "metrics.jsonl", workdir / "loss.png", train_key="train/loss")
     (workdir / "results.json").write_text(json.dumps(results, indent=2, default=float))
-    return results

@@ -30,6 +30,13 @@ weights, which is not.) Without ``weight_key`` in ``aux`` every microbatch has
 weight 1. ``aux`` scalars are combined with the same weights; ``weight_key``
 itself is summed. Microbatch gradients are accumulated in float32.
 
+One code path serves every ``k``: each microbatch's gradient comes with its
+token-weighted sums (loss, weight, aux), and ``k`` of them are combined in a
+scan. ``k = 1`` is the batch as its own single microbatch, taken as it is:
+no scan, the step's own dropout key, and the gradient not weighted and
+divided again (which could move its last bit), so the plain step is exactly
+the gradient of the batch's loss.
+
 Non-finite gradients (after unscaling; detected through their global norm)
 skip the update: trainable params and optimizer state keep their old values,
 the loss scale backs off, ``step`` still advances (the batch was consumed)
@@ -39,7 +46,7 @@ and ``skipped_steps`` counts it.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -89,6 +96,116 @@ def _microbatch(micro: PyTree, i: jax.Array) -> PyTree:
     return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, 1, keepdims=False), micro)
 
 
+class _Sums(NamedTuple):
+    """Token-weighted sums over the microbatches: ``sum n_i * loss_i``, ``sum n_i``, aux."""
+
+    loss: jax.Array
+    weight: jax.Array
+    aux: dict[str, jax.Array]
+
+
+GradFn = Callable[[PyTree, PyTree, jax.Array], tuple[PyTree, _Sums]]
+
+
+def _weighted_grad_fn(loss_fn: LossFn, frozen: PyTree, loss_scale: Any, weight_key: str) -> GradFn:
+    """``(trainable, microbatch, rng) -> (scaled grads, this microbatch's _Sums)``."""
+
+    def scaled_loss(trainable, microbatch, rng):
+        loss, aux = loss_fn(merge_params(trainable, frozen), microbatch, rng)
+        if not isinstance(aux, dict):
+            raise TypeError(
+                f"loss_fn must return (loss, dict_of_scalars), got aux of type {type(aux)}."
+            )
+        loss = loss.astype(jnp.float32)
+        weight = jnp.asarray(aux.get(weight_key, 1.0), jnp.float32)
+        return loss_scale.scale(loss), (loss, weight, aux)
+
+    def grad_fn(trainable, microbatch, rng):
+        (_, (loss, weight, aux)), grads = jax.value_and_grad(scaled_loss, has_aux=True)(
+            trainable, microbatch, rng
+        )
+        aux = {k: jnp.asarray(v, jnp.float32) * weight for k, v in aux.items()}
+        return grads, _Sums(loss * weight, weight, aux)
+
+    return grad_fn
+
+
+def _gradients(
+    grad_fn: GradFn, trainable: PyTree, batch: PyTree, rng: jax.Array, k: int
+) -> tuple[PyTree, _Sums]:
+    """The (scaled) gradient of the token-mean loss over ``batch``, in ``k`` microbatches.
+
+    One microbatch is the batch itself, with the step's key: its gradient is
+    the answer as it comes, so no scan, no float32 round trip and no
+    multiply-then-divide by its weight perturbs the plain step's bits.
+    """
+    if k == 1:
+        return grad_fn(trainable, batch, rng)
+    micro = split_microbatches(batch, k)
+
+    def body(carry, i):
+        grads_acc, sums_acc = carry
+        grads, sums = grad_fn(trainable, _microbatch(micro, i), jax.random.fold_in(rng, i))
+        # Weight the gradient, not the loss: the loss scale then means the
+        # same with and without accumulation (a token count of thousands
+        # would otherwise multiply into it), and the multiply fuses into the
+        # accumulating add.
+        grads_acc = jax.tree.map(
+            lambda a, g: a + sums.weight * g.astype(jnp.float32), grads_acc, grads
+        )
+        return (grads_acc, jax.tree.map(jnp.add, sums_acc, sums)), None
+
+    # The aux structure is only known after tracing loss_fn once.
+    sums_shape = jax.eval_shape(lambda: grad_fn(trainable, _microbatch(micro, 0), rng)[1])
+    init = (
+        # Accumulate in float32 whatever the parameters' dtype.
+        jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), trainable),
+        jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), sums_shape),
+    )
+    (grads, sums), _ = jax.lax.scan(body, init, jnp.arange(k))
+    # Token-weighted float32 sums -> the weighted mean, in the parameters' dtype.
+    grads = jax.tree.map(lambda g, p: (g / sums.weight).astype(p.dtype), grads, trainable)
+    return grads, sums
+
+
+def _apply_or_skip(
+    optimizer: optax.GradientTransformation, state: TrainState, grads: PyTree, finite: jax.Array
+) -> tuple[PyTree, PyTree, jax.Array]:
+    """``(trainable, opt_state, update_norm)`` after the update, or unchanged if not ``finite``.
+
+    A conditional rather than a select over the trees: a select reads and
+    writes every parameter and optimizer moment once more per step (a tenth
+    of a t5-small step on CPU); the skip branch costs nothing.
+    """
+
+    def apply(_):
+        updates, new_opt_state = optimizer.update(grads, state.opt_state, state.trainable)
+        new_trainable = optax.apply_updates(state.trainable, updates)
+        # float32 like the skip branch's zero, whatever the parameters' dtype
+        # (bf16 parameters give a bf16 norm, and cond needs equal types).
+        return new_trainable, new_opt_state, optax.tree.norm(updates).astype(jnp.float32)
+
+    def skip(_):
+        return state.trainable, state.opt_state, jnp.zeros((), jnp.float32)
+
+    return jax.lax.cond(finite, apply, skip, None)
+
+
+def _mean_metrics(sums: _Sums, weight_key: str) -> dict[str, jax.Array]:
+    """``loss``, ``perplexity`` and the aux entries as token-weighted means."""
+    metrics = {k: v / sums.weight for k, v in sums.aux.items()}
+    if weight_key in sums.aux:
+        metrics[weight_key] = sums.weight
+    loss = sums.loss / sums.weight
+    # Perplexity is exp(token-mean NLL). The objective may include label
+    # smoothing or z-loss, so a loss_fn that reports the plain NLL as
+    # aux["nll"] gets the exact value; otherwise exp(loss) is reported.
+    nll = metrics.get("nll", loss)
+    # clipped: exp(80) fits float32
+    metrics.update(loss=loss, perplexity=jnp.exp(jnp.minimum(nll, 80.0)))
+    return metrics
+
+
 def make_train_step(
     loss_fn: LossFn,
     optimizer: optax.GradientTransformation,
@@ -119,113 +236,29 @@ def make_train_step(
     def step(state: TrainState, batch: PyTree) -> tuple[TrainState, dict[str, jax.Array]]:
         step_rng = jax.random.fold_in(state.rng, state.step)
         frozen = jax.lax.stop_gradient(state.frozen)
-        loss_scale = state.loss_scale
-
-        def scaled_loss(trainable, microbatch, rng):
-            loss, aux = loss_fn(merge_params(trainable, frozen), microbatch, rng)
-            if not isinstance(aux, dict):
-                raise TypeError(
-                    f"loss_fn must return (loss, dict_of_scalars), got aux of type {type(aux)}."
-                )
-            loss = loss.astype(jnp.float32)
-            weight = jnp.asarray(aux.get(weight_key, 1.0), jnp.float32)
-            return loss_scale.scale(loss), (loss, weight, aux)
-
-        grad_fn = jax.value_and_grad(scaled_loss, has_aux=True)
-
-        if grad_accum_steps == 1:
-            (_, (loss, weight, aux)), grads = grad_fn(state.trainable, batch, step_rng)
-            weight_sum = weight
-            loss_sum = loss * weight
-            aux_sums = {k: jnp.asarray(v, jnp.float32) * weight for k, v in aux.items()}
-        else:
-            micro = split_microbatches(batch, grad_accum_steps)
-
-            def body(carry, inputs):
-                grads_acc, loss_acc, weight_acc, aux_acc = carry
-                i = inputs
-                microbatch = _microbatch(micro, i)
-                (_, (loss, weight, aux)), grads = grad_fn(
-                    state.trainable, microbatch, jax.random.fold_in(step_rng, i)
-                )
-                aux = {k: jnp.asarray(v, jnp.float32) * weight for k, v in aux.items()}
-                # Weight the gradient, not the loss: the loss scale then means
-                # the same with and without accumulation (a token count of
-                # thousands would otherwise multiply into it), and the
-                # multiply fuses into the accumulating add.
-                return (
-                    jax.tree.map(lambda a, g: a + weight * g.astype(jnp.float32), grads_acc, grads),
-                    loss_acc + loss * weight,
-                    weight_acc + weight,
-                    jax.tree.map(jnp.add, aux_acc, aux),
-                ), None
-
-            # The aux structure is only known after tracing loss_fn once.
-            aux_shape = jax.eval_shape(
-                lambda: grad_fn(state.trainable, _microbatch(micro, 0), step_rng)[0][1][2]
-            )
-            zeros = lambda t: jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), t)
-            init = (
-                # Accumulate in float32 whatever the parameters' dtype.
-                jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.trainable),
-                jnp.zeros((), jnp.float32),
-                jnp.zeros((), jnp.float32),
-                zeros(aux_shape),
-            )
-            (grads, loss_sum, weight_sum, aux_sums), _ = jax.lax.scan(
-                body, init, jnp.arange(grad_accum_steps)
-            )
-            grad_weight = weight_sum
-
-        if grad_accum_steps > 1:  # token-weighted float32 sums -> the weighted mean
-            grads = jax.tree.map(
-                lambda g, p: (g / grad_weight).astype(p.dtype), grads, state.trainable
-            )
-        grads = loss_scale.unscale(grads)
+        grad_fn = _weighted_grad_fn(loss_fn, frozen, state.loss_scale, weight_key)
+        grads, sums = _gradients(grad_fn, state.trainable, batch, step_rng, grad_accum_steps)
+        grads = state.loss_scale.unscale(grads)
         # One read of the gradients gives both the reported norm and the skip
         # decision: a NaN or inf anywhere makes the float32 sum of squares
         # non-finite (as does a norm past ~1.8e19, no usable update either).
         # A separate isfinite pass would read every gradient once more.
         grad_norm = global_norm_f32(grads)
         grads_finite = jnp.isfinite(grad_norm)
-
-        # A conditional rather than a select over the trees: a select reads and
-        # writes every parameter and optimizer moment once more per step (a
-        # tenth of a t5-small step on CPU); the skip branch costs nothing.
-        def apply(_):
-            updates, new_opt_state = optimizer.update(grads, state.opt_state, state.trainable)
-            new_trainable = optax.apply_updates(state.trainable, updates)
-            # float32 like the skip branch's zero, whatever the parameters' dtype
-            # (bf16 parameters give a bf16 norm, and cond needs equal types).
-            return new_trainable, new_opt_state, optax.tree.norm(updates).astype(jnp.float32)
-
-        def skip(_):
-            return state.trainable, state.opt_state, jnp.zeros((), jnp.float32)
-
-        trainable, opt_state, update_norm = jax.lax.cond(grads_finite, apply, skip, None)
+        trainable, opt_state, update_norm = _apply_or_skip(optimizer, state, grads, grads_finite)
         skipped = state.skipped_steps + (~grads_finite).astype(jnp.int32)
         new_state = state.replace(
             step=state.step + 1,
             trainable=trainable,
             opt_state=opt_state,
-            loss_scale=loss_scale.adjust(grads_finite),
+            loss_scale=state.loss_scale.adjust(grads_finite),
             skipped_steps=skipped,
         )
-
-        metrics = {k: v / weight_sum for k, v in aux_sums.items()}
-        if weight_key in aux_sums:
-            metrics[weight_key] = weight_sum
-        loss = loss_sum / weight_sum
-        # Perplexity is exp(token-mean NLL). The objective may include label
-        # smoothing or z-loss, so a loss_fn that reports the plain NLL as
-        # aux["nll"] gets the exact value; otherwise exp(loss) is reported.
-        nll = metrics.get("nll", loss)
+        metrics = _mean_metrics(sums, weight_key)
         metrics.update(
-            loss=loss,
-            perplexity=jnp.exp(jnp.minimum(nll, 80.0)),  # clipped: exp(80) fits float32
             grad_norm=grad_norm,
             update_norm=update_norm,
-            loss_scale=jnp.asarray(loss_scale.loss_scale, jnp.float32),
+            loss_scale=jnp.asarray(state.loss_scale.loss_scale, jnp.float32),
             grads_finite=grads_finite,
             skipped_steps=skipped,
         )

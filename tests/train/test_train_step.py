@@ -281,3 +281,31 @@ def test_large_finite_float16_gradients_are_not_skipped():
     assert bool(metrics["grads_finite"]) and int(metrics["skipped_steps"]) == 0
     assert float(metrics["grad_norm"]) == pytest.approx(600.0)
     np.testing.assert_allclose(np.asarray(new_state.trainable["w"], np.float32), -0.3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_k_identical_microbatches_step_exactly_like_one(k):
+    # Microbatch i is rows i::k; repeating every row k times makes all k of
+    # them the same 16-token batch. Equal power-of-two weights make the
+    # token-weighted mean exact, so accumulation must reproduce the plain
+    # step bit for bit: the gradient, the metrics and the update.
+    one = toy.batch_at(0, batch_size=4)
+    one["weights"] = np.zeros_like(one["weights"])
+    one["weights"][:, :4] = 1.0  # 16 tokens
+    repeated = {name: np.repeat(x, k, axis=0) for name, x in one.items()}
+    outputs = []
+    for steps, batch in ((1, one), (k, repeated)):
+        state, tx, schedule = _setup(rules=toy.RULES_ALL)
+        step = jax.jit(
+            make_train_step(
+                toy.deterministic_loss_fn, tx, schedule=schedule, grad_accum_steps=steps
+            )
+        )
+        for _ in range(3):
+            state, metrics = step(state, batch)
+        outputs.append(jax.device_get((state.trainable, state.opt_state, metrics)))
+    plain, accumulated = outputs
+    assert float(plain[2]["num_tokens"]) == 16 and float(accumulated[2]["num_tokens"]) == 16 * k
+    accumulated[2]["num_tokens"] = plain[2]["num_tokens"]
+    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(accumulated), strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -46,9 +46,13 @@ i.e. ~24 GB in all, six times the weights)::
     4000000000
 
 **Checking against XLA** (``check_against_xla``): the real train step of the
-same configuration (``make_train_step`` + ``jit_train_step``, the frozen
-base stored by ``apply_frozen_base``'s rules, on one device) is lowered on
-abstract arrays and compiled; nothing is materialized. Compared:
+same configuration, built by ``flaxtune.train.trainer.trainer_spec`` as the
+training loop builds it (trainability rules, optimizer, the frozen base
+stored as the plan says, the policy's loss scaler), is lowered on the
+abstract train state (``TrainerSpec.abstract_state``) on one device and
+compiled; nothing is materialized. Its optimizer is the named one with a
+learning rate of 1e-3, weight decay 0.01 and clipping at norm 1; the step
+leaves the learning-rate metric out. Compared:
 
 * planned weights + optimizer state  vs  XLA's argument bytes minus the
   batch's bytes (the arguments are exactly the train state and the batch;
@@ -66,11 +70,17 @@ A training run's own compiled step can stand in for the compiled one
 figures are then those of the step that actually ran, with the run's
 optimizer settings and batch layout.
 
+The methods are the recipes of ``flaxtune.peft.registry.RECIPES`` (``full``,
+``bitfit``, ``lora``, ``qlora``, ``houlsby``, ...) with the planner's LoRA
+options: targets and rank as given, alpha = 2 * rank (the shapes are what
+count); a recipe's quantized base is QLoRA's (nf4, double quantization,
+groups of 64).
+
 Command line (prints the table, the XLA check unless ``--no-check``, or one
 JSON object with ``--json``)::
 
-    python -m flaxtune.quant.memory --preset t5-base --peft lora --policy mixed_bf16
-    python -m flaxtune.quant.memory --preset t5-small --peft qlora --batch 8 --lengths 128 32
+    python -m flaxtune.train.memory --preset t5-base --peft lora --policy mixed_bf16
+    python -m flaxtune.train.memory --preset t5-small --peft qlora --batch 8 --lengths 128 32
 """
 
 from __future__ import annotations
@@ -80,28 +90,38 @@ import dataclasses
 import json
 import math
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from flaxtune.peft.config import PeftConfig
+from flaxtune.peft.registry import RECIPES
+from flaxtune.peft.selective import SelectiveConfig
 from flaxtune.quant.policy import Policy, get_policy
-
-if TYPE_CHECKING:
-    from flaxtune.train.step_memory import StepMemory
+from flaxtune.train.frozen_base import BaseQuantConfig
+from flaxtune.train.mesh import make_mesh, mesh_context
+from flaxtune.train.optimizer import OptimizerConfig
+from flaxtune.train.partition import merge_params
+from flaxtune.train.step_memory import StepMemory
+from flaxtune.train.trainer import TrainerSpec, recipe_base_quant, trainer_spec
+from flaxtune.transformer import get_config
 
 __all__ = [
     "METHODS",
     "MemoryPlan",
     "XlaCheck",
     "check_against_xla",
+    "peft_for",
     "plan",
     "textbook_full_training",
 ]
 
-METHODS = ("full", "lora", "qlora", "dora", "houlsby", "pfeiffer", "ia3", "prompt_tuning")
+METHODS = tuple(RECIPES)
 OPTIMIZERS = ("adamw", "sgd", "adafactor")
 GB = 1e9
 
@@ -116,32 +136,21 @@ def textbook_full_training(num_params: int) -> dict[str, int]:
     }
 
 
-def peft_for(method: str, *, lora_targets: str = "qv", rank: int = 8):
-    """``(PeftConfig | None, BaseQuantConfig | None)`` for a method name."""
-    from flaxtune import peft as peft_lib
-    from flaxtune.train.frozen_base import BaseQuantConfig
+def peft_for(
+    method: str, *, lora_targets: str = "qv", rank: int = 8
+) -> tuple[PeftConfig | None, BaseQuantConfig | None, SelectiveConfig]:
+    """``(PeftConfig | None, BaseQuantConfig | None, SelectiveConfig)`` of a recipe name.
 
+    LoRA-based recipes get ``lora_targets``, ``rank`` and alpha = 2 * rank;
+    every other option is the method's default.
+    """
     if method not in METHODS:
         raise ValueError(f"Unknown method {method!r}; use one of {list(METHODS)}.")
-    lora = lambda dora=False: peft_lib.PeftConfig(
-        lora=peft_lib.LoraConfig(targets=lora_targets, rank=rank, alpha=2.0 * rank, use_dora=dora)
-    )
-    table = {
-        "full": (None, None),
-        "lora": (lora(), None),
-        "qlora": (lora(), BaseQuantConfig(qtype="nf4", group_size=64, double_quant=True)),
-        "dora": (lora(dora=True), None),
-        "houlsby": (peft_lib.PeftConfig(adapters=peft_lib.AdapterConfig(kind="houlsby")), None),
-        "pfeiffer": (peft_lib.PeftConfig(adapters=peft_lib.AdapterConfig(kind="pfeiffer")), None),
-        "ia3": (peft_lib.PeftConfig(ia3=peft_lib.IA3Config()), None),
-        "prompt_tuning": (
-            peft_lib.PeftConfig(
-                prompt_tuning=peft_lib.PromptTuningConfig(num_virtual_tokens=20, init="random")
-            ),
-            None,
-        ),
-    }
-    return table[method]
+    recipe = RECIPES[method]
+    options = {}
+    if recipe.method == "lora":
+        options = {"targets": lora_targets, "rank": rank, "alpha": 2.0 * rank}
+    return recipe.peft_config(**options), recipe_base_quant(recipe), recipe.selective
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,9 +210,7 @@ class MemoryPlan:
 # --------------------------------------------------------------------------
 # The model, its parameters and their labels (shapes only)
 # --------------------------------------------------------------------------
-def _model_config(config, peft, policy: Policy):
-    from flaxtune.transformer import get_config
-
+def _model_config(config: Any, peft: PeftConfig | None, policy: Policy) -> Any:
     if isinstance(config, str):
         config = get_config(config)
     changes = {"dtype": policy.compute_dtype, "param_dtype": policy.param_dtype}
@@ -212,26 +219,36 @@ def _model_config(config, peft, policy: Policy):
     return dataclasses.replace(config, **changes)
 
 
-def _abstract_params(mcfg):
-    """``(model, init_fn, boxed abstract params)`` for ``mcfg``."""
-    from flaxtune.transformer import build_model
-
-    model = build_model(mcfg)
-    x = jnp.zeros((1, 4), jnp.int32)
-    args = (x, x) if mcfg.is_encoder_decoder else (x,)
-    init = lambda rng: model.init(rng, *args)["params"]
-    return model, init, jax.eval_shape(init, jax.random.PRNGKey(0))
-
-
-def _labels_and_base(mcfg, boxed, quant, selective, frozen_in_compute_dtype):
-    from flaxtune import peft as peft_lib
-    from flaxtune.train.frozen_base import logical_axes_by_path, plan_frozen_base
-    from flaxtune.train.partition import label_params
-
-    abstract = nn.meta.unbox(boxed)
-    labels = label_params(abstract, peft_lib.trainability_rules(abstract, mcfg.peft, selective))
-    base = plan_frozen_base(abstract, labels, logical_axes_by_path(boxed), quant)
-    return abstract, labels, base
+def _spec(
+    config: Any,
+    peft: PeftConfig | None,
+    policy: Policy,
+    optimizer: str,
+    quant: BaseQuantConfig | None,
+    selective: SelectiveConfig | None,
+    frozen_in_compute_dtype: bool,
+) -> TrainerSpec:
+    """The train step the plan describes and the check compiles, on one device."""
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"Unknown optimizer {optimizer!r}; use one of {list(OPTIMIZERS)}.")
+    mcfg = _model_config(config, peft, policy)
+    tokens = np.zeros((1, 4), np.int32)  # only shapes matter: the init is traced
+    example = {"decoder_input_tokens": tokens}
+    if mcfg.is_encoder_decoder:
+        example["encoder_input_tokens"] = tokens
+    return trainer_spec(
+        mcfg,
+        optimizer=OptimizerConfig(
+            name=optimizer, learning_rate=1e-3, weight_decay=0.01, clip_global_norm=1.0
+        ),
+        mesh=make_mesh(devices=jax.devices()[:1]),
+        example_batch=example,
+        policy=policy,
+        selective=selective,
+        base_quant=quant,
+        frozen_in_compute_dtype=frozen_in_compute_dtype,
+        report_learning_rate=False,
+    )
 
 
 def _quantized_bytes(shape: tuple[int, ...], spec) -> dict[str, int]:
@@ -307,14 +324,14 @@ def _batch_bytes(mcfg, batch: int, src: int, tgt: int) -> int:
 
 def plan(
     config: Any,
-    peft: Any = None,
+    peft: PeftConfig | None = None,
     policy: str | Policy = "fp32",
     optimizer: str = "adamw",
     batch: int = 8,
     lengths: tuple[int, int] = (128, 32),
     *,
-    quant: Any = None,
-    selective: Any = None,
+    quant: BaseQuantConfig | None = None,
+    selective: SelectiveConfig | None = None,
     frozen_in_compute_dtype: bool = True,
 ) -> MemoryPlan:
     """Plans the memory of one train step.
@@ -327,23 +344,20 @@ def plan(
       batch: sequences per step.
       lengths: ``(source, target)`` lengths; decoder-only models read ``target``.
       quant: a ``BaseQuantConfig`` for the frozen base (QLoRA), or None.
-      selective: a ``SelectiveConfig`` (original parameters that train too), or None.
+      selective: original parameters that train besides the PEFT ones.
       frozen_in_compute_dtype: store frozen float parameters in the compute dtype.
     """
     policy = get_policy(policy)
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"Unknown optimizer {optimizer!r}; use one of {list(OPTIMIZERS)}.")
-    src, tgt = lengths
-    mcfg = _model_config(config, peft, policy)
-    _, _, boxed = _abstract_params(mcfg)
-    abstract, labels, base = _labels_and_base(
-        mcfg, boxed, quant, selective, frozen_in_compute_dtype
-    )
-    from flax import traverse_util
+    spec = _spec(config, peft, policy, optimizer, quant, selective, frozen_in_compute_dtype)
+    return _plan(spec, optimizer, batch, lengths)
 
-    flat = traverse_util.flatten_dict(abstract, sep="/")
-    flat_labels = traverse_util.flatten_dict(labels, sep="/")
-    frozen_dtype = policy.compute_dtype if frozen_in_compute_dtype else policy.param_dtype
+
+def _plan(spec: TrainerSpec, optimizer: str, batch: int, lengths: tuple[int, int]) -> MemoryPlan:
+    src, tgt = lengths
+    mcfg, policy, base = spec.model_config, spec.policy, spec.frozen_base
+    flat = traverse_util.flatten_dict(spec.abstract_params, sep="/")
+    flat_labels = traverse_util.flatten_dict(spec.labels, sep="/")
+    frozen_dtype = policy.compute_dtype if spec.frozen_in_compute_dtype else policy.param_dtype
     weights: dict[str, int] = {}
 
     def add(dtype: str, n: int) -> None:
@@ -361,8 +375,8 @@ def plan(
             add(jnp.dtype(frozen_dtype).name, n * jnp.dtype(frozen_dtype).itemsize)
     gradients = sum(math.prod(v.shape) * jnp.dtype(v.dtype).itemsize for v in trainable.values())
     groups = len({flat_labels[p] for p in trainable})
-    method = "full" if mcfg.peft is None and not (selective and selective.active) else "peft"
-    quant_text = f", {quant.qtype} base" if quant is not None else ""
+    method = "peft" if base.frozen_paths else "full"  # anything frozen: PEFT or selective
+    quant_text = f", {base.quant.qtype} base" if base.quant is not None else ""
     return MemoryPlan(
         description=(
             f"{mcfg.d_model}-d model ({method}{quant_text}), policy {policy}, {optimizer}, "
@@ -440,93 +454,11 @@ class XlaCheck:
         return "\n".join(lines)
 
 
-def _sds(shape, dtype) -> jax.ShapeDtypeStruct:
+def _sds(shape: tuple[int, ...], dtype: Any) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype))
 
 
-def check_against_xla(
-    config: Any,
-    peft: Any = None,
-    policy: str | Policy = "fp32",
-    optimizer: str = "adamw",
-    batch: int = 8,
-    lengths: tuple[int, int] = (128, 32),
-    *,
-    quant: Any = None,
-    selective: Any = None,
-    frozen_in_compute_dtype: bool = True,
-    step_memory: StepMemory | None = None,
-) -> XlaCheck:
-    """Plans, then compiles the real train step on abstract arrays and compares.
-
-    Same arguments as :func:`plan`. The train state is built as the training
-    loop builds it (trainability rules, ``make_optimizer``, the frozen base
-    quantized by the plan's specs and cast to its storage dtype, the policy's
-    loss scaler) but from ``jax.ShapeDtypeStruct`` s, on one device.
-
-    ``step_memory``: XLA's figures of this configuration's train step if one
-    was compiled already, e.g. by the training run itself
-    (``train_and_evaluate`` records them as ``results["xla_step_memory"]``).
-    They are used as they are and the step is not compiled again; the
-    gradient function, which no run compiles, still is.
-    """
-    from flax import traverse_util
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
-
-    from flaxtune.quant.loss_scale import make_loss_scale
-    from flaxtune.train.losses import make_loss_fn
-    from flaxtune.train.mesh import jit_train_step, make_mesh, mesh_context
-    from flaxtune.train.optimizer import OptimizerConfig, make_optimizer
-    from flaxtune.train.partition import merge_params, split_params
-    from flaxtune.train.state import TrainState
-    from flaxtune.train.step import make_train_step
-    from flaxtune.train.step_memory import StepMemory
-
-    memory_plan = plan(
-        config,
-        peft,
-        policy,
-        optimizer,
-        batch,
-        lengths,
-        quant=quant,
-        selective=selective,
-        frozen_in_compute_dtype=frozen_in_compute_dtype,
-    )
-    policy = get_policy(policy)
-    mcfg = _model_config(config, peft, policy)
-    model, _, boxed = _abstract_params(mcfg)
-    abstract, labels, base = _labels_and_base(
-        mcfg, boxed, quant, selective, frozen_in_compute_dtype
-    )
-    trainable, frozen = split_params(abstract, labels)
-    frozen_dtype = policy.compute_dtype if frozen_in_compute_dtype else policy.param_dtype
-    flat_frozen = traverse_util.flatten_dict(frozen, sep="/")
-    frozen = traverse_util.unflatten_dict(
-        {
-            path: jax.eval_shape(base.specs[path].apply, leaf)
-            if path in base.specs
-            else _sds(leaf.shape, frozen_dtype)
-            for path, leaf in flat_frozen.items()
-        },
-        sep="/",
-    )
-    tx = make_optimizer(
-        OptimizerConfig(
-            name=optimizer, learning_rate=1e-3, weight_decay=0.01, clip_global_norm=1.0
-        ),
-        labels,
-    )
-    state = TrainState(
-        step=_sds((), jnp.int32),
-        trainable=trainable,
-        frozen=frozen,
-        opt_state=jax.eval_shape(tx.init, trainable),
-        rng=_sds((2,), jnp.uint32),
-        loss_scale=jax.eval_shape(lambda: make_loss_scale(policy.default_loss_scale)),
-        skipped_steps=_sds((), jnp.int32),
-    )
+def _abstract_batch(mcfg: Any, batch: int, lengths: tuple[int, int]) -> dict[str, Any]:
     src, tgt = lengths
     data = {
         "decoder_input_tokens": _sds((batch, tgt), jnp.int32),
@@ -535,34 +467,66 @@ def check_against_xla(
     }
     if mcfg.is_encoder_decoder:
         data["encoder_input_tokens"] = _sds((batch, src), jnp.int32)
+    return data
+
+
+def _gradient_output_bytes(spec: TrainerSpec, state: Any, data: dict[str, Any]) -> int:
+    """Output bytes of the compiled gradient of the loss w.r.t. the trainable subtree."""
+
+    def gradients(trainable, frozen, batch, rng):
+        return jax.grad(lambda t: spec.loss_fn(merge_params(t, frozen), batch, rng)[0])(trainable)
+
+    lowered = jax.jit(gradients).lower(state.trainable, state.frozen, data, state.rng)
+    return int(lowered.compile().memory_analysis().output_size_in_bytes)
+
+
+def check_against_xla(
+    config: Any,
+    peft: PeftConfig | None = None,
+    policy: str | Policy = "fp32",
+    optimizer: str = "adamw",
+    batch: int = 8,
+    lengths: tuple[int, int] = (128, 32),
+    *,
+    quant: BaseQuantConfig | None = None,
+    selective: SelectiveConfig | None = None,
+    frozen_in_compute_dtype: bool = True,
+    step_memory: StepMemory | None = None,
+) -> XlaCheck:
+    """Plans, then compiles the real train step on abstract arrays and compares.
+
+    Same arguments as :func:`plan`. The step and its state are the trainer's
+    (``trainer_spec``), as the training loop builds them, from
+    ``jax.ShapeDtypeStruct`` s on one device.
+
+    ``step_memory``: XLA's figures of this configuration's train step if one
+    was compiled already, e.g. by the training run itself
+    (``train_and_evaluate`` records them as ``results["xla_step_memory"]``).
+    They are used as they are and the step is not compiled again; the
+    gradient function, which no run compiles, still is.
+    """
+    policy = get_policy(policy)
+    spec = _spec(config, peft, policy, optimizer, quant, selective, frozen_in_compute_dtype)
+    memory_plan = _plan(spec, optimizer, batch, lengths)
+    state = spec.abstract_state()
+    data = _abstract_batch(spec.model_config, batch, lengths)
     batch_bytes = sum(math.prod(x.shape) * x.dtype.itemsize for x in data.values())
     if batch_bytes != memory_plan.batch:  # the plan's formula and the real batch must agree
         raise AssertionError(f"batch bytes: planned {memory_plan.batch}, real {batch_bytes}")
 
-    mesh = make_mesh(devices=jax.devices()[:1])
-    replicated = jax.tree.map(lambda _: NamedSharding(mesh, P()), state)
-    loss_fn = make_loss_fn(model)
-    step = jit_train_step(make_train_step(loss_fn, tx), mesh, replicated)
-
-    def gradients(trainable, frozen, batch, rng):
-        return jax.grad(lambda t: loss_fn(merge_params(t, frozen), batch, rng)[0])(trainable)
-
-    with mesh_context(mesh):
+    with mesh_context(spec.mesh):
         if step_memory is None:
-            step_memory = StepMemory.from_compiled(step.compile(state, data), data)
-        grad_memory = (
-            jax.jit(gradients)
-            .lower(state.trainable, state.frozen, data, state.rng)
-            .compile()
-            .memory_analysis()
-        )
+            replicated = jax.tree.map(lambda _: NamedSharding(spec.mesh, P()), state)
+            compiled = spec.jit_step(replicated).compile(state, data)
+            step_memory = StepMemory.from_compiled(compiled, data)
+        gradient_output_bytes = _gradient_output_bytes(spec, state, data)
     return XlaCheck(
         plan=memory_plan,
         argument_bytes=step_memory.argument_bytes,
         output_bytes=step_memory.output_bytes,
         alias_bytes=step_memory.alias_bytes,
         temp_bytes=step_memory.temp_bytes,
-        gradient_output_bytes=int(grad_memory.output_size_in_bytes),
+        gradient_output_bytes=gradient_output_bytes,
         batch_bytes=step_memory.batch_bytes,
     )
 
@@ -572,7 +536,7 @@ def check_against_xla(
 # --------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m flaxtune.quant.memory", description=__doc__.split("\n")[0]
+        prog="python -m flaxtune.train.memory", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--preset", default="t5-small", help="a flaxtune.transformer preset")
     parser.add_argument("--peft", default="full", choices=METHODS, help="fine-tuning method")
@@ -588,12 +552,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
 
-    from flaxtune.train.frozen_base import BaseQuantConfig
-    from flaxtune.transformer import get_config
-
     try:
         config = get_config(args.preset)
-        peft, quant = peft_for(args.peft, lora_targets=args.lora_targets, rank=args.lora_rank)
+        peft, quant, selective = peft_for(
+            args.peft, lora_targets=args.lora_targets, rank=args.lora_rank
+        )
         if args.quant:
             quant = BaseQuantConfig(qtype=args.quant, double_quant=args.peft == "qlora")
         kw = dict(
@@ -602,6 +565,7 @@ def main(argv: list[str] | None = None) -> int:
             batch=args.batch,
             lengths=tuple(args.lengths),
             quant=quant,
+            selective=selective,
         )
         if args.no_check:
             result: MemoryPlan | XlaCheck = plan(config, peft, **kw)

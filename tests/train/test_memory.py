@@ -6,14 +6,16 @@ import math
 
 import pytest
 
-from flaxtune.quant.memory import (
+from flaxtune.peft.registry import RECIPES
+from flaxtune.train.frozen_base import BaseQuantConfig
+from flaxtune.train.memory import (
+    METHODS,
     check_against_xla,
     main,
     peft_for,
     plan,
     textbook_full_training,
 )
-from flaxtune.train.frozen_base import BaseQuantConfig
 from flaxtune.train.step_memory import StepMemory
 from flaxtune.transformer import PUBLISHED_PARAMETER_COUNTS, get_config
 from tests.xla_compiles import backend_compiles
@@ -39,7 +41,7 @@ def test_full_fp32_adamw_is_16_bytes_per_parameter_before_activations():
 
 def test_peft_and_quantization_change_the_lines_they_should():
     full = plan("t5-small", None, "mixed_bf16", batch=1, lengths=(8, 8))
-    lora_peft, _ = peft_for("lora")
+    lora_peft, _, _ = peft_for("lora")
     lora = plan("t5-small", lora_peft, "mixed_bf16", batch=1, lengths=(8, 8))
     qlora = plan(
         "t5-small", lora_peft, "mixed_bf16", batch=1, lengths=(8, 8),
@@ -83,6 +85,7 @@ def test_activations_follow_the_documented_formula():
 
 CASES = [
     ("tiny-t5", "full"),
+    ("tiny-t5", "bitfit"),
     ("tiny-t5", "lora"),
     ("tiny-t5", "qlora"),
     ("tiny-llama", "qlora"),
@@ -96,10 +99,11 @@ CASES = [
 
 @pytest.mark.parametrize("preset, method", CASES)
 def test_planner_within_15_percent_of_xla(preset, method):
-    peft, quant = peft_for(method)
+    peft, quant, selective = peft_for(method)
     check = check_against_xla(
-        preset, peft, "mixed_bf16", "adamw", batch=2, lengths=(16, 8), quant=quant
-    )
+        preset, peft, "mixed_bf16", "adamw", batch=2, lengths=(16, 8), quant=quant,
+        selective=selective,
+    )  # fmt: skip
     planned, xla, ratio = check.comparisons["weights + gradients + optimizer state"]
     assert abs(ratio - 1) < 0.15, (planned, xla)
     # Each part corresponds on its own too.
@@ -121,6 +125,24 @@ def test_command_line_json_and_errors(capsys):
     assert "Unknown policy 'fp8'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--preset", "tiny-t5", "--peft", "lora3"])
+
+
+def test_methods_are_the_recipes_with_the_planner_s_lora_options():
+    assert tuple(RECIPES) == METHODS
+    peft, quant, selective = peft_for("qlora", rank=4)
+    assert not selective.active
+    assert (peft.lora.rank, peft.lora.alpha, peft.lora.use_dora) == (4, 8.0, False)
+    assert quant == BaseQuantConfig(qtype="nf4", group_size=64, double_quant=True)
+    assert peft_for("dora")[0].lora.use_dora and peft_for("dora")[1] is None
+    assert peft_for("full") == (None, None, RECIPES["full"].selective)
+    _, _, last = peft_for("last_layers")
+    assert last.last_layers == 1
+    # Selective training: only the chosen original parameters get gradients and moments.
+    bitfit = plan("tiny-t5", None, "fp32", batch=1, lengths=(4, 4), selective=peft_for("bitfit")[2])
+    full = plan("tiny-t5", None, "fp32", batch=1, lengths=(4, 4))
+    assert 0 < bitfit.trainable_params < full.trainable_params
+    assert bitfit.gradients == 4 * bitfit.trainable_params
+    assert "(peft)" in bitfit.description and "(full)" in full.description
 
 
 def test_bad_arguments_are_errors():
