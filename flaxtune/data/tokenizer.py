@@ -136,23 +136,7 @@ class Tokenizer:
                 num_threads=num_threads,
             )
         except RuntimeError as e:
-            too_high = re.search(r"set it to a value <= (\d+)", str(e))
-            too_low = re.search(r"smaller than required_chars\. \d+ vs (\d+)", str(e))
-            if too_high:
-                most = int(too_high.group(1)) + num_extra_ids
-                raise ValueError(
-                    f"vocab_size={vocab_size} is larger than this text supports: at most "
-                    f"{most} (including {num_extra_ids} extra ids). Lower vocab_size or "
-                    "train on more text."
-                ) from None
-            if too_low:
-                least = int(too_low.group(1)) + num_extra_ids
-                raise ValueError(
-                    f"vocab_size={vocab_size} cannot hold every character of the text: "
-                    f"it needs at least {least} (including {num_extra_ids} extra ids). "
-                    "Increase vocab_size."
-                ) from None
-            raise
+            raise _vocab_size_error(e, vocab_size, num_extra_ids) from None
         proto = model_pb2.ModelProto()
         proto.ParseFromString(out.getvalue())
         # Sentinels go at the very end, counted down, as in T5.
@@ -312,3 +296,24 @@ class Tokenizer:
             f"Tokenizer(vocab_size={self.vocab_size}, extra_ids={self._num_sentinels}, "
             f"fingerprint={self.fingerprint[:12]}…)"
         )
+
+
+def _vocab_size_error(error: RuntimeError, vocab_size: int, num_extra_ids: int) -> Exception:
+    """The trainer's vocabulary-size complaint in the caller's terms (extra ids included)."""
+    too_high = re.search(r"set it to a value <= (\d+)", str(error))
+    too_low = re.search(r"smaller than required_chars\. \d+ vs (\d+)", str(error))
+    if too_high:
+        most = int(too_high.group(1)) + num_extra_ids
+        return ValueError(
+            f"vocab_size={vocab_size} is larger than this text supports: at most "
+            f"{most} (including {num_extra_ids} extra ids). Lower vocab_size or "
+            "train on more text."
+        )
+    if too_low:
+        least = int(too_low.group(1)) + num_extra_ids
+        return ValueError(
+            f"vocab_size={vocab_size} cannot hold every character of the text: "
+            f"it needs at least {least} (including {num_extra_ids} extra ids). "
+            "Increase vocab_size."
+        )
+    return error
