@@ -7,49 +7,37 @@ import pytest
 
 from flaxtune import matmul
 from flaxtune.matmul import float_dot
+from tests.matmul_reference import abs_products, random_operands, reference_product
 
 EPS32 = float(np.finfo(np.float32).eps)
 
 
-def _data(x_shape, w_shape, seed=0):
-    kx, kw = jax.random.split(jax.random.key(seed))
-    return jax.random.normal(kx, x_shape), 0.05 * jax.random.normal(kw, w_shape)
-
-
-def _reference(x, w, n_in):
-    """float64 x @ w contracting the last n_in axes of x with the first of w."""
-    x, w = np.asarray(x, np.float64), np.asarray(w, np.float64)
-    return np.tensordot(x, w, axes=n_in)
-
-
-def _abs_products(x, w, n_in):
-    return _reference(np.abs(np.asarray(x)), np.abs(np.asarray(w)), n_in)
 
 
 @pytest.mark.parametrize(("x_shape", "w_shape", "n_in"), [((3, 5, 32), (32, 24), 1),
                                                           ((6, 4, 8), (4, 8, 16), 2)])  # fmt: skip
 def test_float_kernel_matches_float64(x_shape, w_shape, n_in):
-    x, w = _data(x_shape, w_shape)
+    x, w = random_operands(x_shape, w_shape)
     y = float_dot(x, w, n_in=n_in)
     assert y.dtype == jnp.float32 and y.shape == x_shape[: len(x_shape) - n_in] + w_shape[n_in:]
-    bound = 32 * EPS32 * _abs_products(x, w, n_in)
-    assert np.all(np.abs(np.asarray(y) - _reference(x, w, n_in)) <= bound)
+    bound = 32 * EPS32 * abs_products(x, w, n_in)
+    assert np.all(np.abs(np.asarray(y) - reference_product(x, w, n_in)) <= bound)
 
 
 def test_bf16_compute_accumulates_in_float32():
-    x, w = _data((4, 256), (256, 16))
+    x, w = random_operands((4, 256), (256, 16))
     y = float_dot(x, w, compute_dtype=jnp.bfloat16)
     assert y.dtype == jnp.bfloat16
     # Inputs rounded to bf16 (2**-9 relative each), an f32 sum, one bf16 rounding.
-    ref = _reference(x, w, 1)
-    bound = 2.0**-8 * _abs_products(x, w, 1) + 2.0**-9 * np.abs(ref) + 1e-6
+    ref = reference_product(x, w, 1)
+    bound = 2.0**-8 * abs_products(x, w, 1) + 2.0**-9 * np.abs(ref) + 1e-6
     assert np.all(np.abs(np.asarray(y, np.float64) - ref) <= bound)
     jaxpr = str(jax.make_jaxpr(lambda x, w: float_dot(x, w, compute_dtype=jnp.bfloat16))(x, w))
     assert "preferred_element_type=float32" in jaxpr
 
 
 def test_shape_errors():
-    x, w = _data((4, 64), (64, 8))
+    x, w = random_operands((4, 64), (64, 8))
     with pytest.raises(ValueError, match="Cannot contract"):
         float_dot(x[:, :32], w)
     with pytest.raises(ValueError, match="n_in=2 is invalid"):

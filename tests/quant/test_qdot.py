@@ -11,21 +11,8 @@ import pytest
 
 from flaxtune.quant.qarray import block_scales, dequantize, dequantized_codes, quantize
 from flaxtune.quant.qdot import int8_matmul, qdot, quantize_rows
+from tests.matmul_reference import abs_products, random_operands, reference_product
 
-
-def _data(x_shape, w_shape, seed=0):
-    kx, kw = jax.random.split(jax.random.key(seed))
-    return jax.random.normal(kx, x_shape), 0.05 * jax.random.normal(kw, w_shape)
-
-
-def _reference(x, w, n_in):
-    """float64 x @ w contracting the last n_in axes of x with the first of w."""
-    x, w = np.asarray(x, np.float64), np.asarray(w, np.float64)
-    return np.tensordot(x, w, axes=n_in)
-
-
-def _abs_products(x, w, n_in):
-    return _reference(np.abs(np.asarray(x)), np.abs(np.asarray(w)), n_in)
 
 
 @pytest.mark.parametrize(
@@ -39,17 +26,17 @@ def _abs_products(x, w, n_in):
     ],
 )
 def test_dequantizing_path(qtype, kwargs, x_shape, w_shape):
-    x, w = _data(x_shape, w_shape)
+    x, w = random_operands(x_shape, w_shape)
     q = quantize(w, qtype, **kwargs)
     n_in = kwargs.get("n_in", 1)
     y = jax.jit(lambda x, q: qdot(x, q, n_in=n_in))(x, q)
     w_hat = np.asarray(dequantize(q), np.float64)
     # Exactly the float product with the dequantized kernel ...
-    np.testing.assert_allclose(y, _reference(x, w_hat, n_in), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(y, reference_product(x, w_hat, n_in), rtol=0, atol=1e-5)
     # ... hence within sum_k |x_k| |w_kj - ŵ_kj| of the true product.
     weight_error = np.abs(np.asarray(w, np.float64) - w_hat)
-    bound = _reference(np.abs(np.asarray(x)), weight_error, n_in) + 1e-5
-    assert np.all(np.abs(np.asarray(y) - _reference(x, w, n_in)) <= bound)
+    bound = reference_product(np.abs(np.asarray(x)), weight_error, n_in) + 1e-5
+    assert np.all(np.abs(np.asarray(y) - reference_product(x, w, n_in)) <= bound)
 
 
 W8A8_CASES = [
@@ -64,7 +51,7 @@ W8A8_CASES = [
 
 @pytest.mark.parametrize(("kwargs", "x_shape", "w_shape"), W8A8_CASES)
 def test_w8a8_error_bound(kwargs, x_shape, w_shape):
-    x, w = _data(x_shape, w_shape, seed=1)
+    x, w = random_operands(x_shape, w_shape, seed=1)
     q = quantize(w, "int8", **kwargs)
     n_in = q.n_in
     y = jax.jit(lambda x, q: qdot(x, q, n_in=n_in, quantize_activations=True))(x, q)
@@ -75,8 +62,8 @@ def test_w8a8_error_bound(kwargs, x_shape, w_shape):
     w_hat = np.asarray(dequantize(q), np.float64)
     w_err = np.abs(np.asarray(w, np.float64) - w_hat)
     abs_w_hat_sums = np.abs(w_hat).reshape(-1, *w_shape[n_in:]).sum(0)  # sum_k |ŵ_kj|
-    bound = _abs_products(x, w_err, n_in) + abs_w_hat_sums * half_x_step
-    error = np.abs(np.asarray(y, np.float64) - _reference(x, w, n_in))
+    bound = abs_products(x, w_err, n_in) + abs_w_hat_sums * half_x_step
+    error = np.abs(np.asarray(y, np.float64) - reference_product(x, w, n_in))
     assert np.all(error <= bound * (1 + 1e-5) + 1e-6)
     assert error.max() > 0.05 * bound.max()  # the bound is not vacuous
 
@@ -84,7 +71,7 @@ def test_w8a8_error_bound(kwargs, x_shape, w_shape):
 @pytest.mark.parametrize(("kwargs", "x_shape", "w_shape"), W8A8_CASES)
 def test_w8a8_integer_algebra_is_exact(kwargs, x_shape, w_shape):
     # Independent int64 numpy evaluation of sum_g s_w[g] * sum_b xq (wq - zp) * s_x.
-    x, w = _data(x_shape, w_shape, seed=2)
+    x, w = random_operands(x_shape, w_shape, seed=2)
     q = quantize(w, "int8", **kwargs)
     y = int8_matmul(x, q)
     codes, row_scale = quantize_rows(x, q.n_in)
@@ -102,7 +89,7 @@ def test_w8a8_integer_algebra_is_exact(kwargs, x_shape, w_shape):
 
 
 def test_w8a8_accumulates_in_int32():
-    x, w = _data((4, 64), (64, 8))
+    x, w = random_operands((4, 64), (64, 8))
     q = quantize(w, "int8")
     jaxpr = str(jax.make_jaxpr(lambda x, q: qdot(x, q, quantize_activations=True))(x, q))
     assert "preferred_element_type=int32" in jaxpr
@@ -110,14 +97,14 @@ def test_w8a8_accumulates_in_int32():
 
 
 def test_compute_dtype_of_quantized_paths():
-    x, w = _data((4, 64), (64, 8))
+    x, w = random_operands((4, 64), (64, 8))
     for q, flag in [(quantize(w, "nf4"), False), (quantize(w, "int8"), True)]:
         y = qdot(x, q, compute_dtype=jnp.bfloat16, quantize_activations=flag)
         assert y.dtype == jnp.bfloat16
 
 
 def test_errors():
-    x, w = _data((4, 64), (64, 8))
+    x, w = random_operands((4, 64), (64, 8))
     with pytest.raises(ValueError, match="Cannot contract"):
         qdot(x[:, :32], quantize(w, "int8"))
     with pytest.raises(ValueError, match="n_in=2"):
