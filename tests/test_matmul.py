@@ -12,8 +12,6 @@ from tests.matmul_reference import abs_products, random_operands, reference_prod
 EPS32 = float(np.finfo(np.float32).eps)
 
 
-
-
 @pytest.mark.parametrize(("x_shape", "w_shape", "n_in"), [((3, 5, 32), (32, 24), 1),
                                                           ((6, 4, 8), (4, 8, 16), 2)])  # fmt: skip
 def test_float_kernel_matches_float64(x_shape, w_shape, n_in):

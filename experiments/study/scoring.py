@@ -28,8 +28,8 @@ from experiments.study.report import PRIMARY_SCORE
 from flaxtune.data import Tokenizer, make_loader
 from flaxtune.data.tasks import get_task
 from flaxtune.quant.convert import convert_model, tree_bytes
-from flaxtune.train.memory import check_against_xla
 from flaxtune.train.losses import eval_loss
+from flaxtune.train.memory import check_against_xla
 from flaxtune.train.metrics_writer import curve, read_metrics
 from flaxtune.train.run_config import (
     base_quant_config,

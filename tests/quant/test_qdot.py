@@ -14,7 +14,6 @@ from flaxtune.quant.qdot import int8_matmul, qdot, quantize_rows
 from tests.matmul_reference import abs_products, random_operands, reference_product
 
 
-
 @pytest.mark.parametrize(
     ("qtype", "kwargs", "x_shape", "w_shape"),
     [
