@@ -61,27 +61,28 @@ from flax import traverse_util
 from benchmarks import train_step
 from benchmarks.common import emit, environment, time_fn
 from experiments.configs import default as default_config
-from flaxtune import peft as peft_lib
 from flaxtune.data import make_loader
 from flaxtune.data.bundled.dataset import train_bundled_tokenizer
 from flaxtune.quant import cast_floating, get_policy, save_quantized, to_precision
 from flaxtune.quant.checkpoint import directory_nbytes
-from flaxtune.quant.loss_scale import make_loss_scale
 from flaxtune.train import (
-    jit_train_step,
-    label_params,
+    build_trainer,
     make_mesh,
-    make_optimizer,
-    make_schedule,
-    make_train_step,
     measure_peak_flops,
     merge_params,
     retain_freed_host_memory,
     shard_batch,
-    sharded_train_state,
+    trainer_spec,
 )
-from flaxtune.train.losses import eval_loss, make_loss_fn, model_inputs
-from flaxtune.train.run_config import data_directory, loader_config, model_config, optimizer_config
+from flaxtune.train.losses import eval_loss
+from flaxtune.train.run_config import (
+    base_quant_config,
+    data_directory,
+    loader_config,
+    model_config,
+    optimizer_config,
+    selective_config,
+)
 from flaxtune.train.scoring import generation_scores
 from flaxtune.transformer import DecodeConfig, build_model, generate, get_config
 
@@ -193,24 +194,38 @@ def make_setup(args: argparse.Namespace) -> Setup:
     return Setup(tokenizer=tokenizer, mesh=make_mesh(), args=args)
 
 
-def init_fn(model, cfg, tokenizer):
+def example_batch(cfg, tokenizer) -> dict[str, Any]:
+    """The first training batch of one row: what the model is initialized with."""
     lcfg = dataclasses.replace(
         loader_config(cfg, encoder_decoder=True), batch_size=1, read_threads=0
     )
-    example = next(
+    return next(
         iter(make_loader(cfg.data.tasks, "train", tokenizer, lcfg, data_dir=data_directory(cfg)))
     )
-    args, kw = model_inputs(model.config, example)
-    return lambda rng: model.init(rng, *args, **kw)["params"]
+
+
+def trainer_args(setup: Setup, cfg) -> dict[str, Any]:
+    """``trainer_spec``'s arguments for the small model's run config ``cfg``."""
+    return dict(
+        optimizer=optimizer_config(cfg),
+        mesh=setup.mesh,
+        example_batch=example_batch(cfg, setup.tokenizer),
+        policy=cfg.policy,
+        selective=selective_config(cfg),
+        base_quant=base_quant_config(cfg),
+        frozen_in_compute_dtype=cfg.quant.frozen_in_compute_dtype,
+        seed=cfg.seed,
+        label_smoothing=cfg.train.label_smoothing,
+        z_loss=cfg.train.z_loss,
+    )
 
 
 def float32_init(setup: Setup, seed: int) -> Any:
     """The float32 initialization every policy starts from (one per seed)."""
     if seed not in setup.init:
         cfg = small_config(setup.args, "fp32", seed)
-        model = build_model(model_config(cfg, setup.tokenizer))
-        init_rng, _ = jax.random.split(jax.random.PRNGKey(seed))
-        params = jax.jit(init_fn(model, cfg, setup.tokenizer))(init_rng)
+        spec = trainer_spec(model_config(cfg, setup.tokenizer), **trainer_args(setup, cfg))
+        params = jax.jit(spec.init_params)(spec.init_rng)
         setup.init[seed] = jax.device_get(nn.meta.unbox(params))
     return setup.init[seed]
 
@@ -218,32 +233,14 @@ def float32_init(setup: Setup, seed: int) -> Any:
 def train_small(setup: Setup, policy: str, seed: int = 0) -> dict[str, Any]:
     """Trains the small model under ``policy``; returns its parameters and metrics."""
     cfg = small_config(setup.args, policy, seed)
-    mcfg = model_config(cfg, setup.tokenizer)
-    model = build_model(mcfg)
-    init = init_fn(model, cfg, setup.tokenizer)
-    init_rng, state_rng = jax.random.split(jax.random.PRNGKey(seed))
-    abstract = nn.meta.unbox(jax.eval_shape(init, init_rng))
-    labels = label_params(abstract, peft_lib.trainability_rules(abstract, None))
-    opt_cfg = optimizer_config(cfg)
-    tx = make_optimizer(opt_cfg, labels)
-    policy_obj = get_policy(policy)
-    state, shardings = sharded_train_state(
-        init,
-        init_rng,
-        labels,
-        tx,
-        setup.mesh,
-        rng=state_rng,
-        loss_scale=make_loss_scale(policy_obj.default_loss_scale),
+    trainer = build_trainer(
+        model_config(cfg, setup.tokenizer),
         # The same float32 draw for every policy (a bf16 init would draw other
         # numbers), cast to the policy's parameter dtype.
         init_values=traverse_util.flatten_dict(float32_init(setup, seed), sep="/"),
+        **trainer_args(setup, cfg),
     )
-    step_fn = jit_train_step(
-        make_train_step(make_loss_fn(model), tx, schedule=make_schedule(opt_cfg)),
-        setup.mesh,
-        shardings,
-    )
+    state, step_fn, policy_obj = trainer.state, trainer.step, trainer.spec.policy
     loader = make_loader(
         cfg.data.tasks,
         "train",

@@ -17,57 +17,45 @@ aliased to donated arguments).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import emit, environment, peak_rss_mib, run_peer, time_fn
-from flaxtune import peft as peft_lib
-from flaxtune.quant.loss_scale import make_loss_scale
+from flaxtune.peft import RECIPES, SelectiveConfig, recipe
 from flaxtune.quant.policy import get_policy
 from flaxtune.train import (
     OptimizerConfig,
+    build_trainer,
     count_optimizer_state_bytes,
-    jit_train_step,
-    label_params,
     make_mesh,
-    make_optimizer,
-    make_schedule,
-    make_train_step,
     measure_peak_flops,
     retain_freed_host_memory,
     shard_batch,
-    sharded_train_state,
 )
-from flaxtune.train.losses import make_loss_fn
 from flaxtune.train.step_memory import StepMemory
-from flaxtune.transformer import build_model, get_config
+from flaxtune.train.trainer import recipe_base_quant
+from flaxtune.transformer import get_config
 
-METHODS = {
-    "full": None,
-    "lora": peft_lib.PeftConfig(lora=peft_lib.LoraConfig(targets="qv", rank=8, alpha=16.0)),
-    "dora": peft_lib.PeftConfig(lora=peft_lib.LoraConfig(targets="qv", rank=8, use_dora=True)),
-    "houlsby": peft_lib.PeftConfig(adapters=peft_lib.AdapterConfig(kind="houlsby")),
-    "ia3": peft_lib.PeftConfig(ia3=peft_lib.IA3Config()),
-    "prompt_tuning": peft_lib.PeftConfig(
-        prompt_tuning=peft_lib.PromptTuningConfig(num_virtual_tokens=20)
-    ),
-    "prefix_tuning": peft_lib.PeftConfig(
-        prefix_tuning=peft_lib.PrefixTuningConfig(num_virtual_tokens=20)
-    ),
-}
-SELECTIVE = {
-    "bitfit": peft_lib.SelectiveConfig(rules=("bitfit",)),
-    "last_layers": peft_lib.SelectiveConfig(last_layers=2),
-}
+# The recipes of flaxtune.peft.RECIPES with their default options (LoRA rank 8
+# on q and v, 20 virtual tokens, ...); ``last_layers`` trains the last two of
+# t5-small's six blocks per stack.
+LAST_LAYERS = 2
 PEER_NAMES = {
     ("full", "fp32"): "t5_full",
     ("lora", "fp32"): "t5_lora",
     ("prompt_tuning", "fp32"): "t5_prompt",
     ("full", "mixed_bf16"): "t5_full_bf16",
 }
+
+
+def selective_for(method: str) -> SelectiveConfig:
+    selective = recipe(method).selective
+    if selective.last_layers:
+        selective = dataclasses.replace(selective, last_layers=LAST_LAYERS)
+    return selective
 
 
 def batch_for(config, batch, src_len, tgt_len):
@@ -85,45 +73,38 @@ def batch_for(config, batch, src_len, tgt_len):
 
 
 def measure(method: str, args, peak_flops: float) -> dict:
-    peft = METHODS.get(method)
+    method_recipe = recipe(method)
     policy = get_policy(args.policy)
     # Attention weights are dropped at the same rate, as T5 (and HF's T5) do.
     config = get_config(
         args.preset,
         dropout_rate=args.dropout,
         attention_dropout_rate=args.dropout,
-        peft=peft,
+        peft=method_recipe.peft_config(),
         dtype=policy.compute_dtype.name,
         param_dtype=policy.param_dtype.name,
     )
-    model = build_model(config)
     batch = batch_for(config, args.batch, args.src_len, args.tgt_len)
-    small = {k: v[:1] for k, v in batch.items()}
-    init = lambda rng: model.init(
-        rng, small["encoder_input_tokens"], small["decoder_input_tokens"]
-    )["params"]
-    rng = jax.random.PRNGKey(0)
-    abstract = nn.meta.unbox(jax.eval_shape(init, rng))
-    rules = peft_lib.trainability_rules(abstract, peft, SELECTIVE.get(method))
-    labels = label_params(abstract, rules)
-    summary = peft_lib.trainable_summary(abstract, labels)
-    opt_config = OptimizerConfig(
-        name="adamw",
-        learning_rate=1e-4,
-        schedule="constant",
-        weight_decay=0.01,
-        clip_global_norm=None,
-    )
-    tx = make_optimizer(opt_config, labels)
     mesh = make_mesh()
-    state, shardings = sharded_train_state(
-        init, rng, labels, tx, mesh, rng=rng, loss_scale=make_loss_scale(policy.default_loss_scale)
+    trainer = build_trainer(
+        config,
+        optimizer=OptimizerConfig(
+            name="adamw",
+            learning_rate=1e-4,
+            schedule="constant",
+            weight_decay=0.01,
+            clip_global_norm=None,
+        ),
+        mesh=mesh,
+        example_batch={k: v[:1] for k, v in batch.items()},
+        policy=policy,
+        selective=selective_for(method),
+        base_quant=recipe_base_quant(method_recipe),
+        # The frozen base stays in the parameter dtype, as this benchmark has
+        # always measured it (a run casts it to the compute dtype).
+        frozen_in_compute_dtype=False,
     )
-    step = jit_train_step(
-        make_train_step(make_loss_fn(model), tx, schedule=make_schedule(opt_config)),
-        mesh,
-        shardings,
-    )
+    state, step, summary = trainer.state, trainer.step, trainer.summary
     device_batch = shard_batch(batch, mesh)
     compiled = step.compile(state, device_batch)
     memory = StepMemory.from_compiled(compiled, device_batch)
@@ -138,6 +119,7 @@ def measure(method: str, args, peak_flops: float) -> dict:
 
     timing = time_fn(run, warmup=args.warmup, steps=args.steps)
     tokens = args.batch * (args.src_len + args.tgt_len)
+    abstract = trainer.spec.abstract_params
     params_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(abstract))
     return {
         "benchmark": "train_step",
@@ -166,7 +148,7 @@ def measure(method: str, args, peak_flops: float) -> dict:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--method", nargs="+", default=["full"], choices=[*METHODS, *SELECTIVE])
+    p.add_argument("--method", nargs="+", default=["full"], choices=list(RECIPES))
     p.add_argument("--policy", default="fp32")
     p.add_argument("--preset", default="t5-small")
     p.add_argument("--batch", type=int, default=8)
