@@ -76,12 +76,10 @@ from flaxtune.train import (
 )
 from flaxtune.train.losses import eval_loss
 from flaxtune.train.run_config import (
-    base_quant_config,
     data_directory,
     loader_config,
     model_config,
-    optimizer_config,
-    selective_config,
+    trainer_options,
 )
 from flaxtune.train.scoring import generation_scores
 from flaxtune.transformer import DecodeConfig, build_model, generate, get_config
@@ -207,16 +205,9 @@ def example_batch(cfg, tokenizer) -> dict[str, Any]:
 def trainer_args(setup: Setup, cfg) -> dict[str, Any]:
     """``trainer_spec``'s arguments for the small model's run config ``cfg``."""
     return dict(
-        optimizer=optimizer_config(cfg),
         mesh=setup.mesh,
         example_batch=example_batch(cfg, setup.tokenizer),
-        policy=cfg.policy,
-        selective=selective_config(cfg),
-        base_quant=base_quant_config(cfg),
-        frozen_in_compute_dtype=cfg.quant.frozen_in_compute_dtype,
-        seed=cfg.seed,
-        label_smoothing=cfg.train.label_smoothing,
-        z_loss=cfg.train.z_loss,
+        **trainer_options(cfg),
     )
 
 

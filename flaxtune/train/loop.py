@@ -54,13 +54,11 @@ from flaxtune.train.mesh import make_mesh, mesh_context, shard_batch
 from flaxtune.train.metrics_writer import MetricsWriter, ProgressBar, plot_curves
 from flaxtune.train.partition import merge_params
 from flaxtune.train.run_config import (
-    base_quant_config,
     data_directory,
     load_or_train_tokenizer,
     loader_config,
     model_config,
-    optimizer_config,
-    selective_config,
+    trainer_options,
 )
 from flaxtune.train.run_dir import load_params, save_params
 from flaxtune.train.scoring import generation_scores
@@ -126,16 +124,9 @@ def _setup(cfg: ml_collections.ConfigDict, workdir: Path) -> _Run:
     lcfg = loader_config(cfg, encoder_decoder=mcfg.is_encoder_decoder)
     spec = trainer_spec(
         mcfg,
-        optimizer=optimizer_config(cfg),
         mesh=mesh,
         example_batch=_example_batch(cfg, tokenizer, lcfg, data_dir),
-        policy=cfg.policy,
-        selective=selective_config(cfg),
-        base_quant=base_quant_config(cfg),
-        frozen_in_compute_dtype=cfg.quant.frozen_in_compute_dtype,
-        seed=cfg.seed,
-        label_smoothing=cfg.train.label_smoothing,
-        z_loss=cfg.train.z_loss,
+        **trainer_options(cfg),
     )
     ckpt = CheckpointManager(
         workdir,

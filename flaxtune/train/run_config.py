@@ -168,3 +168,17 @@ def optimizer_config(cfg: ml_collections.ConfigDict) -> OptimizerConfig:
     if "lr_multipliers" in values:
         values["lr_multipliers"] = dict(values["lr_multipliers"])
     return OptimizerConfig(**values)
+
+
+def trainer_options(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The run config's arguments of ``trainer_spec`` (all but the mesh and the example batch)."""
+    return dict(
+        optimizer=optimizer_config(cfg),
+        policy=cfg.policy,
+        selective=selective_config(cfg),
+        base_quant=base_quant_config(cfg),
+        frozen_in_compute_dtype=cfg.quant.frozen_in_compute_dtype,
+        seed=cfg.seed,
+        label_smoothing=cfg.train.label_smoothing,
+        z_loss=cfg.train.z_loss,
+    )
