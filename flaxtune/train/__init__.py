@@ -2,7 +2,7 @@
 
 * ``trainer``: the one builder from a model config to the sharded train state
   and the jitted step (``build_trainer``; ``trainer_spec`` decides everything
-  before any array exists, e.g. for the memory planner).
+  before any parameter exists, e.g. for the memory planner).
 * ``partition``: ``(regex, label)`` trainability rules → trainable / frozen split.
 * ``optimizer``: optax AdamW / Adafactor / SGD over the trainable subtree.
 * ``losses``: float32 token cross-entropy (label smoothing, z-loss), accuracy.

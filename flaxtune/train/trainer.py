@@ -5,13 +5,13 @@ memory planner's check against XLA, the train-step and precision benchmarks)
 builds it here, so they all run the same step on the same state. Two stages::
 
     trainer_spec(model_config, optimizer=..., mesh=..., example_batch=..., ...)
-        model ─▶ abstract params (jax.eval_shape: no array allocated)
+        model ─▶ abstract params (jax.eval_shape: no parameter is drawn)
               ─▶ trainability labels (the PEFT method's rules + selective presets)
               ─▶ frozen-base plan (which frozen kernels are quantized, and how)
               ─▶ optimizer and schedule over the trainable labels
               ─▶ loss_fn ─▶ train step (pure, not yet jitted)
         = TrainerSpec: every decision, and every configuration error, before
-          any array exists. ``spec.abstract_state()`` is the train state as
+          any parameter is drawn. ``spec.abstract_state()`` is the train state as
           ``jax.ShapeDtypeStruct`` s (what the memory planner compiles on).
 
     spec.build(init_values)                (build_trainer: both stages at once)
@@ -77,7 +77,7 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class TrainerSpec:
-    """Everything about a train step that is decided before any array exists.
+    """Everything about a train step that is decided before any parameter exists.
 
     Attributes:
       model_config, model: the model (its PEFT config included).
