@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import ml_collections
+from flax import traverse_util
 
 from experiments.configs.seed_study import ALL_PRECISIONS
 from flaxtune.peft import RECIPES, recipe
@@ -39,15 +40,12 @@ def names(text: str) -> list[str]:
     return [name.strip() for name in text.split(",") if name.strip()]
 
 
-def flat_overrides(overrides: ml_collections.ConfigDict | dict, prefix: str = "") -> dict[str, Any]:
+def flat_overrides(overrides: ml_collections.ConfigDict | dict) -> dict[str, Any]:
     """The set leaves of a nested override as dotted keys: ``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
-    out: dict[str, Any] = {}
-    for key, value in overrides.items():
-        if isinstance(value, ml_collections.ConfigDict | dict):
-            out |= flat_overrides(value, f"{prefix}{key}.")
-        elif value is not None:
-            out[f"{prefix}{key}"] = value
-    return out
+    if isinstance(overrides, ml_collections.ConfigDict):
+        overrides = overrides.to_dict()
+    flat = traverse_util.flatten_dict(overrides, sep=".")
+    return {key: value for key, value in flat.items() if value is not None}
 
 
 def set_dotted(cfg: ml_collections.ConfigDict, key: str, value: Any, *, source: str) -> None:
@@ -112,7 +110,10 @@ def resolve(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         apply_overrides(cfg, cfg.quick_overrides, source="quick_overrides")
     # Only what is set, so that the stored config says what each method changes.
     cfg.method_overrides = ml_collections.ConfigDict(
-        {name: _nested(flat_overrides(o)) for name, o in cfg.method_overrides.items()}
+        {
+            name: traverse_util.unflatten_dict(flat_overrides(o), sep=".")
+            for name, o in cfg.method_overrides.items()
+        }
     )
     cfg.run.seed = cfg.seed
     cfg.run.eval.generate_examples = cfg.eval_examples
@@ -120,18 +121,6 @@ def resolve(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     for name in names(cfg.methods):
         method_config(cfg, name, Path("/pretrain"))  # fail now, not an hour later
     return cfg
-
-
-def _nested(flat: dict[str, Any]) -> dict[str, Any]:
-    """``{"a.b": 1}`` -> ``{"a": {"b": 1}}``."""
-    out: dict[str, Any] = {}
-    for key, value in flat.items():
-        *parents, leaf = key.split(".")
-        node = out
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return out
 
 
 def pretrain_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

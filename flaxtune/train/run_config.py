@@ -64,8 +64,8 @@ def peft_section() -> ml_collections.ConfigDict:
     return section
 
 
-def _peft_options(cfg: ml_collections.ConfigDict) -> dict[str, dict[str, Any]]:
-    """``cfg.peft``'s method sections, options it does not set at their run defaults."""
+def _check_peft_keys(cfg: ml_collections.ConfigDict) -> None:
+    """``cfg.peft`` holds ``method``, ``selective`` and one section per method, nothing else."""
     known = {"method", "selective", *peft_lib.METHODS}
     unknown = sorted(set(cfg.peft.keys()) - known)
     if unknown:
@@ -74,6 +74,11 @@ def _peft_options(cfg: ml_collections.ConfigDict) -> dict[str, dict[str, Any]]:
             f"{sorted(known)} (a method's options are peft.<method>.<option>, e.g. "
             "peft.lora.rank)."
         )
+
+
+def _peft_options(cfg: ml_collections.ConfigDict) -> dict[str, dict[str, Any]]:
+    """``cfg.peft``'s method sections, options it does not set at their run defaults."""
+    _check_peft_keys(cfg)
     start = peft_run_options()
     return {name: start[name] | dict(cfg.peft.get(name, {})) for name in peft_lib.METHODS}
 
@@ -91,7 +96,7 @@ def peft_config(cfg: ml_collections.ConfigDict) -> peft_lib.PeftConfig | None:
 
 def selective_config(cfg: ml_collections.ConfigDict) -> peft_lib.SelectiveConfig:
     """Which original parameters train, from ``cfg.peft.selective``."""
-    _peft_options(cfg)  # the same check of peft's keys as peft_config
+    _check_peft_keys(cfg)
     return peft_lib.config_from_options(
         peft_lib.SelectiveConfig, dict(cfg.peft.selective), "peft.selective"
     )
