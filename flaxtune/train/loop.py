@@ -21,7 +21,7 @@ resumes (a resumed run restores its own state; a new one may start from
 ``init_from``).
 
 A run is a directory. Everything needed to continue or reuse it is inside:
-``config.json``, ``tokenizer.model`` (+ its fingerprint in the checkpoint
+``config.json``, ``tokenizer/`` (+ its fingerprint in the checkpoint
 metadata), ``checkpoints/`` and, at the end, ``params/`` with the inference
 parameters and ``model.json`` with the model config. Restarting the same
 command resumes from the last complete checkpoint and reproduces the losses
@@ -135,7 +135,7 @@ def _setup(cfg: ml_collections.ConfigDict, workdir: Path) -> _Run:
         best_metric=cfg.train.best_metric or None,
         best_mode=cfg.train.best_mode,
         config=cfg.to_dict(),
-        tokenizer_path=workdir / "tokenizer.model",
+        tokenizer_path=workdir / "tokenizer",
     )
     resuming = ckpt.latest_step() is not None
     # A new run from a finished one starts from its params (float, before the

@@ -17,7 +17,7 @@ from typing import Any
 import ml_collections
 
 from flaxtune import peft as peft_lib
-from flaxtune.data import LoaderConfig, Tokenizer
+from flaxtune.data import LoaderConfig, Tokenizer, load_tokenizer
 from flaxtune.data.bundled.dataset import train_bundled_tokenizer
 from flaxtune.quant.policy import get_policy
 from flaxtune.train.frozen_base import BaseQuantConfig
@@ -103,12 +103,20 @@ def selective_config(cfg: ml_collections.ConfigDict) -> peft_lib.SelectiveConfig
 
 
 def load_or_train_tokenizer(cfg: ml_collections.ConfigDict, workdir: Path) -> Tokenizer:
-    """The run's tokenizer: a given ``.model``, the run's own copy, or a new one."""
-    own = workdir / "tokenizer.model"
-    if own.exists():
-        return Tokenizer.load(own)
-    if cfg.tokenizer.path:
-        tokenizer = Tokenizer.load(cfg.tokenizer.path)
+    """The run's tokenizer: its own copy in ``workdir/tokenizer/``, else
+    ``cfg.tokenizer.path`` (a directory or a file), else a new one; saved to
+    ``workdir/tokenizer/`` (Hugging Face file names) for every later reader.
+
+    Runs written before the directory existed kept ``workdir/tokenizer.model``;
+    it is read when there is no directory.
+    """
+    own = workdir / "tokenizer"
+    if own.is_dir():
+        return load_tokenizer(own)
+    if (workdir / "tokenizer.model").exists():
+        tokenizer = load_tokenizer(workdir / "tokenizer.model")
+    elif cfg.tokenizer.path:
+        tokenizer = load_tokenizer(cfg.tokenizer.path)
     else:
         logger.info("training a %d-piece tokenizer on the bundled corpus", cfg.tokenizer.vocab_size)
         tokenizer = train_bundled_tokenizer(vocab_size=cfg.tokenizer.vocab_size, seed=cfg.seed)

@@ -55,7 +55,7 @@ def load_params(run_dir: Path, tokenizer: Tokenizer) -> dict[str, Any]:
     if meta["tokenizer_fingerprint"] != tokenizer.fingerprint:
         raise TokenizerMismatchError(
             f"{run_dir} was trained with tokenizer {meta['tokenizer_fingerprint']}, this run "
-            f"uses {tokenizer.fingerprint}; set tokenizer.path to {run_dir}/tokenizer.model."
+            f"uses {tokenizer.fingerprint}; set tokenizer.path to {run_dir}/tokenizer."
         )
     with ocp.StandardCheckpointer() as ckpt:
         return ckpt.restore(run_dir / "params")
