@@ -71,7 +71,11 @@ class JsonTokenizer(Tokenizer):
         else:
             self._add_bos, self._add_eos = bool(prefix), bool(suffix)
         self._sentinels = self._count_sentinels()
-        self._clean_up = bool(self._files.raw_config.get("clean_up_tokenization_spaces", False))
+        # transformers 5 ignores clean_up_tokenization_spaces for BPE models
+        # (it would strip spaces a byte-level BPE encodes on purpose).
+        self._clean_up = bool(
+            self._files.raw_config.get("clean_up_tokenization_spaces", False)
+        ) and not isinstance(self._tok.model, tokenizers.models.BPE)
 
     def _template(self) -> tuple[list[int], list[int]]:
         """The ids the post-processor puts before and after a text's ids."""

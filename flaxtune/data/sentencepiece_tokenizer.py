@@ -311,11 +311,13 @@ class SentencePieceTokenizer(Tokenizer):
         return found
 
     def _decode_skips(self) -> set[int]:
+        """Ids ``decode`` drops: pad, bos, unk and the other special tokens but
+        the sentinels (Hugging Face's ``skip_special_tokens=True``, which writes
+        no " ⁇ " for unk either)."""
         skip = {self.pad_id}
-        if self.bos_id is not None:
-            skip.add(self.bos_id)
+        skip.update(i for i in (self.bos_id, self.unk_id) if i is not None)
         for text, i in self._special_ids.items():
-            if not text.startswith("<extra_id_") and i != self.unk_id:
+            if not text.startswith("<extra_id_"):
                 skip.add(i)
         base = self._piece_size + self._num_virtual
         skip.update(base + k for k, (_, special) in enumerate(self._added) if special)
@@ -442,26 +444,38 @@ class SentencePieceTokenizer(Tokenizer):
         return [self.encode(t) for t in texts]
 
     def decode(self, ids: Iterable[int]) -> str:
-        """Ids to text; stops at the first eos, drops pad/bos/special ids.
+        """Ids to text; stops at the first eos, drops pad/bos/unk/special ids.
 
-        Sentinels above the proto are written as ``<extra_id_i>``.
+        Decoded piece by piece as Hugging Face's decoders do: ``▁`` becomes a
+        space, runs of byte pieces become UTF-8 text, sentinels above the
+        proto are written as ``<extra_id_i>``, and only the first piece loses
+        its leading ``▁`` (SentencePiece's own decode strips every leading
+        space of a model that removes extra whitespace).
         """
-        pieces: list[str] = []
-        run: list[int] = []
+        kept: list[int] = []
         for raw in ids:
             i = int(raw)
             if i == self.eos_id:
                 break
-            if i in self._skip_in_decode:
+            if i not in self._skip_in_decode:
+                kept.append(i)
+        out: list[str] = []
+        pending = bytearray()
+        for i in kept:
+            if i < self._piece_size and self._sp.is_byte(i):
+                pending.append(int(self._sp.id_to_piece(i)[3:5], 16))  # "<0xE9>"
                 continue
-            if i >= self._piece_size:
-                pieces.append(self._sp.decode(run))
-                run = []
-                pieces.append(self.id_to_piece(i))
-            else:
-                run.append(i)
-        pieces.append(self._sp.decode(run))
-        return "".join(pieces)
+            if pending:
+                out.append(pending.decode("utf-8", errors="replace"))
+                pending.clear()
+            piece = self.id_to_piece(i)
+            out.append(piece.replace("▁", " ") if i < self._piece_size else piece)
+        if pending:
+            out.append(pending.decode("utf-8", errors="replace"))
+        text = "".join(out)
+        if kept and kept[0] < self._piece_size and self._sp.id_to_piece(kept[0]).startswith("▁"):
+            text = text[1:]
+        return text
 
     def id_to_piece(self, i: int) -> str:
         if not 0 <= i < self.vocab_size:
