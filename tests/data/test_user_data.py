@@ -74,7 +74,10 @@ def test_custom_keys_and_unknown_extension(tmp_path):
     path = _jsonl(tmp_path / "q.jsonl", [{"question": "2+2?", "answer": "4"}])
     examples, _ = read_user_data(path, input_key="question", target_key="answer")
     assert examples[0].target == "4"
-    with pytest.raises(UserDataError, match=r"use \.jsonl or \.csv"):
+    with pytest.raises(
+        UserDataError,
+        match=r"unknown extension .\.txt.; use one of \.csv, \.json, \.jsonl, \.parquet",
+    ):
         read_user_data(_write(tmp_path / "d.txt", ["x"]))
 
 
