@@ -345,7 +345,7 @@ class _TfdsPairs:
                 f"features are {sorted(raw)}. Set data.input_key / data.target_key."
             )
         features = self._source.dataset_info.features
-        feature = features.get(key)
+        feature = features[key] if key in features.keys() else None  # noqa: SIM118
         if hasattr(feature, "int2str") and not isinstance(raw[key], str | bytes):
             return feature.int2str(int(raw[key]))
         return _text(raw[key])
