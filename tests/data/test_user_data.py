@@ -231,3 +231,68 @@ def test_resolve_data_names(tmp_path):
         examples = list(iterate_examples(name, split))
     assert name == "tfds:ag_news_subset" and len(examples) == 3
     assert {e["targets"] for e in examples} <= {"World", "Sports", "Business", "Sci/Tech"}
+
+
+def _user_run_config(train, validation=""):
+    import ml_collections
+
+    from experiments.configs import tiny
+
+    cfg = tiny.get_config()
+    cfg.model.preset = "tiny-llama"  # decoder-only, our tokenizer: no bos
+    cfg.model.overrides = ml_collections.ConfigDict({"max_length": 64})
+    cfg.data.train, cfg.data.validation = str(train), str(validation)
+    cfg.data.input_key, cfg.data.target_key = "question", "answer"
+    cfg.data.batch_size, cfg.data.inputs_length, cfg.data.read_threads = 8, 24, 0
+    cfg.train.num_steps = cfg.train.log_every = cfg.train.eval_every = 1
+    cfg.train.checkpoint_every = 1
+    cfg.optimizer.warmup_steps = 0
+    cfg.eval.num_batches, cfg.eval.generate_examples, cfg.eval.batch_size = 1, 2, 8
+    return cfg
+
+
+def test_run_config_data_rules(tmp_path):
+    from flaxtune.train.run_config import loader_config, train_data, validation_data
+
+    path = _jsonl(tmp_path / "t.jsonl", [{"question": "a", "answer": "b"}])
+    cfg = _user_run_config(path)
+    # No data.validation: no validation loss, so it cannot pick the best checkpoint.
+    assert cfg.train.best_metric == "eval/loss"
+    with pytest.raises(ValueError, match=r"best_metric='eval/loss' needs a validation loss"):
+        loader_config(cfg, encoder_decoder=False)
+    cfg.train.best_metric = ""
+    assert train_data(cfg)[1] == "train" and validation_data(cfg) is None
+    cfg.data.tasks = "bundled/qa"
+    with pytest.raises(ValueError, match=r"data.train=.* and data.tasks='bundled/qa' both name"):
+        train_data(cfg)
+    cfg.data.tasks = ""
+    assert loader_config(cfg, encoder_decoder=False).model == "decoder_only"
+    cfg.data.train = ""
+    cfg.data.tasks = "bundled/qa"
+    assert train_data(cfg) == ("bundled/qa", "train")
+    assert validation_data(cfg) == ("bundled/qa", "validation")
+
+
+def test_one_step_run_on_a_jsonl_file(tmp_path, tokenizer):
+    from flaxtune.train.loop import train_and_evaluate
+    from flaxtune.train.run_config import load_or_train_tokenizer
+
+    train = _jsonl(
+        tmp_path / "train.jsonl",
+        [{"question": f"Repeat the number {i}.", "answer": f"{i}"} for i in range(8)],
+    )
+    answers = ["seven", "eleven", "twelve", "thirteen"]
+    validation = _jsonl(
+        tmp_path / "val.jsonl",
+        [{"question": f"Spell {a}.", "answer": a} for a in answers],
+    )
+    cfg = _user_run_config(train, validation)
+    results = train_and_evaluate(cfg, tmp_path / "run")
+    # The validation loss is over the validation file: every completion + eos, in
+    # one batch of 8 rows, i.e. the 4 records twice (the validation data repeats).
+    run_tokenizer = load_or_train_tokenizer(cfg, tmp_path / "run")  # the run's own copy
+    assert results["eval"]["tokens"] == 2 * sum(len(run_tokenizer.encode(a)) + 1 for a in answers)
+    # Generation is scored on the validation file (eval.tasks at its default).
+    (task,) = results["scores"]
+    assert task.endswith("val.jsonl:validation") and results["scores"][task]["num_examples"] == 2
+    assert (tmp_path / "run" / "eval" / "predictions.jsonl").exists()
