@@ -9,7 +9,8 @@ Prompts are tokenized as the model saw them in training: an encoder-decoder
 reads ``prompt + [eos]`` in its encoder and the decoder starts from the
 model config's ``decoder_start_id``; a decoder-only model continues
 ``[bos] + prompt`` (bos only where the tokenizer adds one, and not twice
-when the prompt text, e.g. a chat template's, already starts with it).
+when the prompt text, e.g. a chat template's, already starts with it; an
+empty prompt without bos becomes ``[eos]``).
 Chat tasks are prompted with the conversation up to its last assistant
 turn, rendered through the tokenizer's chat template with the generation
 prompt; that turn is the reference.
@@ -47,7 +48,10 @@ def prompt_ids(tokenizer: Tokenizer, prompt: str, *, encoder_decoder: bool, leng
     bos_id = getattr(tokenizer, "bos_id", None)
     add_bos = getattr(tokenizer, "add_bos", False) and not (ids and ids[0] == bos_id)
     head = [bos_id] if add_bos else []
-    return [*head, *ids[: length - len(head)]]
+    row = [*head, *ids[: length - len(head)]]
+    # An empty prompt without bos would give the model nothing to read; eos (the
+    # document separator such models train with) is then the whole context.
+    return row or [tokenizer.eos_id]
 
 
 def make_predict_fn(

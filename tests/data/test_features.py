@@ -321,3 +321,30 @@ def test_packing_matches_the_unpacked_batch(model, tokenizer, data_dir):
     assert n_segments == len(rows)  # every example packed exactly once
     assert max_segments >= 2  # packing actually happened
     np.testing.assert_allclose(packed_loss, unpacked_loss, rtol=1e-9)
+
+
+# ---------------------------------------------------------------- generation-time prompts
+
+
+def test_generation_prompts_match_the_training_layout(tokenizer):
+    from flaxtune.data import Tokenizer
+    from flaxtune.train.scoring import prompt_ids
+
+    class BosTokenizer(Tokenizer):
+        """Our tokenizer as if it added a bos (LLaMA-style), with id 5."""
+
+        bos_id = 5
+        add_bos = True
+
+    ids = tokenizer.encode("hello world")
+    eos = tokenizer.eos_id
+    # Encoder-decoder: prompt + eos in the encoder (the decoder starts from the
+    # model config's decoder_start_id inside generate).
+    assert prompt_ids(tokenizer, "hello world", encoder_decoder=True, length=16) == [*ids, eos]
+    # Decoder-only without bos: the prompt's own tokens, nothing made up in front.
+    assert prompt_ids(tokenizer, "hello world", encoder_decoder=False, length=16) == ids
+    assert prompt_ids(tokenizer, "", encoder_decoder=False, length=16) == [eos]
+    # With bos: [bos] + prompt, and bos is not doubled when the text starts with it.
+    bos_tok = BosTokenizer.from_proto(tokenizer.model_proto)
+    assert prompt_ids(bos_tok, "hello world", encoder_decoder=False, length=16) == [5, *ids]
+    assert prompt_ids(bos_tok, "hello world", encoder_decoder=False, length=2) == [5, ids[0]]
