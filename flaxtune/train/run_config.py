@@ -19,6 +19,7 @@ import ml_collections
 from flaxtune import peft as peft_lib
 from flaxtune.data import LoaderConfig, Tokenizer, load_tokenizer
 from flaxtune.data.bundled.dataset import train_bundled_tokenizer
+from flaxtune.data.user_data import resolve_data
 from flaxtune.quant.policy import get_policy
 from flaxtune.train.frozen_base import BaseQuantConfig
 from flaxtune.train.optimizer import OptimizerConfig
@@ -155,7 +156,61 @@ def base_quant_config(cfg: ml_collections.ConfigDict) -> BaseQuantConfig | None:
     )
 
 
+# data.tasks as the base config sets it; with data.train set it must stay so (or be "").
+DEFAULT_DATA_TASKS = "bundled/all"
+# The metrics of the validation loss (flaxtune.train.losses.eval_loss), as the loop logs them.
+VALIDATION_LOSS_METRICS = ("eval/loss", "eval/accuracy", "eval/tokens")
+
+
+def _data_keys(cfg: ml_collections.ConfigDict) -> dict[str, str | None]:
+    """data.input_key / data.target_key; at their defaults the standard alternatives count too."""
+    d = cfg.data
+    return dict(
+        input_key=None if d.input_key == "input" else d.input_key,
+        target_key=None if d.target_key == "target" else d.target_key,
+    )
+
+
+def check_data_section(cfg: ml_collections.ConfigDict) -> None:
+    """Errors for data settings that contradict each other (see the data section's comments)."""
+    d = cfg.data
+    if d.train and d.tasks not in ("", DEFAULT_DATA_TASKS):
+        raise ValueError(
+            f"data.train={d.train!r} and data.tasks={d.tasks!r} both name training data; "
+            "set one of them (data.tasks='' with data.train)."
+        )
+    if d.train and not d.validation and cfg.train.best_metric in VALIDATION_LOSS_METRICS:
+        raise ValueError(
+            f"train.best_metric={cfg.train.best_metric!r} needs a validation loss, but "
+            "data.train is set without data.validation (no validation loss is computed). "
+            "Set data.validation or train.best_metric=''."
+        )
+
+
+def train_data(cfg: ml_collections.ConfigDict) -> tuple[str, str]:
+    """(task or mixture, split) of the training data: ``data.train``, else ``data.tasks``."""
+    check_data_section(cfg)
+    if cfg.data.train:
+        return resolve_data(cfg.data.train, "train", **_data_keys(cfg))
+    return cfg.data.tasks, "train"
+
+
+def validation_data(cfg: ml_collections.ConfigDict) -> tuple[str, str] | None:
+    """(task or mixture, split) of the validation loss; None: there is none.
+
+    ``data.validation`` if set; else ``data.tasks``' validation split, or None
+    when ``data.train`` is set (its data has no validation split to take).
+    """
+    check_data_section(cfg)
+    if cfg.data.validation:
+        return resolve_data(cfg.data.validation, "validation", **_data_keys(cfg))
+    if cfg.data.train:
+        return None
+    return cfg.data.tasks, "validation"
+
+
 def loader_config(cfg: ml_collections.ConfigDict, *, encoder_decoder: bool, **changes):
+    check_data_section(cfg)
     d = cfg.data
     base = dict(
         batch_size=d.batch_size,
