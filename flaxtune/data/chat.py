@@ -209,11 +209,11 @@ def generation_prompt(
 
 def chat_template_of(tokenizer: Any) -> tuple[str, dict[str, str]]:
     """The tokenizer's chat template and special-token strings; an error if it has none."""
-    template = getattr(tokenizer, "chat_template", None)
+    template = tokenizer.chat_template
     if not template:
         raise ChatError(
             f"the data holds {CHAT_FIELD!r} conversations, but the tokenizer has no chat "
             "template. Use a tokenizer that ships one (a Hugging Face model directory with "
             "chat_template in tokenizer_config.json) or prompt/completion records."
         )
-    return template, dict(getattr(tokenizer, "special_tokens", None) or {})
+    return template, dict(tokenizer.special_tokens)

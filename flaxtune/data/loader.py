@@ -233,9 +233,8 @@ class Loader:
 
     def _bos_id(self) -> int | None:
         """The bos id that starts decoder-only sequences, if the tokenizer adds one."""
-        # getattr: tokenizers before bos support have neither attribute.
         tok = self.tokenizer
-        return getattr(tok, "bos_id", None) if getattr(tok, "add_bos", False) else None
+        return tok.bos_id if tok.add_bos else None
 
     def _tokenize(self, ex: dict[str, Any]) -> dict[str, np.ndarray]:
         cfg, tok = self.config, self.tokenizer

@@ -44,9 +44,8 @@ def prompt_ids(tokenizer: Tokenizer, prompt: str, *, encoder_decoder: bool, leng
     ids = tokenizer.encode(prompt)
     if encoder_decoder:
         return [*ids[: length - 1], tokenizer.eos_id]
-    # getattr: tokenizers before bos support have neither attribute.
-    bos_id = getattr(tokenizer, "bos_id", None)
-    add_bos = getattr(tokenizer, "add_bos", False) and not (ids and ids[0] == bos_id)
+    bos_id = tokenizer.bos_id
+    add_bos = tokenizer.add_bos and not (ids and ids[0] == bos_id)
     head = [bos_id] if add_bos else []
     row = [*head, *ids[: length - len(head)]]
     # An empty prompt without bos would give the model nothing to read; eos (the

@@ -327,10 +327,10 @@ def test_packing_matches_the_unpacked_batch(model, tokenizer, data_dir):
 
 
 def test_generation_prompts_match_the_training_layout(tokenizer):
-    from flaxtune.data import Tokenizer
+    from flaxtune.data import SentencePieceTokenizer
     from flaxtune.train.scoring import prompt_ids
 
-    class BosTokenizer(Tokenizer):
+    class BosTokenizer(SentencePieceTokenizer):
         """Our tokenizer as if it added a bos (LLaMA-style), with id 5."""
 
         bos_id = 5

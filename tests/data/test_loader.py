@@ -7,7 +7,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from flaxtune.data import Tokenizer
+from flaxtune.data import SentencePieceTokenizer
 from flaxtune.data.loader import LoaderConfig, make_loader
 from flaxtune.data.mixtures import Explicit, Mixture
 
@@ -196,7 +196,7 @@ def test_bad_configs_are_rejected():
         LoaderConfig(batch_size=0)
 
 
-class BosTokenizer(Tokenizer):
+class BosTokenizer(SentencePieceTokenizer):
     """Our tokenizer as if it added a bos (LLaMA-style), with id 5."""
 
     bos_id = 5
