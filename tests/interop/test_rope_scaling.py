@@ -23,7 +23,7 @@ import jax.numpy as jnp  # noqa: E402
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # noqa: E402
 
 from flaxtune.interop import export_hf, import_hf  # noqa: E402
-from flaxtune.transformer import DecodeConfig, build_model, generate  # noqa: E402
+from flaxtune.transformer import DecodeConfig, build_model, generate, get_config  # noqa: E402
 from flaxtune.transformer.positions import (  # noqa: E402
     rope_base_inverse_frequencies,
     rope_inverse_frequencies,
@@ -32,6 +32,8 @@ from flaxtune.transformer.positions import (  # noqa: E402
 from tests.interop.test_hf_parity import _randomize, assert_logits_close  # noqa: E402
 
 pytestmark = pytest.mark.hf
+# transformers' unscaled frequencies: compute_default_rope_parameters(config).
+ROTARY = transformers.models.llama.modeling_llama.LlamaRotaryEmbedding
 
 VOCAB = 101
 LENGTH = 48
@@ -116,8 +118,7 @@ def test_scaling_steps_equal_transformers_bit_for_bit(name):
     expected = ROPE_INIT_FUNCTIONS[name](config, "cpu")[0].numpy()
     kwargs = {KEYWORDS[k]: v for k, v in SCALINGS[name].items() if k in KEYWORDS}
     # From transformers' own unscaled frequencies, the scaling is bit-exact ...
-    base = transformers.models.llama.modeling_llama.LlamaRotaryEmbedding
-    hf_base = base.compute_default_rope_parameters(config)[0].numpy()
+    hf_base = ROTARY.compute_default_rope_parameters(config)[0].numpy()
     got = scale_rope_inverse_frequencies(hf_base, name, **kwargs)
     np.testing.assert_array_equal(got, expected)
     # ... and flaxtune's unscaled ones are the correctly rounded power, which
@@ -187,3 +188,28 @@ def test_cached_greedy_decoding_past_the_original_context(tmp_path):
     decode = DecodeConfig(method="greedy", max_new_tokens=new, min_new_tokens=new)
     got = generate(build_model(imported.config), imported.params, prompt, decode).tokens
     np.testing.assert_array_equal(np.asarray(got), out.numpy()[:, prompt.shape[1] :])
+
+
+def test_llama_3_2_1b_preset_has_the_real_models_frequencies():
+    # meta-llama/Llama-3.2-1B's rope settings, as transformers reads them.
+    real = transformers.LlamaConfig(
+        hidden_size=2048,
+        num_attention_heads=32,
+        head_dim=64,
+        max_position_embeddings=131072,
+        rope_theta=500000.0,
+        rope_scaling=dict(
+            rope_type="llama3",
+            factor=32.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=8192,
+        ),
+    )
+    expected = ROPE_INIT_FUNCTIONS["llama3"](real, "cpu")[0].numpy()
+    config = get_config("llama-3.2-1b")
+    options = config.rope_scaling_options
+    hf_base = ROTARY.compute_default_rope_parameters(real)[0].numpy()
+    np.testing.assert_array_equal(scale_rope_inverse_frequencies(hf_base, **options), expected)
+    got = rope_inverse_frequencies(config.head_dim, config.rope_theta, **options)
+    np.testing.assert_array_max_ulp(got, expected, maxulp=4)
