@@ -114,9 +114,9 @@ RUN_CONFIG_CASES = [
         r"optimizer\.learning_rate=inf: must be a finite",
     ),
     (
-        "learning_rate 0",
-        {"optimizer.learning_rate": 0.0},
-        r"optimizer\.learning_rate=0\.0: must be in \(0",
+        "learning_rate < 0",
+        {"optimizer.learning_rate": -1e-3},
+        r"optimizer\.learning_rate=-0\.001: must be in \[0\.0, inf\)",
     ),
     (
         "weight_decay < 0",
@@ -395,19 +395,19 @@ LIBRARY_CASES = [
         "loss scale 1e38",
         lambda: DynamicLossScale.create(1e38),
         LossScaleError,
-        r"scale=1e\+38 is above 2\*\*40",
+        r"The loss scale\'s initial scale 1e\+38 is above 2\*\*40",
     ),
     (
         "loss scale inf",
         lambda: DynamicLossScale.create(INF),
         LossScaleError,
-        r"scale must be positive and finite, got inf",
+        r"initial scale must be positive and finite, got inf",
     ),
     (
         "loss scale nan",
         lambda: StaticLossScale.create(NAN),
         LossScaleError,
-        r"scale must be positive and finite, got nan",
+        r"initial scale must be positive and finite, got nan",
     ),
     (
         "loss scale 0",
@@ -522,7 +522,7 @@ def finished_run(tmp_path, tokenizer):
 @pytest.fixture(scope="module")
 def other_tokenizer_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("other_tokenizer") / "other.model"
-    train_bundled_tokenizer(vocab_size=500, seed=1).save(path)
+    train_bundled_tokenizer(vocab_size=1000, seed=1).save(path)
     return path
 
 

@@ -127,7 +127,7 @@ class StaticLossScale:
 
     @classmethod
     def create(cls, scale: float) -> StaticLossScale:
-        _check_positive("scale", scale)
+        _check_positive("initial scale", scale)
         return cls(loss_scale=jnp.asarray(scale, jnp.float32))
 
     def scale(self, tree: PyTree) -> PyTree:
@@ -171,7 +171,7 @@ class DynamicLossScale:
         factor: float = 2.0,
         min_scale: float = 1.0,
     ) -> DynamicLossScale:
-        _check_positive("scale", scale)
+        _check_positive("initial scale", scale)
         _check_positive("min_scale", min_scale)
         if int(period) != period or period < 1:
             raise LossScaleError(
@@ -219,10 +219,10 @@ class DynamicLossScale:
 
 def _check_positive(name: str, value: float) -> None:
     if not (math.isfinite(value) and value > 0):
-        raise LossScaleError(f"Loss scale {name} must be positive and finite, got {value}.")
+        raise LossScaleError(f"The loss scale's {name} must be positive and finite, got {value}.")
     if value > MAX_INITIAL_SCALE:
         raise LossScaleError(
-            f"Loss scale {name}={value:g} is above 2**40, where every float16 gradient "
+            f"The loss scale's {name} {value:g} is above 2**40, where every float16 gradient "
             "overflows; start from 2**15 (the default) or anything up to 2**24."
         )
 

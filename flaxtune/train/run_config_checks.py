@@ -112,14 +112,14 @@ def _int(key: str, value: Any, low: int) -> int:
     return int(value)
 
 
-def _number(key: str, value: Any, low: float, high: float | None = None, *, open_low=False):
-    """A finite real in ``[low, high]`` (``(low, high]`` with ``open_low``)."""
-    span = f"{'(' if open_low else '['}{low}, {'inf)' if high is None else f'{high}]'}"
+def _number(key: str, value: Any, low: float, high: float | None = None) -> float:
+    """A finite real in ``[low, high]``."""
+    span = f"[{low}, {'inf)' if high is None else f'{high}]'}"
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise RunConfigError(f"{key}={value!r}: must be a number in {span}.")
     if not math.isfinite(value):
         raise RunConfigError(f"{key}={value!r}: must be a finite number in {span}.")
-    if value < low or (open_low and value == low) or (high is not None and value > high):
+    if value < low or (high is not None and value > high):
         raise RunConfigError(f"{key}={value!r}: must be in {span}.")
     return float(value)
 
@@ -170,19 +170,22 @@ def _check_train(cfg: ml_collections.ConfigDict) -> None:
     _number("train.z_loss", t.z_loss, 0.0)
     _one_of("train.best_mode", t.best_mode, ("min", "max"))
     warmup = _int("optimizer.warmup_steps", cfg.optimizer.warmup_steps, 0)
-    if warmup and warmup >= num_steps:
+    # The schedule spans optimizer.total_steps when it is set, else the run.
+    total = cfg.optimizer.get("total_steps")
+    span, span_key = (total, "optimizer.total_steps") if total else (num_steps, "train.num_steps")
+    if warmup and warmup >= span:
         raise RunConfigError(
-            f"optimizer.warmup_steps={warmup} must be below train.num_steps={num_steps}: the "
-            "run would end before the learning rate reaches its peak; lower the warm-up or "
-            "raise num_steps."
+            f"optimizer.warmup_steps={warmup} must be below {span_key}={span}: the "
+            "schedule would end before the learning rate reaches its peak; lower the warm-up "
+            f"or raise {span_key}."
         )
     _int("seed", cfg.seed, 0)
 
 
 def _check_optimizer(cfg: ml_collections.ConfigDict) -> None:
     o = cfg.optimizer
-    lr = _number("optimizer.learning_rate", o.learning_rate, 0.0, open_low=True)
-    del lr
+    # 0 is allowed: a run that only evaluates, or checks an initialization.
+    _number("optimizer.learning_rate", o.learning_rate, 0.0)
     for key in ("weight_decay", "clip_global_norm"):
         if key in o and o[key] is not None:
             _number(f"optimizer.{key}", o[key], 0.0)
@@ -340,10 +343,11 @@ def _check_best_metric(cfg: ml_collections.ConfigDict) -> None:
         for task in _task_list(e.tasks):
             produced += [f"eval/{task}/{n}" for n in METRIC_NAMES[get_task(task).metric]]
     if best not in produced:
+        generation_score = best.count("/") > 1  # eval/<task>/<name>, task names have a slash
         hint = (
-            ""
-            if e.generate_during_training
-            else " (generation scores need eval.generate_during_training=True)"
+            " (generation scores need eval.generate_during_training=True)"
+            if generation_score and not e.generate_during_training
+            else ""
         )
         raise RunConfigError(
             f"train.best_metric={best!r} is not a metric this run writes{hint}; use one of "
