@@ -587,6 +587,27 @@ def test_init_from_a_directory_that_is_not_a_finished_run(finished_run, tmp_path
         validate_run_config(cfg, tmp_path / "fresh")
 
 
+@pytest.mark.slow
+def test_a_real_finished_run_is_refused_and_left_as_it_was(
+    data_dir, tmp_path, other_tokenizer_file
+):
+    """The same refusals on a workdir that a real (tiny) run wrote, orbax layout and all."""
+    cfg = tiny_config()
+    cfg.data.data_dir = data_dir
+    cfg.data.tasks = cfg.eval.tasks = "bundled/sentiment"
+    cfg.train.num_steps = 2
+    cfg.optimizer.warmup_steps = 0
+    cfg.eval.generate_examples = 0
+    workdir = tmp_path / "run"
+    train_and_evaluate(cfg, workdir)
+    fewer = cfg.copy_and_resolve_references()
+    fewer.train.num_steps = 1
+    _refused_without_a_change(fewer, workdir, r"train\.num_steps=1 is below step 2")
+    other = cfg.copy_and_resolve_references()
+    other.tokenizer.path = str(other_tokenizer_file)
+    _refused_without_a_change(other, workdir, r"tokenizer\.path=.* differs from the tokenizer")
+
+
 def test_a_refused_run_writes_nothing(tmp_path):
     cfg = tiny_config()
     cfg.eval.num_beams = 0

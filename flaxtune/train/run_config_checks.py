@@ -200,10 +200,17 @@ def _check_data(cfg: ml_collections.ConfigDict) -> None:
     _int("data.targets_length", d.targets_length, 1)
     _int("data.batch_size", d.batch_size, 1)
     _int("data.read_threads", d.read_threads, 0)
+    if _user_files(cfg):
+        return  # the user-data reader checks its own files when it opens them
     if isinstance(d.tasks, str) and not d.tasks.strip():
         raise RunConfigError("data.tasks='': name a task, a mixture or a comma-separated list.")
     for split in ("train", "validation"):
         _check_splits("data.tasks", _training_tasks(cfg), split)
+
+
+def _user_files(cfg: ml_collections.ConfigDict) -> bool:
+    """Whether the run trains on the user's own files (``data.train``) instead of ``data.tasks``."""
+    return bool(cfg.data.get("train"))
 
 
 def _training_tasks(cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
@@ -389,6 +396,8 @@ def _check_paths(cfg: ml_collections.ConfigDict) -> None:
 
 def _check_data_size(cfg: ml_collections.ConfigDict) -> None:
     """A batch must not be larger than the training data (it would repeat examples)."""
+    if _user_files(cfg):
+        return
     mixture = resolve_tasks(_training_tasks(cfg))
     total = sum(mixture.sizes("train", run_config.data_directory(cfg)).values())
     if cfg.data.batch_size > total:
