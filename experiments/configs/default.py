@@ -138,7 +138,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.batch_size = 32
     # Pack several examples per row.
     c.data.pack = False
-    # Where TFDS datasets live ("" = the TFDS default, ~/tensorflow_datasets).
+    # Where datasets are read and the bundled dataset is built (once, then shared by every
+    # run that names the same directory): "" = DEFAULT_DATA_DIR of flaxtune/train/run_config.py,
+    # ~/tensorflow_datasets (TFDS's default). Set it to keep a run's data elsewhere, e.g.
+    # inside its workdir.
     c.data.data_dir = ""
     # Loader prefetch threads (0 = in the training thread). The loop already makes the
     # next batch while the device runs the current step; threads pay off only when a

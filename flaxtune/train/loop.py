@@ -62,6 +62,7 @@ from flaxtune.train.run_config import (
     trainer_options,
     validation_data,
 )
+from flaxtune.train.run_config_checks import validate_run_config
 from flaxtune.train.run_dir import load_params, save_params
 from flaxtune.train.scoring import generation_scores
 from flaxtune.train.state import TrainState
@@ -92,6 +93,7 @@ class _Run:
 
 def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
     """Trains as ``cfg`` says, in ``workdir``; returns the final metrics and scores."""
+    validate_run_config(cfg, workdir, read_data=True)
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     run = _setup(cfg, workdir)

@@ -125,9 +125,16 @@ def load_or_train_tokenizer(cfg: ml_collections.ConfigDict, workdir: Path) -> To
     return tokenizer
 
 
+# Where datasets are read and the bundled one is built when ``data.data_dir`` is
+# empty: TFDS's own default, outside any workdir, so that every run and the seed
+# study's workers share one copy (the bundled dataset is deterministic, and a
+# build takes seconds per task). Set data.data_dir to keep a run's data elsewhere.
+DEFAULT_DATA_DIR = "~/tensorflow_datasets"
+
+
 def data_directory(cfg: ml_collections.ConfigDict) -> str:
-    """Where TFDS datasets are read (and the bundled one built): TFDS's default."""
-    return str(Path(cfg.data.data_dir or Path.home() / "tensorflow_datasets").expanduser())
+    """Where TFDS datasets are read (and the bundled one built): ``DEFAULT_DATA_DIR`` if unset."""
+    return str(Path(cfg.data.data_dir or DEFAULT_DATA_DIR).expanduser())
 
 
 def model_config(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer):
