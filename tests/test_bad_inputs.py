@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from experiments.configs import default, instruct, pretrain, tiny
-from flaxtune.data import Tokenizer
+from flaxtune.data import load_tokenizer
 from flaxtune.data.bundled import bundled_builder, train_bundled_tokenizer
 from flaxtune.data.tasks import Task, get_task, register_task
 from flaxtune.errors import FlaxtuneError
@@ -507,7 +507,7 @@ def finished_run(tmp_path, tokenizer):
     """A workdir with a run's files: its tokenizer, config, a checkpoint at step 6, params."""
     workdir = tmp_path / "run"
     workdir.mkdir()
-    tokenizer.save(workdir / "tokenizer.model")
+    tokenizer.save(workdir / "tokenizer")
     (workdir / "config.json").write_text(json.dumps(tiny_config().to_dict(), default=str))
     step = workdir / "checkpoints" / "6" / "meta"
     step.mkdir(parents=True)
@@ -538,9 +538,9 @@ def test_a_workdir_tokenizer_that_differs_from_tokenizer_path(finished_run, othe
     cfg = tiny_config()
     cfg.train.num_steps = 12
     cfg.tokenizer.path = str(other_tokenizer_file)
-    own = finished_run / "tokenizer.model"
-    ours = Tokenizer.load(own).fingerprint
-    theirs = Tokenizer.load(other_tokenizer_file).fingerprint
+    own = finished_run / "tokenizer"
+    ours = load_tokenizer(own).fingerprint
+    theirs = load_tokenizer(other_tokenizer_file).fingerprint
     message = (
         rf"tokenizer\.path='{other_tokenizer_file}' \(fingerprint {theirs}\) differs from the "
         rf"tokenizer {own} \(fingerprint {ours}\)"
@@ -551,7 +551,7 @@ def test_a_workdir_tokenizer_that_differs_from_tokenizer_path(finished_run, othe
 def test_the_same_tokenizer_as_tokenizer_path_is_accepted(finished_run):
     cfg = tiny_config()
     cfg.train.num_steps = 12
-    cfg.tokenizer.path = str(finished_run / "tokenizer.model")
+    cfg.tokenizer.path = str(finished_run / "tokenizer")
     validate_run_config(cfg, finished_run)
 
 

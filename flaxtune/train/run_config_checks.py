@@ -40,7 +40,7 @@ from typing import Any, TypeVar
 import jax
 import ml_collections
 
-from flaxtune.data import Tokenizer
+from flaxtune.data import Tokenizer, load_tokenizer
 from flaxtune.data.loader import resolve_tasks
 from flaxtune.data.tasks import get_task
 from flaxtune.errors import FlaxtuneError
@@ -417,9 +417,10 @@ def _committed_steps(workdir: Path) -> list[int]:
 
 
 def _check_workdir(cfg: ml_collections.ConfigDict, workdir: Path) -> None:
-    own = workdir / "tokenizer.model"
-    if own.exists() and cfg.tokenizer.path:
-        ours, given = Tokenizer.load(own), Tokenizer.load(Path(cfg.tokenizer.path).expanduser())
+    own = _workdir_tokenizer(workdir)
+    if own is not None and cfg.tokenizer.path:
+        ours = load_tokenizer(own)
+        given = load_tokenizer(Path(cfg.tokenizer.path).expanduser())
         if ours.fingerprint != given.fingerprint:
             raise RunConfigError(
                 f"tokenizer.path={cfg.tokenizer.path!r} (fingerprint {given.fingerprint}) "
@@ -435,9 +436,17 @@ def _check_workdir(cfg: ml_collections.ConfigDict, workdir: Path) -> None:
             f"{steps[-1]} to continue it, or use a new workdir."
         )
     if cfg.init_from and not steps:
-        tokenizer_file = own if own.exists() else cfg.tokenizer.path
+        tokenizer_file = own or cfg.tokenizer.path
         if tokenizer_file:
-            _check_init_from_tokenizer(cfg, Tokenizer.load(Path(tokenizer_file).expanduser()))
+            _check_init_from_tokenizer(cfg, load_tokenizer(Path(tokenizer_file).expanduser()))
+
+
+def _workdir_tokenizer(workdir: Path) -> Path | None:
+    """The tokenizer a started run keeps: ``tokenizer/`` (or an older run's ``tokenizer.model``)."""
+    for candidate in (workdir / "tokenizer", workdir / "tokenizer.model"):
+        if candidate.exists():
+            return candidate
+    return None
 
 
 def _check_init_from_tokenizer(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer) -> None:
