@@ -26,8 +26,12 @@ as a regular expression of the exact module paths (PEFT full-matches a
 string ``target_modules``), so that PEFT adds LoRA exactly where flaxtune has
 it.
 
-The hyper-parameters travel as an explicit :class:`LoraHyperparams`, which
-``flaxtune.peft`` fills from its own config.
+The hyper-parameters travel as an explicit :class:`LoraHyperparams`;
+:func:`lora_hyperparams` reads them from a run's ``LoraConfig``. DoRA's
+magnitude (``lora_magnitude [out...]``) is written as PEFT's
+``lora_magnitude_vector [out]`` with ``use_dora``: PEFT computes
+``m / ||W + scaling * B A||_row * (W x + scaling * B A x)``, the same
+column-wise rescaling as flaxtune.
 """
 
 from __future__ import annotations
@@ -55,13 +59,15 @@ from flaxtune.interop.names import (
     tensor_mappings,
 )
 from flaxtune.interop.safetensors_io import CheckpointReader, write_checkpoint
+from flaxtune.peft import LoraConfig
 from flaxtune.transformer import TransformerConfig
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _PEFT_PREFIX = "base_model.model."
+_MAGNITUDE = "lora_magnitude"
 _PEFT_NAME = re.compile(re.escape(_PEFT_PREFIX) + r"(?P<module>.+)\.lora_(?P<side>[AB])\.weight")
-_TASK_TYPES = {"t5": "SEQ_2_SEQ_LM", "llama": "CAUSAL_LM"}
+TASK_TYPES = {"t5": "SEQ_2_SEQ_LM", "llama": "CAUSAL_LM"}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -90,6 +96,41 @@ class LoraHyperparams:
     @property
     def scaling(self) -> float:
         return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+
+def _magnitude(flat: Mapping[str, np.ndarray], module: str, out_shape: tuple) -> np.ndarray:
+    """DoRA's magnitude ``[out...]`` as PEFT's ``lora_magnitude_vector [out]`` (row-major,
+    the order in which the kernel's output axes flatten into the torch weight's rows)."""
+    magnitude = flat.get(f"{module}/{_MAGNITUDE}")
+    if magnitude is None or tuple(magnitude.shape) != tuple(out_shape):
+        raise InteropError(
+            f"{module}: DoRA needs lora_magnitude of shape {tuple(out_shape)} in every LoRA "
+            f"layer; found {None if magnitude is None else magnitude.shape}."
+        )
+    return np.ascontiguousarray(magnitude.reshape(-1).astype(np.float32))
+
+
+def lora_hyperparams(config: LoraConfig) -> LoraHyperparams:
+    """The adapter hyper-parameters of a run's ``LoraConfig``.
+
+    Per-layer overrides and PiSSA have no faithful adapter form here and are
+    refused: PEFT would need per-module patterns, and a PiSSA run's frozen
+    kernels are residuals, not the base model's weights.
+    """
+    if config.overrides:
+        raise InteropError(
+            f"LoRA with per-layer overrides {list(config.overrides)} cannot be exported as an "
+            "adapter; export the merged model instead (without --adapter)."
+        )
+    if config.init == "pissa":
+        raise InteropError(
+            "a PiSSA run's frozen kernels are residuals of the base weights (the principal "
+            "part moved into A and B), so an adapter on the original base model would compute "
+            "something else; export the merged model instead (without --adapter)."
+        )
+    return LoraHyperparams(
+        rank=config.rank, alpha=config.alpha, use_rslora=config.use_rslora, dropout=config.dropout
+    )
 
 
 def _lora_modules(flat: Mapping[str, Any]) -> list[str]:
@@ -144,6 +185,12 @@ def merge_lora_flat(
             f"the parameters hold LoRA factors ({modules[:3]}...); pass lora=LoraHyperparams"
             "(rank=..., alpha=...) so that they can be merged with the right scaling."
         )
+    dora = [p for p in flat if p.endswith(f"/{_MAGNITUDE}")]
+    if dora:
+        raise InteropError(
+            f"the parameters hold DoRA magnitudes ({dora[:3]}...); merge them with "
+            "flaxtune.peft.merge and the model's LoraConfig, which rescales the columns."
+        )
     merged = {p: v for p, v in flat.items() if not p.endswith(("/lora_a", "/lora_b"))}
     for module in modules:
         kernel = flat[f"{module}/kernel"]
@@ -197,6 +244,7 @@ def export_lora_adapter(
         raise InteropError("the parameters hold no lora_a/lora_b factors: nothing to export.")
     mappings = _base_mappings(config)
     tensors, hf_modules = {}, []
+    use_dora = any(f"{module}/{_MAGNITUDE}" in flat for module in modules)
     for module in modules:
         m = mappings.get(f"{module}/kernel")
         if m is None or not m.is_dense:
@@ -204,11 +252,15 @@ def export_lora_adapter(
         a, b = _factors(flat, module, lora, m.shape)
         tensors[f"{_PEFT_PREFIX}{m.hf_module}.lora_A.weight"] = np.ascontiguousarray(a.T)
         tensors[f"{_PEFT_PREFIX}{m.hf_module}.lora_B.weight"] = np.ascontiguousarray(b.T)
+        if use_dora:
+            tensors[f"{_PEFT_PREFIX}{m.hf_module}.lora_magnitude_vector"] = _magnitude(
+                flat, module, m.out_shape
+            )
         hf_modules.append(m.hf_module)
     dense = [m.hf_module for m in mappings.values() if m.is_dense]
     adapter_config = {
         "peft_type": "LORA",
-        "task_type": _TASK_TYPES[family_of_config(config)],
+        "task_type": TASK_TYPES[family_of_config(config)],
         "base_model_name_or_path": base_model_name_or_path,
         "r": lora.rank,
         "lora_alpha": lora.alpha,
@@ -217,7 +269,7 @@ def export_lora_adapter(
         "target_modules": _target_modules(hf_modules, dense),
         "bias": "none",
         "fan_in_fan_out": False,
-        "use_dora": False,
+        "use_dora": use_dora,
         "init_lora_weights": True,
         "inference_mode": True,
         "modules_to_save": None,
