@@ -22,6 +22,7 @@ from flaxtune.transformer import DecodeConfig, build_model, generate, get_config
 from tests.run_dirs import random_params, write_run
 
 GREEDY = DecodeConfig(max_new_tokens=6)
+BATCH = 2
 PROMPTS = ["the film was great", "a b", "translate to German: the house is small and old"]
 
 
@@ -52,11 +53,31 @@ def reference_ids(config, tokenizer, prompt):
     return [*ids, tokenizer.eos_id] if config.is_encoder_decoder else [0, *ids]
 
 
-def direct_greedy(config, params, row):
-    """flaxtune.transformer.generate on one unpadded prompt."""
-    ids = np.asarray([row], np.int32)
-    out = generate(build_model(config), params, ids, GREEDY)
-    return np.asarray(out.tokens)[0, : int(out.lengths[0])].tolist()
+def direct_greedy(config, params, rows):
+    """flaxtune.transformer.generate on ``rows`` in batches of ``BATCH``, padded by hand.
+
+    Every test uses the same prompts, batch size and decoding settings, so each
+    model kind compiles its decoding program once for the whole file.
+    """
+    width = max(len(r) for r in rows)
+    out = []
+    for start in range(0, len(rows), BATCH):
+        chunk = rows[start : start + BATCH]
+        ids = np.zeros((BATCH, width), np.int32)
+        lengths = np.ones((BATCH,), np.int32)
+        for i, row in enumerate(chunk):
+            ids[i, : len(row)], lengths[i] = row, len(row)
+        decoder_only = not config.is_encoder_decoder
+        result = generate(
+            build_model(config),
+            params,
+            ids,
+            GREEDY,
+            prompt_lengths=lengths if decoder_only else None,
+        )
+        tokens, counts = np.asarray(result.tokens), np.asarray(result.lengths)
+        out += [tokens[i, : counts[i]].tolist() for i in range(len(chunk))]
+    return out
 
 
 def test_load_returns_the_saved_model(run, tokenizer):
@@ -84,11 +105,11 @@ def test_batched_greedy_equals_generate_called_directly(run, tokenizer):
     config, params, directory = run
     loaded = load(directory)
     # 3 prompts of different lengths in batches of 2: padded rows and a partial batch.
-    outputs = generate_texts(loaded, PROMPTS, GREEDY, batch_size=2)
-    for prompt, out in zip(PROMPTS, outputs, strict=True):
-        expected = direct_greedy(config, params, reference_ids(config, tokenizer, prompt))
-        assert out.token_ids == expected
-        assert out.text == tokenizer.decode(expected)
+    outputs = generate_texts(loaded, PROMPTS, GREEDY, batch_size=BATCH)
+    rows = [reference_ids(config, tokenizer, p) for p in PROMPTS]
+    expected = direct_greedy(config, params, rows)
+    assert [o.token_ids for o in outputs] == expected
+    assert [o.text for o in outputs] == [tokenizer.decode(ids) for ids in expected]
 
 
 def test_every_decode_config_field_has_a_typed_documented_flag():
@@ -105,17 +126,17 @@ def test_every_decode_config_field_has_a_typed_documented_flag():
     assert args.method == "beam" and args.num_beams == DecodeConfig().num_beams
 
 
-def test_cli_prompts_print_one_record_each(run, capsys):
+def test_cli_prompts_print_one_record_each(run, tokenizer, capsys):
     config, params, directory = run
-    assert main(["--model", str(directory), "--max-new-tokens", "6", "--prompt", PROMPTS[0]]) == 0
-    record = json.loads(capsys.readouterr().out)
-    loaded = load(directory)
-    expected = direct_greedy(config, params, prompt_ids(loaded, PROMPTS[0]))
-    assert record == {
-        "input": PROMPTS[0],
-        "output": loaded.tokenizer.decode(expected),
-        "output_ids": expected,
-    }
+    prompts = [arg for p in PROMPTS for arg in ("--prompt", p)]
+    args = ["--model", str(directory), "--max-new-tokens", "6", "--batch-size", str(BATCH)]
+    assert main([*args, *prompts]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    expected = direct_greedy(config, params, [reference_ids(config, tokenizer, p) for p in PROMPTS])
+    assert records == [
+        {"input": p, "output": tokenizer.decode(ids), "output_ids": ids}
+        for p, ids in zip(PROMPTS, expected, strict=True)
+    ]
 
 
 def test_cli_input_file_output_file_and_scores(run, tmp_path, capsys):
@@ -130,7 +151,7 @@ def test_cli_input_file_output_file_and_scores(run, tmp_path, capsys):
     assert main([*args, "--output", str(out), "--batch-size", "2", "--max-new-tokens", "6"]) == 0
     written = [json.loads(line) for line in out.read_text().splitlines()]
     assert [w["input"] for w in written] == PROMPTS
-    texts = [o.text for o in generate_texts(load(directory), PROMPTS, GREEDY)]
+    texts = [o.text for o in generate_texts(load(directory), PROMPTS, GREEDY, BATCH)]
     assert [w["output"] for w in written] == texts
     scores = json.loads(capsys.readouterr().out)
     refs = [r["target"] for r in records]
@@ -183,8 +204,8 @@ def test_an_adapter_is_merged_into_the_base(run, tmp_path, tokenizer):
     export_adapter(params, config, tmp_path / "adapter")
     with_adapter = load(base_dir, adapter=tmp_path / "adapter")
     assert with_adapter.config == base_config
-    run_outputs = generate_texts(load(directory), PROMPTS, GREEDY)
-    assert generate_texts(with_adapter, PROMPTS, GREEDY) == run_outputs
+    run_outputs = generate_texts(load(directory), PROMPTS, GREEDY, BATCH)
+    assert generate_texts(with_adapter, PROMPTS, GREEDY, BATCH) == run_outputs
     with pytest.raises(GenerateError, match="already carries PEFT parameters"):
         load(directory, adapter=tmp_path / "adapter")
 
