@@ -223,6 +223,12 @@ def test_no_flaxtune_import_inside_a_function():
     assert not local, "flaxtune modules imported inside functions:\n" + "\n".join(local)
 
 
+def test_command_lines_are_nodes_that_nothing_imports():
+    assert node_of("flaxtune.interop.__main__") == "interop.__main__"
+    assert node_of("flaxtune.interop.peft_export") == "interop"
+    assert not [n for deps in INTENDED.values() for n in deps if n.endswith(".__main__")]
+
+
 @pytest.mark.parametrize(
     ("statement", "expected"),
     [
