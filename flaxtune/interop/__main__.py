@@ -15,7 +15,7 @@
 
     # a training run's final model: PEFT merged (LoRA, DoRA, rsLoRA, IA3) ...
     python -m flaxtune.interop export --run-dir ~/runs/sst2 --out ~/hf/sst2 [--dtype ...]
-    # ... or its PEFT method as a PEFT adapter (LoRA, prompt or prefix tuning)
+    # ... or its PEFT method as a PEFT adapter (LoRA, IA3, prompt or prefix tuning)
     python -m flaxtune.interop export --run-dir ~/runs/sst2 --out ~/hf/sst2-adapter --adapter
 
 A run directory carries its PEFT settings (``model.json``) and its run

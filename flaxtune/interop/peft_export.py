@@ -207,7 +207,8 @@ def merge_lora(params: Mapping[str, Any], lora: LoraHyperparams | None) -> dict[
     return traverse_util.unflatten_dict(merge_lora_flat(flat_numpy_params(params), lora), sep="/")
 
 
-def _base_mappings(config: TransformerConfig) -> dict[str, TensorMapping]:
+def base_mappings(config: TransformerConfig) -> dict[str, TensorMapping]:
+    """flaxtune path -> mapping of every base-model parameter (PEFT ones have none)."""
     base = config.replace(peft=None)
     return {m.flax_path: m for m in tensor_mappings(base, param_shapes(abstract_params(base)))}
 
@@ -242,7 +243,7 @@ def export_lora_adapter(
     modules = _lora_modules(flat)
     if not modules:
         raise InteropError("the parameters hold no lora_a/lora_b factors: nothing to export.")
-    mappings = _base_mappings(config)
+    mappings = base_mappings(config)
     tensors, hf_modules = {}, []
     use_dora = any(f"{module}/{_MAGNITUDE}" in flat for module in modules)
     for module in modules:
@@ -321,7 +322,7 @@ def import_lora_adapter(
         use_rslora=bool(c.get("use_rslora", False)),
         dropout=float(c.get("lora_dropout", 0.0)),
     )
-    by_module = {m.hf_module: m for m in _base_mappings(config).values() if m.is_dense}
+    by_module = {m.hf_module: m for m in base_mappings(config).values() if m.is_dense}
     flat, unknown = {}, []
     with CheckpointReader(adapter_dir, single_file=ADAPTER_WEIGHTS) as reader:
         for name in reader.names():

@@ -14,7 +14,8 @@ DoRA               the merged kernel rescaled column by column to the learned
 IA3                keys/values: ``x (W l) = (x W) l``, so the key and value
                    kernels' output columns are multiplied by ``l``; the FFN
                    scale multiplies the hidden activation, which is the input
-                   of ``wo``, so it multiplies ``wo``'s rows
+                   of ``wo``, so it multiplies ``wo``'s rows (``--adapter``
+                   writes the scales as a PEFT IA3 adapter instead)
 adapters           refused: a bottleneck MLP is a new computation
 prompt / prefix    refused: new tokens or keys, not weights (``--adapter``
                    writes them as PEFT prompt-learning adapters)

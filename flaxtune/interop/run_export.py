@@ -6,8 +6,8 @@ Two forms, both from the model's own ``PeftConfig`` (nothing is typed again):
   (``peft_merge``), written as a plain T5 / LLaMA directory;
 * :func:`export_adapter`: the one PEFT method as a PEFT adapter directory
   that ``peft.PeftModel.from_pretrained(base, dir)`` loads as it is: LoRA
-  (with rsLoRA and DoRA; ``peft_export``), prompt tuning and decoder-only
-  prefix tuning (``prompt_export``).
+  (with rsLoRA and DoRA; ``peft_export``), IA3 (``ia3_export``), prompt
+  tuning and decoder-only prefix tuning (``prompt_export``).
 
 An adapter holds only what the method added, so it is faithful only if the
 base weights did not change in training: a run that also trained original
@@ -23,12 +23,17 @@ from typing import Any
 
 from flaxtune.interop.errors import InteropError
 from flaxtune.interop.exporter import export_hf
+from flaxtune.interop.ia3_export import export_ia3_adapter
 from flaxtune.interop.peft_export import export_lora_adapter, lora_hyperparams
 from flaxtune.interop.peft_merge import merge_peft
 from flaxtune.interop.prompt_export import export_prefix_adapter, export_prompt_adapter
 from flaxtune.transformer import TransformerConfig
 
-_ADAPTER_WRITERS = {"prompt_tuning": export_prompt_adapter, "prefix_tuning": export_prefix_adapter}
+_ADAPTER_WRITERS = {
+    "ia3": export_ia3_adapter,
+    "prompt_tuning": export_prompt_adapter,
+    "prefix_tuning": export_prefix_adapter,
+}
 
 
 def export_merged(
@@ -71,7 +76,7 @@ def export_adapter(
             params, config, out_dir, base_model_name_or_path=base_model_name_or_path
         )
     raise InteropError(
-        f"{method} has no PEFT adapter form that computes what flaxtune computes; "
-        + ("export the merged model instead (without --adapter)." if method == "ia3" else "")
-        + ("generate with flaxtune (python -m flaxtune.generate)." if method == "adapters" else "")
+        f"{method} has no PEFT adapter form that computes what flaxtune computes (PEFT's "
+        "bottleneck adapters are not in peft's core methods); generate with flaxtune "
+        "(python -m flaxtune.generate) instead."
     )

@@ -142,7 +142,7 @@ def test_lora_run_exports_merged_and_as_a_peft_adapter(tmp_path, tokenizer, kind
 
 
 @pytest.mark.parametrize("kind", ["t5", "llama"])
-def test_ia3_is_folded_into_the_kernels(tmp_path, tokenizer, kind):
+def test_ia3_is_folded_into_the_kernels_or_exported_as_an_ia3_adapter(tmp_path, tokenizer, kind):
     peft_config = PeftConfig(ia3=IA3Config())
     config, params, run, base_dir = make_run(tmp_path, tokenizer, kind, peft_config, "ia3")
     enc, dec = tokens(config)
@@ -151,6 +151,9 @@ def test_ia3_is_folded_into_the_kernels(tmp_path, tokenizer, kind):
     assert export(run, tmp_path / "merged") == 0
     merged = hf_logits(hf_model(kind, tmp_path / "merged"), config, enc, dec)
     np.testing.assert_allclose(merged, expected, rtol=0, atol=ATOL)
+    assert export(run, tmp_path / "adapter", "--adapter") == 0
+    model = peft.PeftModel.from_pretrained(hf_model(kind, base_dir), tmp_path / "adapter").eval()
+    np.testing.assert_allclose(hf_logits(model, config, enc, dec), expected, rtol=0, atol=ATOL)
 
 
 @pytest.mark.parametrize("kind", ["t5", "llama"])
@@ -199,6 +202,8 @@ def test_what_cannot_be_exported_is_one_clear_error(tmp_path, tokenizer, capsys)
     _, _, run, _ = make_run(tmp_path / "adapters", tokenizer, "llama", adapters, "adapters")
     assert export(run, tmp_path / "o2") == 2
     assert "bottleneck adapters add an MLP" in capsys.readouterr().err
+    assert export(run, tmp_path / "o2", "--adapter") == 2
+    assert "adapters has no PEFT adapter form" in capsys.readouterr().err
 
     _, _, run, _ = make_run(
         tmp_path / "sel", tokenizer, "llama", LORA, "lora", selective_rules=("bitfit",)
@@ -208,7 +213,8 @@ def test_what_cannot_be_exported_is_one_clear_error(tmp_path, tokenizer, capsys)
     assert export(run, tmp_path / "o4", "--lora-rank", "2", "--lora-alpha", "3") == 2
     assert "are read from the run" in capsys.readouterr().err
 
-    ia3 = PeftConfig(ia3=IA3Config())
-    _, _, run, _ = make_run(tmp_path / "ia3", tokenizer, "llama", ia3, "ia3")
+    both = PeftConfig(lora=LoraConfig(rank=2), ia3=IA3Config())
+    config = model_config("llama", tokenizer, both)
+    run = write_run(tmp_path / "both", config, random_params(config), tokenizer, method="lora")
     assert export(run, tmp_path / "o5", "--adapter") == 2
-    assert "ia3 has no PEFT adapter form" in capsys.readouterr().err
+    assert "exactly one PEFT method; this model has ['lora', 'ia3']" in capsys.readouterr().err
