@@ -2,6 +2,9 @@
 
 import dataclasses
 import json
+import pathlib
+import subprocess
+import sys
 import typing
 
 import jax
@@ -224,3 +227,15 @@ def test_prefix_mlp_is_folded_once_at_load(tokenizer, tmp_path):
     )
     folded = loaded.model.apply({"params": loaded.params}, tokens)
     np.testing.assert_allclose(folded, unfolded, rtol=0, atol=1e-5)
+
+
+def test_the_module_runs_as_a_command():
+    result = subprocess.run(
+        [sys.executable, "-m", "flaxtune.generate", "--help"],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=pathlib.Path(__file__).resolve().parents[1],
+    )
+    assert result.returncode == 0, result.stderr
+    assert "--max-new-tokens" in result.stdout and "--references" in result.stdout
