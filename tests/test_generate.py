@@ -190,6 +190,9 @@ def test_chat_messages_need_a_chat_template(run, monkeypatch):
     template += "{% if add_generation_prompt %}<assistant>{% endif %}"
     monkeypatch.setattr(loaded.tokenizer, "chat_template", template, raising=False)
     expected = loaded.tokenizer.encode("<user>hi there<assistant>")
+    # An encoder input still ends with eos; a decoder prompt is the rendered text alone.
+    if loaded.config.is_encoder_decoder:
+        expected.append(loaded.tokenizer.eos_id)
     assert prompt_ids(loaded, messages) == expected
 
 

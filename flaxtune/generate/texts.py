@@ -14,8 +14,9 @@ continuation follows) and its first token.
 
 Chat records (``messages``: a list of ``{"role", "content"}``) are rendered
 with the tokenizer's ``chat_template`` (jinja2, as Hugging Face renders it,
-with the generation prompt appended); the template writes bos itself, so the
-rendered text is encoded as it is.
+with the generation prompt appended); a decoder-only model's template writes
+bos itself, so the rendered text is encoded as it is (an encoder input still
+gets its eos).
 
 :func:`generate_texts` pads every batch to the same shape (``batch_size``
 rows, the longest prompt's length), so the decoding program compiles once
@@ -70,28 +71,27 @@ def render_chat(tokenizer: Any, messages: Sequence[dict[str, Any]]) -> str:
         raise GenerateError(f"the chat template failed on these messages: {err}") from None
 
 
+def _keep_end(ids: list[int], room: int) -> list[int]:
+    return ids[max(len(ids) - room, 0) :] if room > 0 else []
+
+
 def prompt_ids(
     loaded: Loaded, prompt: str | Sequence[dict[str, Any]], max_input_length: int | None = None
 ) -> list[int]:
     """The model input of one prompt (text, or chat messages); see the module docstring."""
     tokenizer, config = loaded.tokenizer, loaded.config
-    if not isinstance(prompt, str):
-        ids = tokenizer.encode(render_chat(tokenizer, prompt))
-        if max_input_length is not None and len(ids) > max_input_length:
-            ids = ids[len(ids) - max_input_length :]
-        return ids
-    body = tokenizer.encode(prompt)
+    chat = not isinstance(prompt, str)
+    body = tokenizer.encode(render_chat(tokenizer, prompt) if chat else prompt)
+    limit = max_input_length
     if config.is_encoder_decoder:
-        if max_input_length is not None:
-            body = body[: max(max_input_length - 1, 0)]
-        return [*body, config.eos_id]
+        return [*(body if limit is None else body[: max(limit - 1, 0)]), config.eos_id]
+    if chat:  # the template wrote bos (or whatever the model starts with)
+        return body if limit is None else _keep_end(body, limit)
     # lead: read tokenizer.bos_id / add_bos directly once the tokenizer interface is merged.
     bos = getattr(tokenizer, "bos_id", None)
     start = bos if getattr(tokenizer, "add_bos", False) and bos is not None else None
     start = config.decoder_start_id if start is None else start
-    if max_input_length is not None:
-        body = body[max(len(body) - (max_input_length - 1), 0) :] if max_input_length > 1 else []
-    return [start, *body]
+    return [start, *(body if limit is None else _keep_end(body, limit - 1))]
 
 
 def _batch_array(rows: list[list[int]], batch_size: int, width: int, pad_id: int):
