@@ -141,6 +141,17 @@ def test_lora_run_exports_merged_and_as_a_peft_adapter(tmp_path, tokenizer, kind
         assert (tmp_path / out / tokenizer_file).read_bytes() == tokenizer.model_proto
 
 
+def test_per_layer_lora_overrides_merge_with_their_own_scaling(tmp_path, tokenizer, capsys):
+    lora = LoraConfig(rank=2, alpha=3.0, targets="qkvo", overrides=((".*layers_1/.*", 3, 9.0),))
+    config, params, run, _ = make_run(tmp_path, tokenizer, "t5", PeftConfig(lora=lora), "lora")
+    enc, dec = tokens(config)
+    assert export(run, tmp_path / "merged") == 0
+    merged = hf_logits(hf_model("t5", tmp_path / "merged"), config, enc, dec)
+    np.testing.assert_allclose(merged, flaxtune_logits(config, params, enc, dec), atol=ATOL, rtol=0)
+    assert export(run, tmp_path / "adapter", "--adapter") == 2
+    assert "per-layer overrides" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("kind", ["t5", "llama"])
 def test_ia3_is_folded_into_the_kernels_or_exported_as_an_ia3_adapter(tmp_path, tokenizer, kind):
     peft_config = PeftConfig(ia3=IA3Config())
