@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import pathlib
+import shutil
 import subprocess
 import sys
 import typing
@@ -18,7 +19,7 @@ from flaxtune.eval import bleu, exact_match, rouge
 from flaxtune.generate import GenerateError, generate_texts, load, prompt_ids
 from flaxtune.generate.__main__ import _parser, main
 from flaxtune.generate.options import field_docs
-from flaxtune.interop import save_flaxtune
+from flaxtune.interop import export_hf, save_flaxtune
 from flaxtune.interop.run_export import export_adapter
 from flaxtune.peft import LoraConfig, PeftConfig, PrefixTuningConfig
 from flaxtune.transformer import DecodeConfig, build_model, generate, get_config
@@ -214,6 +215,15 @@ def test_an_adapter_is_merged_into_the_base(run, tmp_path, tokenizer):
     assert generate_texts(with_adapter, PROMPTS, GREEDY, BATCH) == run_outputs
     with pytest.raises(GenerateError, match="already carries PEFT parameters"):
         load(directory, adapter=tmp_path / "adapter")
+    # A Hugging Face directory of the same base, with the same adapter: the same weights.
+    hf_dir = export_hf(traverse_util.unflatten_dict(base, sep="/"), base_config, tmp_path / "hf")
+    shutil.copy(directory / "tokenizer.model", hf_dir / "tokenizer.model")
+    from_hf = load(hf_dir, adapter=tmp_path / "adapter")
+    got = traverse_util.flatten_dict(from_hf.params, sep="/")
+    for path, value in traverse_util.flatten_dict(with_adapter.params, sep="/").items():
+        np.testing.assert_allclose(
+            np.asarray(got[path]), np.asarray(value), atol=1e-6, err_msg=path
+        )
 
 
 def test_prefix_mlp_is_folded_once_at_load(tokenizer, tmp_path):
