@@ -39,7 +39,6 @@ from flax import traverse_util
 
 from flaxtune.data import Tokenizer
 from flaxtune.errors import FlaxtuneError
-from flaxtune.interop.hf_config import family_of
 from flaxtune.interop.importer import find_tokenizer, import_hf, read_hf_config
 from flaxtune.interop.native import CONFIG_FILE as IMPORT_CONFIG_FILE
 from flaxtune.interop.native import load_flaxtune
@@ -122,7 +121,12 @@ def _load_pretrained(
         config, params = load_flaxtune(path)
         tokenizer = _tokenizer_file(path)
     elif (path / "config.json").exists():
-        family_of(read_hf_config(path))  # a run config.json without model.json fails here
+        if "model_type" not in read_hf_config(path):
+            raise GenerateError(
+                f"{path}/config.json has no model_type, so it is not a Hugging Face model; "
+                f"if {path} is a training run, it has not finished ({RUN_MODEL_FILE} and "
+                "params/ are written at its end)."
+            )
         imported = import_hf(path)
         config, params, tokenizer = imported.config, imported.params, _tokenizer_file(path)
     else:
