@@ -13,9 +13,10 @@
   ``flaxtune_config.json`` and ``params.safetensors``;
 * a Hugging Face T5 / LLaMA directory (``config.json`` + safetensors).
 
-``adapter`` names a PEFT LoRA adapter directory (``export --adapter`` or
-peft's ``save_pretrained``); its factors are merged into the base kernels
-with the adapter's own scaling, so generation pays nothing for them. It
+``adapter`` names a PEFT LoRA or DoRA adapter directory (``export
+--adapter`` or peft's ``save_pretrained``); its factors are merged into the
+base kernels with the adapter's own scaling (``flaxtune.peft.merge``), so
+generation pays nothing for them. It
 applies to a base model: a run that carries PEFT parameters of its own is
 refused rather than stacked with it.
 
@@ -42,8 +43,8 @@ from flaxtune.errors import FlaxtuneError
 from flaxtune.interop.importer import find_tokenizer, import_hf, read_hf_config
 from flaxtune.interop.native import CONFIG_FILE as IMPORT_CONFIG_FILE
 from flaxtune.interop.native import load_flaxtune
-from flaxtune.interop.peft_export import import_lora_adapter, merge_lora
-from flaxtune.peft import PeftConfig, fold_prefix
+from flaxtune.interop.peft_export import import_lora_adapter
+from flaxtune.peft import LoraConfig, PeftConfig, fold_prefix, merge
 from flaxtune.train.run_dir import load_params
 from flaxtune.transformer import TransformerConfig, build_model
 
@@ -153,8 +154,11 @@ def _with_adapter(
     hyper, lora_params = import_lora_adapter(adapter, config)
     flat = traverse_util.flatten_dict(nn.meta.unbox(params), sep="/")
     flat.update(traverse_util.flatten_dict(lora_params, sep="/"))
-    merged = merge_lora(traverse_util.unflatten_dict(flat, sep="/"), hyper)
-    return config, jax.tree_util.tree_map(jnp.asarray, merged)
+    # peft.merge folds each layer with this rank/alpha/rsLoRA scaling and, where
+    # the adapter carries magnitudes (DoRA), rescales the merged columns.
+    lora = LoraConfig(rank=hyper.rank, alpha=hyper.alpha, use_rslora=hyper.use_rslora)
+    merged, _ = merge(traverse_util.unflatten_dict(flat, sep="/"), lora)
+    return config, merged
 
 
 def _folded(config: TransformerConfig, params: Any) -> tuple[TransformerConfig, Any]:

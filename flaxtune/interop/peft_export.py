@@ -67,6 +67,9 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _PEFT_PREFIX = "base_model.model."
 _MAGNITUDE = "lora_magnitude"
 _PEFT_NAME = re.compile(re.escape(_PEFT_PREFIX) + r"(?P<module>.+)\.lora_(?P<side>[AB])\.weight")
+_PEFT_MAGNITUDE_NAME = re.compile(
+    re.escape(_PEFT_PREFIX) + r"(?P<module>.+)\.lora_magnitude_vector"
+)
 TASK_TYPES = {"t5": "SEQ_2_SEQ_LM", "llama": "CAUSAL_LM"}
 
 
@@ -285,17 +288,8 @@ def export_lora_adapter(
     return out_dir
 
 
-def import_lora_adapter(
-    adapter_dir: str | os.PathLike, config: TransformerConfig
-) -> tuple[LoraHyperparams, dict[str, Any]]:
-    """Reads a PEFT LoRA adapter as flaxtune factors.
-
-    Returns ``(hyper-parameters, params)`` where ``params`` is a nested tree
-    holding only ``lora_a`` / ``lora_b`` leaves at the flaxtune paths of the
-    modules they adapt; merge it into the base parameters with
-    ``flax.core.copy`` or a dict update.
-    """
-    adapter_dir = Path(adapter_dir)
+def _adapter_settings(adapter_dir: Path) -> tuple[LoraHyperparams, bool]:
+    """The adapter's hyper-parameters and whether it is DoRA, checked for what flaxtune reads."""
     path = adapter_dir / ADAPTER_CONFIG
     if not path.exists():
         raise InteropError(f"{adapter_dir} has no {ADAPTER_CONFIG}: not a PEFT adapter directory.")
@@ -304,7 +298,6 @@ def import_lora_adapter(
     if c.get("peft_type") != "LORA":
         problems.append(f"peft_type={c.get('peft_type')!r} (only LORA is supported)")
     for key, ok in (
-        ("use_dora", False),
         ("fan_in_fan_out", False),
         ("bias", "none"),
         ("rank_pattern", {}),
@@ -322,33 +315,61 @@ def import_lora_adapter(
         use_rslora=bool(c.get("use_rslora", False)),
         dropout=float(c.get("lora_dropout", 0.0)),
     )
+    return lora, bool(c.get("use_dora", False))
+
+
+def _adapter_leaf(name: str, array: np.ndarray, m: TensorMapping, side: str, r: int):
+    """``(flaxtune leaf name, array in flaxtune layout)`` of one adapter tensor."""
+    if side == "A":  # flaxtune.peft's layout: the input axes flattened, [in, r]
+        expected, leaf = (r, math.prod(m.in_shape)), array.T
+    elif side == "B":
+        expected, leaf = (math.prod(m.out_shape), r), array.T.reshape(r, *m.out_shape)
+    else:  # DoRA's magnitude, one per output feature
+        expected, leaf = (math.prod(m.out_shape),), array.reshape(m.out_shape)
+    if array.shape != expected:
+        raise InteropError(f"{name} has shape {array.shape}, expected {expected}.")
+    return (_MAGNITUDE if side == "M" else f"lora_{side.lower()}"), np.ascontiguousarray(leaf)
+
+
+def import_lora_adapter(
+    adapter_dir: str | os.PathLike, config: TransformerConfig
+) -> tuple[LoraHyperparams, dict[str, Any]]:
+    """Reads a PEFT LoRA (or DoRA) adapter as flaxtune factors.
+
+    Returns ``(hyper-parameters, params)`` where ``params`` is a nested tree
+    holding only ``lora_a`` / ``lora_b`` leaves (and DoRA's ``lora_magnitude``)
+    at the flaxtune paths of the modules they adapt; merge it into the base
+    parameters with ``flax.core.copy`` or a dict update (and fold it with
+    ``flaxtune.peft.merge``, which applies DoRA's magnitudes too).
+    """
+    adapter_dir = Path(adapter_dir)
+    lora, use_dora = _adapter_settings(adapter_dir)
     by_module = {m.hf_module: m for m in base_mappings(config).values() if m.is_dense}
     flat, unknown = {}, []
     with CheckpointReader(adapter_dir, single_file=ADAPTER_WEIGHTS) as reader:
         for name in reader.names():
             match = _PEFT_NAME.fullmatch(name)
+            side = match["side"] if match else None
+            if match is None and use_dora and (match := _PEFT_MAGNITUDE_NAME.fullmatch(name)):
+                side = "M"
             m = by_module.get(match["module"]) if match else None
             if m is None:
                 unknown.append(name)
                 continue
-            array = reader.read(name)
-            r = lora.rank
-            if match["side"] == "A":
-                # flaxtune.peft's layout: the input axes flattened, [in, r].
-                expected, leaf = (r, math.prod(m.in_shape)), array.T
-            else:
-                expected, leaf = (math.prod(m.out_shape), r), array.T.reshape(r, *m.out_shape)
-            if array.shape != expected:
-                raise InteropError(f"{name} has shape {array.shape}, expected {expected}.")
-            module = m.flax_path.removesuffix("/kernel")
-            flat[f"{module}/lora_{match['side'].lower()}"] = np.ascontiguousarray(leaf)
+            leaf, value = _adapter_leaf(name, reader.read(name), m, side, lora.rank)
+            flat[f"{m.flax_path.removesuffix('/kernel')}/{leaf}"] = value
     if unknown:
         raise InteropError(
             f"adapter tensors that match no LoRA-able module of this model: {unknown[:10]}."
         )
-    half = {p.rsplit("/", 1)[0] for p in flat if p.endswith("/lora_a")} ^ {
-        p.rsplit("/", 1)[0] for p in flat if p.endswith("/lora_b")
+    per_leaf = {
+        leaf: {p.rsplit("/", 1)[0] for p in flat if p.endswith(f"/{leaf}")}
+        for leaf in ("lora_a", "lora_b", _MAGNITUDE)
     }
+    half = per_leaf["lora_a"] ^ per_leaf["lora_b"]
     if half:
         raise InteropError(f"adapter modules with only one of lora_A/lora_B: {sorted(half)}.")
+    if use_dora and per_leaf[_MAGNITUDE] != per_leaf["lora_a"]:
+        missing = sorted(per_leaf["lora_a"] ^ per_leaf[_MAGNITUDE])
+        raise InteropError(f"a DoRA adapter needs lora_magnitude_vector beside A and B: {missing}.")
     return lora, traverse_util.unflatten_dict(flat, sep="/")

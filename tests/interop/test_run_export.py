@@ -9,6 +9,7 @@ float32, as the other parity tests).
 """
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ peft = pytest.importorskip("peft", reason=HF_EXTRAS, exc_type=ImportError)
 
 from flax import traverse_util  # noqa: E402
 
+from flaxtune.generate import load  # noqa: E402
 from flaxtune.interop import export_hf  # noqa: E402
 from flaxtune.interop.__main__ import main  # noqa: E402
 from flaxtune.peft import (  # noqa: E402
@@ -139,6 +141,11 @@ def test_lora_run_exports_merged_and_as_a_peft_adapter(tmp_path, tokenizer, kind
     tokenizer_file = "spiece.model" if kind == "t5" else "tokenizer.model"
     for out in ("merged", "adapter"):
         assert (tmp_path / out / tokenizer_file).read_bytes() == tokenizer.model_proto
+    # flaxtune reads the adapter back onto the Hugging Face base: the same model again.
+    shutil.copy(run / "tokenizer.model", base_dir / "tokenizer.model")
+    loaded = load(base_dir, adapter=tmp_path / "adapter")
+    reloaded = flaxtune_logits(loaded.config, loaded.params, enc, dec)
+    np.testing.assert_allclose(reloaded, expected, rtol=0, atol=ATOL)
 
 
 def test_per_layer_lora_overrides_merge_with_their_own_scaling(tmp_path, tokenizer, capsys):
