@@ -45,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Generate text with a flaxtune run, import directory or Hugging Face model.",
     )
     parser.add_argument("--model", required=True, help="run dir, import dir or HF model dir")
-    parser.add_argument("--adapter", default=None, help="a PEFT LoRA adapter directory")
+    parser.add_argument("--adapter", default=None, help="a PEFT LoRA (or DoRA) adapter dir")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", action="append", help="a prompt; repeat for several")
     source.add_argument("--input", help="JSON Lines file of prompts")
