@@ -70,6 +70,8 @@ __all__ = [
 
 MODEL_FILES = ("tokenizer.model", "spiece.model")
 GENERIC_CLASSES = (None, "PreTrainedTokenizerFast", "TokenizersBackend")
+# Where a training run keeps its tokenizer (written by Tokenizer.save).
+RUN_TOKENIZER_DIR = "tokenizer"
 
 
 def tokenizer_file(directory: str | os.PathLike, files: SpecialTokenFiles | None = None) -> Path:
@@ -94,9 +96,19 @@ def tokenizer_file(directory: str | os.PathLike, files: SpecialTokenFiles | None
     )
 
 
+def _has_tokenizer(directory: Path) -> bool:
+    return any((directory / name).is_file() for name in (*MODEL_FILES, "tokenizer.json"))
+
+
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """The tokenizer of a directory or of a single ``.model`` / ``tokenizer.json`` file."""
+    """The tokenizer of a directory or of a single ``.model`` / ``tokenizer.json`` file.
+
+    A training run's directory (its tokenizer in ``tokenizer/``) is read from
+    that subdirectory.
+    """
     path = Path(path)
+    if path.is_dir() and not _has_tokenizer(path) and _has_tokenizer(path / RUN_TOKENIZER_DIR):
+        path = path / RUN_TOKENIZER_DIR  # a training run's directory
     if path.is_dir():
         files = read_special_tokens(path)
         target = tokenizer_file(path, files)

@@ -207,6 +207,9 @@ def test_our_tokenizer_maps_special_strings_and_keeps_its_ids(tokenizer, tmp_pat
         "tokenizer_config.json",
     ]
     again = load_tokenizer(tmp_path / "dir")
+    # A run directory keeps it in tokenizer/; the run directory itself loads too.
+    tokenizer.save(tmp_path / "run" / "tokenizer")
+    assert load_tokenizer(tmp_path / "run").fingerprint == tokenizer.fingerprint
     # The fingerprint is the proto's sha256, as before the directory form.
     assert (
         again.fingerprint
