@@ -39,7 +39,7 @@ def write_run(directory, config, params, tokenizer, *, method="none", **run_chan
     (``init_from="..."``, ``selective_rules=("bitfit",)``)."""
     directory.mkdir(parents=True, exist_ok=True)
     save_params(directory, params, config, tokenizer)
-    tokenizer.save(directory / "tokenizer.model")
+    tokenizer.save(directory / "tokenizer")
     cfg = default_run_config()
     cfg.peft.method = method
     cfg.init_from = str(run_changes.pop("init_from", ""))

@@ -38,9 +38,9 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from flaxtune.data import Tokenizer
+from flaxtune.data import Tokenizer, load_tokenizer
 from flaxtune.errors import FlaxtuneError
-from flaxtune.interop.importer import find_tokenizer, import_hf, read_hf_config
+from flaxtune.interop.importer import import_hf, read_hf_config
 from flaxtune.interop.native import CONFIG_FILE as IMPORT_CONFIG_FILE
 from flaxtune.interop.native import load_flaxtune
 from flaxtune.interop.peft_export import import_lora_adapter
@@ -96,31 +96,19 @@ def model_config_from_dict(record: dict[str, Any]) -> TransformerConfig:
     return TransformerConfig(**fields)
 
 
-def _tokenizer_file(path: Path) -> Tokenizer:
-    # lead: replace with data.load_tokenizer(path) after the tokenizer merge
-    # (it reads run, import and Hugging Face directories and tokenizer.json).
-    found = path / "tokenizer.model" if is_run_dir(path) else find_tokenizer(path)
-    if found is None or not found.exists() or found.suffix != ".model":
-        raise GenerateError(
-            f"{path} holds no SentencePiece tokenizer (spiece.model / tokenizer.model); "
-            "copy the model's tokenizer file into it."
-        )
-    return Tokenizer.load(found)
-
-
 def _load_pretrained(
     path: str | os.PathLike, *, param_dtype: Any = None
 ) -> tuple[TransformerConfig, Any, Tokenizer]:
     # lead: replace with pretrained.load_pretrained after merge
     path = Path(path)
     if is_run_dir(path):
-        tokenizer = _tokenizer_file(path)
+        tokenizer = load_tokenizer(path)
         meta = json.loads((path / RUN_MODEL_FILE).read_text())
         config = model_config_from_dict(meta["model"])
         params = load_params(path, tokenizer)
     elif (path / IMPORT_CONFIG_FILE).exists():
         config, params = load_flaxtune(path)
-        tokenizer = _tokenizer_file(path)
+        tokenizer = load_tokenizer(path)
     elif (path / "config.json").exists():
         if "model_type" not in read_hf_config(path):
             raise GenerateError(
@@ -129,7 +117,7 @@ def _load_pretrained(
                 "params/ are written at its end)."
             )
         imported = import_hf(path)
-        config, params, tokenizer = imported.config, imported.params, _tokenizer_file(path)
+        config, params, tokenizer = imported.config, imported.params, load_tokenizer(path)
     else:
         raise GenerateError(
             f"{path} is neither a run directory ({RUN_MODEL_FILE}), an import directory "

@@ -1,22 +1,22 @@
 """Text in, text out: prompts to token ids, batched generation, ids back to text.
 
-Prompts are tokenized as training presents inputs to the model:
+Prompts are tokenized as training presents inputs to the model and as the
+run's own evaluation prompts them (``flaxtune.train.scoring.prompt_ids``):
 
 * encoder-decoder: the prompt's ids, then eos (the encoder input of every
   training example ends with eos);
-* decoder-only: bos first when the tokenizer adds one (LLaMA), else the
-  decoder start id (what training's shift-right puts in front of a
-  sequence), then the prompt's ids.
+* decoder-only: bos first where the tokenizer adds one (LLaMA; not twice
+  when a chat template already wrote it), then the prompt's ids; a tokenizer
+  without bos gets nothing made up in front.
 
 ``max_input_length`` bounds the ids per prompt: an encoder input keeps its
 start (and its eos), a decoder-only prompt keeps its end (the text the
-continuation follows) and its first token.
+continuation follows) after its bos.
 
 Chat records (``messages``: a list of ``{"role", "content"}``) are rendered
-with the tokenizer's ``chat_template`` (jinja2, as Hugging Face renders it,
-with the generation prompt appended); a decoder-only model's template writes
-bos itself, so the rendered text is encoded as it is (an encoder input still
-gets its eos).
+with the tokenizer's ``chat_template`` by the renderer training uses
+(``flaxtune.data.chat``: jinja2 as Hugging Face's ``apply_chat_template``
+renders it), with the generation prompt appended.
 
 :func:`generate_texts` pads every batch to the same shape (``batch_size``
 rows, the longest prompt's length), so the decoding program compiles once
@@ -30,11 +30,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jinja2
-import jinja2.sandbox
 import numpy as np
 
+from flaxtune.data import Tokenizer
+from flaxtune.data.chat import ChatError, chat_template_of, render_chat
 from flaxtune.generate.loading import GenerateError, Loaded
+from flaxtune.train.scoring import prompt_ids as scoring_prompt_ids
 from flaxtune.transformer import DecodeConfig, generate
 
 
@@ -46,52 +47,28 @@ class Generated:
     token_ids: list[int]
 
 
-def _raise(message: str) -> None:
-    raise jinja2.TemplateError(message)
-
-
-def render_chat(tokenizer: Any, messages: Sequence[dict[str, Any]]) -> str:
-    """``messages`` rendered with the tokenizer's chat template, generation prompt included."""
-    # lead: drop the getattr once the tokenizer interface (chat_template,
-    # special_tokens) is merged.
-    template = getattr(tokenizer, "chat_template", None)
-    if not template:
-        raise GenerateError(
-            "the input holds chat `messages`, but this model's tokenizer has no chat_template; "
-            "give plain prompts (the `input` field) instead."
-        )
-    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = _raise
-    special = dict(getattr(tokenizer, "special_tokens", {}) or {})
+def render_prompt(tokenizer: Tokenizer, messages: Sequence[dict[str, Any]]) -> str:
+    """``messages`` rendered with the tokenizer's chat template, generation prompt included
+    (the renderer training uses, so a chat model is prompted as it was trained)."""
     try:
-        return env.from_string(template).render(
-            messages=list(messages), add_generation_prompt=True, **special
-        )
-    except jinja2.TemplateError as err:
-        raise GenerateError(f"the chat template failed on these messages: {err}") from None
-
-
-def _keep_end(ids: list[int], room: int) -> list[int]:
-    return ids[max(len(ids) - room, 0) :] if room > 0 else []
+        template, special_tokens = chat_template_of(tokenizer)
+        return render_chat(messages, template, special_tokens, add_generation_prompt=True)
+    except ChatError as err:
+        raise GenerateError(str(err)) from None
 
 
 def prompt_ids(
     loaded: Loaded, prompt: str | Sequence[dict[str, Any]], max_input_length: int | None = None
 ) -> list[int]:
     """The model input of one prompt (text, or chat messages); see the module docstring."""
-    tokenizer, config = loaded.tokenizer, loaded.config
-    chat = not isinstance(prompt, str)
-    body = tokenizer.encode(render_chat(tokenizer, prompt) if chat else prompt)
-    limit = max_input_length
-    if config.is_encoder_decoder:
-        return [*(body if limit is None else body[: max(limit - 1, 0)]), config.eos_id]
-    if chat:  # the template wrote bos (or whatever the model starts with)
-        return body if limit is None else _keep_end(body, limit)
-    # lead: read tokenizer.bos_id / add_bos directly once the tokenizer interface is merged.
-    bos = getattr(tokenizer, "bos_id", None)
-    start = bos if getattr(tokenizer, "add_bos", False) and bos is not None else None
-    start = config.decoder_start_id if start is None else start
-    return [start, *(body if limit is None else _keep_end(body, limit - 1))]
+    text = prompt if isinstance(prompt, str) else render_prompt(loaded.tokenizer, prompt)
+    return scoring_prompt_ids(
+        loaded.tokenizer,
+        text,
+        encoder_decoder=loaded.config.is_encoder_decoder,
+        length=max_input_length,
+        keep_end=True,
+    )
 
 
 def _batch_array(rows: list[list[int]], batch_size: int, width: int, pad_id: int):

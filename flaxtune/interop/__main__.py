@@ -43,7 +43,6 @@ from flaxtune.errors import FlaxtuneError
 from flaxtune.generate import load, run_config
 from flaxtune.interop.errors import InteropError
 from flaxtune.interop.exporter import export_hf
-from flaxtune.interop.hf_config import family_of_config
 from flaxtune.interop.importer import find_tokenizer, import_hf
 from flaxtune.interop.native import CONFIG_FILE, load_flaxtune, save_flaxtune
 from flaxtune.interop.peft_export import LoraHyperparams, export_lora_adapter
@@ -153,11 +152,9 @@ def _check_base_unchanged(cfg: dict, run_dir: str) -> None:
         )
 
 
-def _save_tokenizer(tokenizer, config, out_dir: str) -> None:
-    # lead: replace with tokenizer.save(out_dir) after the tokenizer merge (it
-    # writes every file AutoTokenizer needs, under Hugging Face's names).
-    name = "spiece.model" if family_of_config(config) == "t5" else "tokenizer.model"
-    tokenizer.save(Path(out_dir) / name)
+def _special_ids(tokenizer) -> dict[str, int]:
+    """The ids a run's tokenizer adds that the model config does not hold (bos)."""
+    return {} if tokenizer.bos_id is None else {"bos_token_id": tokenizer.bos_id}
 
 
 def _export_run(args: argparse.Namespace) -> dict:
@@ -183,8 +180,10 @@ def _export_run(args: argparse.Namespace) -> dict:
             args.out,
             dtype=args.dtype,
             max_shard_bytes=_shard_bytes(args),
+            special_ids=_special_ids(loaded.tokenizer),
         )
-    _save_tokenizer(loaded.tokenizer, loaded.config, args.out)
+    # Every tokenizer file, under Hugging Face's names: AutoTokenizer loads the output.
+    loaded.tokenizer.save(args.out)
     methods = list(loaded.config.peft.methods) if loaded.config.peft is not None else []
     return {
         "command": "export",

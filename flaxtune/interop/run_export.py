@@ -18,6 +18,7 @@ parameters (selective rules, full fine-tuning) is the caller's to refuse
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -43,11 +44,18 @@ def export_merged(
     *,
     dtype: Any = None,
     max_shard_bytes: int | None = None,
+    special_ids: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Writes the model with its PEFT parameters merged, as transformers loads it."""
+    """Writes the model with its PEFT parameters merged, as transformers loads it;
+    ``special_ids`` as :func:`~flaxtune.interop.exporter.export_hf` takes them."""
     base_params, base_config = merge_peft(params, config)
     return export_hf(
-        base_params, base_config, out_dir, dtype=dtype, max_shard_bytes=max_shard_bytes
+        base_params,
+        base_config,
+        out_dir,
+        dtype=dtype,
+        max_shard_bytes=max_shard_bytes,
+        special_ids=special_ids,
     )
 
 
