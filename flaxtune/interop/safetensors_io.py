@@ -65,7 +65,9 @@ def _open(path: Path) -> Any:
 
 
 def _tensor_digest(array: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(array).data).hexdigest()
+    # Through uint8: a bfloat16 (ml_dtypes) array exports no buffer format of its own.
+    raw = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+    return hashlib.sha256(raw).hexdigest()
 
 
 class CheckpointReader:
