@@ -11,8 +11,10 @@ A run directory looks like::
         │   ├── state/              the TrainState (orbax StandardSave)
         │   ├── data/               data iterator state (JSON)
         │   ├── meta/               run metadata: tokenizer fingerprint, step (JSON)
-        │   └── metrics/            the metrics used to rank "best" (JSON)
+        │   ├── metrics/            the metrics used to rank "best" (JSON)
+        │   └── integrity.json      size and sha256 of every file above
         └── 400.orbax-checkpoint-tmp-1712345678/   an unfinished save
+    corrupt_checkpoints/200/        a step that failed its checksums (moved by restore)
 
 Decisions:
 

@@ -254,6 +254,8 @@ def _train(run: _Run, state: TrainState, iterator: Any, results: dict[str, Any])
                     bar.update(step)
                 eval_metrics = None
                 if step % cfg.train.eval_every == 0 or final:
+                    # Evaluation waits for the state anyway; a NaN run stops first.
+                    guard.check(last_checkpoint=ckpt.saved_step())
                     eval_metrics = _evaluate(run, state, step, writer, results)
                 stopping = stop.requested is not None
                 _checkpoint(run, state, step, iterator, guard, eval_metrics, final or stopping)
