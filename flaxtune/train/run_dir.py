@@ -2,7 +2,8 @@
 
 ``save_params`` writes them at the end of ``train_and_evaluate``;
 ``load_params`` reads them back for ``init_from``, generation, export and the
-seed study, and refuses a run trained with another tokenizer.
+seed study, and refuses a run trained with another tokenizer and parameters
+with NaN or infinite values (naming them).
 """
 
 from __future__ import annotations
@@ -12,10 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from flaxtune.data import Tokenizer
-from flaxtune.errors import TokenizerMismatchError
+from flaxtune.errors import FlaxtuneError, TokenizerMismatchError
+
+
+class NonFiniteParamsError(FlaxtuneError, ValueError):
+    """Saved parameters that hold NaN or infinite values."""
 
 
 def save_params(
@@ -58,4 +64,21 @@ def load_params(run_dir: Path, tokenizer: Tokenizer) -> dict[str, Any]:
             f"uses {tokenizer.fingerprint}; set tokenizer.path to {run_dir}/tokenizer."
         )
     with ocp.StandardCheckpointer() as ckpt:
-        return ckpt.restore(run_dir / "params")
+        params = ckpt.restore(run_dir / "params")
+    _check_finite(params, run_dir / "params")
+    return params
+
+
+def _check_finite(params: Any, where: Path) -> None:
+    """Raises naming every parameter with NaN or infinite values (a damaged or diverged run)."""
+    bad = [
+        "/".join(str(getattr(k, "key", k)) for k in path)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+        if jnp.issubdtype(leaf.dtype, jnp.inexact) and not bool(jnp.isfinite(leaf).all())
+    ]
+    if bad:
+        raise NonFiniteParamsError(
+            f"{where} holds NaN or infinite values in {len(bad)} parameter(s): "
+            f"{', '.join(bad[:20])}. The run diverged or the files are damaged; "
+            "start from another run."
+        )
