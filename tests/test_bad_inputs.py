@@ -27,6 +27,7 @@ from experiments.configs import default, instruct, pretrain, tiny
 from flaxtune.data import load_tokenizer
 from flaxtune.data.bundled import bundled_builder, train_bundled_tokenizer
 from flaxtune.data.tasks import Task, get_task, register_task
+from flaxtune.data.user_data import UserDataError, register_user_task
 from flaxtune.errors import FlaxtuneError
 from flaxtune.eval import accuracy, bleu, exact_match, rouge
 from flaxtune.eval.harness import METRIC_KINDS, metric
@@ -619,6 +620,48 @@ def test_a_refused_run_writes_nothing(tmp_path):
     with pytest.raises(RunConfigError, match=r"eval\.num_beams=0"):
         train_and_evaluate(cfg, tmp_path / "new")
     assert not (tmp_path / "new").exists()
+
+
+# --------------------------------------------------------------------------
+# The user's own data files (data.train / data.validation)
+# --------------------------------------------------------------------------
+GOOD_LINE = b'{"input": "a", "target": "b"}\n'
+# (case, file name, bytes, the message it must give)
+USER_DATA_CASES = [
+    ("non-UTF-8 line", "x.jsonl", GOOD_LINE + b'{"input": "caf\xe9"}\n', r"x\.jsonl:2: not UTF-8"),
+    ("invalid JSON", "x.jsonl", GOOD_LINE + b'{"input": "a", \n', r"x\.jsonl:2: not valid JSON"),
+    ("not an object", "x.jsonl", b'["a", "b"]\n', r"x\.jsonl:1: expected a JSON object"),
+    ("non-string field", "x.jsonl", b'{"input": "a", "target": 3}\n', r"x\.jsonl:1: field"),
+    ("CSV without the columns", "x.csv", b"question,answer\nA,B\n", r"x\.csv:2: missing field"),
+    ("empty file", "x.jsonl", b"", r"x\.jsonl: no usable examples"),
+    ("unknown extension", "x.txt", b"x", r"x\.txt: unknown extension"),
+    ("garbled Parquet", "x.parquet", b"not parquet", r"x\.parquet: not a readable Parquet"),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [pytest.param(n, c, m, id=case) for case, n, c, m in USER_DATA_CASES],
+)
+def test_a_bad_data_file_names_file_and_line(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(UserDataError, match=message) as info:
+        register_user_task("user/bad_input", {"train": path}, overwrite=True)
+    assert "\n" not in str(info.value)
+
+
+def test_a_bad_data_file_stops_the_run_before_training(tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_bytes(GOOD_LINE * 8 + b'{"input": "caf\xe9", "target": "b"}\n')
+    cfg = tiny_config()
+    cfg.data.tasks = ""
+    cfg.data.train = str(data)
+    cfg.train.best_metric = ""
+    with pytest.raises(UserDataError, match=r"train\.jsonl:9: not UTF-8"):
+        train_and_evaluate(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 # --------------------------------------------------------------------------

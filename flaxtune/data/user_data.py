@@ -45,6 +45,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from flaxtune.data.chat import ASSISTANT, CHAT_FIELD, ChatError, check_messages
@@ -127,7 +128,15 @@ def _csv_rows(path: str) -> Iterator[tuple[str, dict | None]]:
 
 
 def _parquet_rows(path: str) -> Iterator[tuple[str, dict | None]]:
-    for i, record in enumerate(pq.read_table(path).to_pylist(), start=1):
+    try:
+        table = pq.read_table(path)
+    except pa.ArrowException as err:
+        # Truncated or not Parquet at all: name the file, not pyarrow's internals.
+        raise UserDataError(
+            f"{path}: not a readable Parquet file ({err}); write it again with "
+            "pyarrow or pandas, or use .jsonl / .csv."
+        ) from None
+    for i, record in enumerate(table.to_pylist(), start=1):
         yield f"{path}: row {i}", record
 
 
