@@ -21,7 +21,8 @@ from experiments.configs import finetune
 from flaxtune.data import Tokenizer
 from flaxtune.data.user_data import register_user_task
 from flaxtune.interop import export_hf, import_hf, save_flaxtune
-from flaxtune.train.loop import train_and_evaluate
+from flaxtune.peft import AdapterConfig, LoraConfig, PeftConfig
+from flaxtune.train.loop import _setup, train_and_evaluate
 from flaxtune.train.mesh import make_mesh
 from flaxtune.train.pretrained import (
     PretrainedError,
@@ -302,8 +303,100 @@ def one_step_config(init_from, task, **peft):
     return cfg
 
 
-@pytest.mark.parametrize("layout", ["run", "import", "hf_sharded"])
-def test_a_run_starts_from_the_checkpoint_bit_for_bit(
+@pytest.mark.parametrize("layout", ["run", "import", "hf", "hf_sharded"])
+def test_the_initial_state_is_the_checkpoint_bit_for_bit(
+    layouts, layout, checkpoint, task, tmp_path
+):
+    """The run's setup alone (no step): its train state holds the checkpoint's parameters."""
+    _, params = checkpoint
+    run = _setup(one_step_config(layouts[layout], task), tmp_path)
+    try:
+        state = run.trainer.state
+        assert not flat(state.frozen)  # full fine-tuning: everything trains
+        assert_flat_equal(flat(state.trainable), flat(params))
+    finally:
+        run.ckpt.close()
+
+
+def test_a_quantized_base_and_pissa_start_from_the_loaded_weights(
+    layouts, checkpoint, task, tmp_path
+):
+    _, params = checkpoint
+    expected = flat(params)
+    cfg = one_step_config(layouts["import"], task, method="lora")
+    cfg.quant.base = "int8"
+    run = _setup(cfg, tmp_path)
+    try:
+        frozen = flat(run.trainer.state.frozen)
+        specs = run.trainer.spec.frozen_base.specs
+        assert specs
+        for path, spec in specs.items():
+            codes = spec.apply(expected[path])
+            np.testing.assert_array_equal(frozen[path].values, codes.values, err_msg=path)
+            np.testing.assert_array_equal(frozen[path].scale, codes.scale, err_msg=path)
+    finally:
+        run.ckpt.close()
+
+    cfg = one_step_config(layouts["hf"], task, method="lora")
+    cfg.peft.lora.init = "pissa"
+    (tmp_path / "pissa").mkdir()
+    run = _setup(cfg, tmp_path / "pissa")
+    try:
+        state = flat(run.trainer.state.params)
+        query = "encoder/layers_1/attention/query"
+        kernel = expected[f"{query}/kernel"]
+        a, b = np.asarray(state[f"{query}/lora_a"]), np.asarray(state[f"{query}/lora_b"])
+        scaling = cfg.peft.lora.alpha / cfg.peft.lora.rank
+        delta = scaling * (a @ b.reshape(a.shape[1], -1)).reshape(kernel.shape)
+        rebuilt = np.asarray(state[f"{query}/kernel"]) + delta
+        # PiSSA splits the loaded kernel, not a random draw: the parts add up to it.
+        np.testing.assert_allclose(rebuilt, kernel, rtol=1e-5, atol=1e-5)
+        assert np.abs(np.asarray(state[f"{query}/kernel"]) - kernel).max() > 0.1
+    finally:
+        run.ckpt.close()
+
+
+def test_a_lora_run_gives_its_merged_weights_and_other_peft_runs_are_refused(
+    tmp_path, checkpoint, tokenizer, spiece
+):
+    config, _ = checkpoint
+    lora = LoraConfig(rank=2, alpha=6.0)
+    trained = random_params(config.replace(peft=PeftConfig(lora=lora)), seed=4)
+    run = write_run_dir(
+        tmp_path / "lora", config.replace(peft=PeftConfig(lora=lora)), trained, tokenizer, spiece
+    )
+    values = base_values(resolve_pretrained(run))
+    weights = flat(trained)
+    assert not any("/lora_" in p for p in values)
+    query = "decoder/layers_0/attention/query"
+    kernel = np.asarray(weights[f"{query}/kernel"])
+    a, b = np.asarray(weights[f"{query}/lora_a"]), np.asarray(weights[f"{query}/lora_b"])
+    merged = kernel + 3.0 * (a.reshape(-1, 2) @ b.reshape(2, -1)).reshape(kernel.shape)
+    np.testing.assert_allclose(values[f"{query}/kernel"], merged, rtol=1e-6, atol=1e-6)
+    key = "decoder/layers_0/attention/key/kernel"  # not a LoRA target: as trained
+    np.testing.assert_array_equal(values[key], weights[key])
+    # load_pretrained keeps the run as it was trained, PEFT parameters and config.
+    loaded_config, loaded, _ = load_pretrained(run)
+    assert loaded_config.peft == PeftConfig(lora=lora)
+    assert_flat_equal(flat(loaded), weights)
+
+    adapters = config.replace(peft=PeftConfig(adapters=AdapterConfig()))
+    run = write_run_dir(tmp_path / "adapters", adapters, random_params(adapters), tokenizer, spiece)
+    with pytest.raises(PretrainedError, match=r"trained with PEFT \['adapters'\], whose"):
+        base_values(resolve_pretrained(run))
+
+
+# Each full run takes ~30 s on a loaded 2-core machine: one runs by default, the
+# others (the same path after resolve_pretrained) under -m slow.
+@pytest.mark.parametrize(
+    "layout",
+    [
+        "run",
+        pytest.param("import", marks=pytest.mark.slow),
+        pytest.param("hf_sharded", marks=pytest.mark.slow),
+    ],
+)
+def test_a_one_step_run_starts_from_the_checkpoint_bit_for_bit(
     layouts, layout, checkpoint, tokenizer, task, tmp_path
 ):
     config, params = checkpoint
