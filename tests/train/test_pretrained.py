@@ -436,37 +436,28 @@ def test_a_different_tokenizer_path_is_refused(layouts, task, tmp_path):
 
 @pytest.mark.hf
 def test_a_transformers_t5_v1_1_directory_starts_a_run(tmp_path, spiece, tokenizer, task):
-    import torch
-    import transformers
+    from tests.interop.test_hf_parity import hf_model_dir
 
-    torch.manual_seed(0)
-    hf_config = transformers.T5Config(
+    model, directory = hf_model_dir(
+        tmp_path,
+        "t5-v1.1",  # gated-GELU, its own head, 2 encoder and 3 decoder layers
         vocab_size=tokenizer.vocab_size + EXTRA_ROWS,
-        d_model=24,
-        d_kv=5,
-        d_ff=37,
-        num_layers=2,
-        num_decoder_layers=3,
-        num_heads=3,
-        relative_attention_num_buckets=8,
         relative_attention_max_distance=17,
-        feed_forward_proj="gated-gelu",
-        tie_word_embeddings=False,
-        decoder_start_token_id=0,
         pad_token_id=0,
         eos_token_id=1,
     )
-    directory = tmp_path / "hf"
-    transformers.T5ForConditionalGeneration(hf_config).save_pretrained(directory)
     shutil.copyfile(spiece, directory / "spiece.model")
 
     source = resolve_pretrained(directory)
     assert source.kind == "hf"
     expected = import_hf(directory)
     assert source.config == expected.config
-    assert (source.config.num_encoder_layers, source.config.num_decoder_layers) == (2, 3)
-    assert source.config.vocab_size == tokenizer.vocab_size + EXTRA_ROWS
-    assert source.config.activation == "gated-gelu" and not source.config.tie_embeddings
+    config = source.config
+    assert (config.num_encoder_layers, config.num_decoder_layers) == (2, 3)
+    assert (config.vocab_size, config.relative_max_distance) == (tokenizer.vocab_size + 7, 17)
+    assert config.activation == "gated-gelu" and not config.tie_embeddings
+    torch_embedding = model.shared.weight.detach().numpy()
+    np.testing.assert_array_equal(flat(expected.params)["token_embed/embedding"], torch_embedding)
 
     train_and_evaluate(one_step_config(directory, task), tmp_path / "run")
     assert_flat_equal(flat(restore_params(tmp_path / "run")), flat(expected.params))
