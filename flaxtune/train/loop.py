@@ -54,8 +54,9 @@ from flaxtune.train.losses import eval_loss
 from flaxtune.train.mesh import make_mesh, mesh_context, shard_batch
 from flaxtune.train.metrics_writer import MetricsWriter, ProgressBar, plot_curves
 from flaxtune.train.partition import merge_params
-from flaxtune.train.pretrained import base_values, resolve_pretrained
+from flaxtune.train.pretrained import continues_adapter, resolve_pretrained, start_values
 from flaxtune.train.run_config import (
+    check_model_source,
     data_directory,
     load_or_train_tokenizer,
     loader_config,
@@ -120,6 +121,7 @@ def _example_batch(
 
 def _setup(cfg: ml_collections.ConfigDict, workdir: Path) -> _Run:
     """The tokenizer, the trainer and the checkpoint manager of the run."""
+    check_model_source(cfg)  # before a tokenizer is trained for nothing
     # init_from: the architecture, the vocabulary and the tokenizer are the
     # checkpoint's (read from its JSON now; its weights once the run is known
     # to be new).
@@ -150,14 +152,16 @@ def _setup(cfg: ml_collections.ConfigDict, workdir: Path) -> _Run:
     resuming = ckpt.latest_step() is not None
     init_values = None
     if not resuming:
-        # A new run from a checkpoint starts from its float base parameters
-        # (a Hugging Face checkpoint's placed on the mesh as they are read);
-        # the trainer quantizes a QLoRA base afterwards. PiSSA and prompts from
-        # vocabulary tokens start from that base (else from the draws). A
-        # resumed run restores its own state instead.
+        # A new run from a checkpoint starts from its float parameters (a
+        # Hugging Face checkpoint's placed on the mesh as they are read); the
+        # trainer quantizes a QLoRA base afterwards. PiSSA and prompts from
+        # vocabulary tokens start from that base (else from the draws), unless
+        # the run continues the checkpoint's own adapter. A resumed run
+        # restores its own state instead.
         if source is not None:
-            init_values = base_values(source, mesh=mesh)
-        init_values = spec.peft_initial_values(init_values)
+            init_values = start_values(source, mcfg.peft, mesh=mesh)
+        if source is None or not continues_adapter(source, mcfg.peft):
+            init_values = spec.peft_initial_values(init_values)
     trainer = spec.build(init_values)
     if not resuming and source is not None:
         logger.info("initialized from %s (%s)", source.path, source.kind)

@@ -26,7 +26,7 @@ their ``NamedSharding`` on the run's mesh).
 32,128 rows for 32,100 ids), its special ids (pad, eos, decoder start), and
 its dtypes and runtime values (dropout, cache length) as stored. A run
 directory's config also holds the PEFT config the run trained, whose
-parameters sit next to the base ones in ``params/``; :func:`init_values`
+parameters sit next to the base ones in ``params/``; :func:`start_values`
 decides what a new run starts from (see there).
 
 **The tokenizer** travels with the checkpoint: a run's ``tokenizer/``
@@ -239,29 +239,45 @@ def _check_complete(flat: Mapping[str, Any], config: TransformerConfig, where: P
         )
 
 
-def base_values(source: PretrainedSource, *, mesh: Mesh | None = None) -> dict[str, Any]:
-    """The base model's parameters of ``source`` (flat), what a new run starts from.
+def continues_adapter(source: PretrainedSource, peft: peft_lib.PeftConfig | None) -> bool:
+    """Whether a run with ``peft`` continues the PEFT parameters ``source`` trained.
 
-    A run trained with LoRA (or DoRA) gives its merged weights: the model it
-    produced, whose Dense kernels absorb ``scaling * A @ B``. The new run then
-    adds its own PEFT parameters, fresh. Other methods (adapters, IA3,
-    prompts, prefixes) add computations that no base weight can hold, so such
-    a run is refused as a starting point rather than silently cut back to the
-    base it started from.
+    True when ``source`` is a run trained with exactly this PEFT config: its
+    adapter's parameters are then loaded too, and not initialized again.
+    """
+    return source.config.peft is not None and source.config.peft == peft
+
+
+def start_values(
+    source: PretrainedSource, peft: peft_lib.PeftConfig | None, *, mesh: Mesh | None = None
+) -> dict[str, Any]:
+    """The parameters (flat) that a new run with PEFT config ``peft`` starts from.
+
+    A checkpoint without PEFT gives its weights. A run trained with PEFT
+    gives, for a new run with the same PEFT config, everything it trained
+    (base and adapter: training continues, :func:`continues_adapter`); for
+    any other run, its LoRA (or DoRA) merged into the kernels, the model it
+    produced, to which the new run adds its own PEFT parameters. Merging
+    before a quantized base is stored rounds the update with the base.
+    Other methods (adapters, IA3, prompts, prefixes) add computations that no
+    base weight holds, so a different run cannot start from them: an error,
+    rather than a silent cut back to the base they started from.
     """
     flat = source.load_params(mesh=mesh)
     stored = source.config.peft
-    if stored is not None:
+    if stored is not None and not continues_adapter(source, peft):
         if stored.methods != ("lora",):
             raise PretrainedError(
                 f"init_from={source.path} is a run trained with PEFT {list(stored.methods)}, "
-                "whose parameters cannot be merged into the base weights; start from the "
-                "checkpoint that run started from (its init_from), or from a run trained "
-                "without PEFT or with LoRA."
+                "whose parameters cannot be merged into the base weights. Continue training "
+                "them with the same peft settings, or start from the checkpoint that run "
+                "started from (its init_from)."
             )
         merged, _ = peft_lib.merge(traverse_util.unflatten_dict(flat, sep="/"), stored.lora)
         flat = traverse_util.flatten_dict(merged, sep="/")
-    _check_complete(flat, source.config.replace(peft=None), source.path)
+        _check_complete(flat, source.config.replace(peft=None), source.path)
+        return flat
+    _check_complete(flat, source.config, source.path)
     return flat
 
 

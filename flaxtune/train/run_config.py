@@ -152,6 +152,16 @@ def _set_overrides(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     return {k: v for k, v in cfg.model.overrides.items() if v is not None}
 
 
+def check_model_source(cfg: ml_collections.ConfigDict) -> None:
+    """The run config names an architecture: ``model.preset``, or ``init_from`` for ``""``."""
+    if not cfg.model.preset and not cfg.init_from:
+        raise PretrainedError(
+            "model.preset='' takes the architecture from init_from, and init_from is not set: "
+            "set init_from=PATH (a finished run's workdir, an import directory or a Hugging "
+            f"Face model directory), or name a preset (one of {preset_names()})."
+        )
+
+
 def model_config(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer, checkpoint=None):
     """The run's ``TransformerConfig``: a preset with overrides, or ``init_from``'s architecture.
 
@@ -160,16 +170,11 @@ def model_config(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer, checkpoin
     (``checkpoint``, else read from ``init_from``; see
     :func:`pretrained_model_config`).
     """
+    check_model_source(cfg)
     if cfg.init_from:
         if checkpoint is None:
             checkpoint = resolve_pretrained(cfg.init_from).config
         return pretrained_model_config(cfg, tokenizer, checkpoint)
-    if not cfg.model.preset:
-        raise PretrainedError(
-            "model.preset='' takes the architecture from init_from, and init_from is not set: "
-            "set init_from=PATH (a finished run's workdir, an import directory or a Hugging "
-            f"Face model directory), or name a preset (one of {preset_names()})."
-        )
     policy = get_policy(cfg.policy)
     return get_config(
         cfg.model.preset,

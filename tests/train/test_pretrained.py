@@ -26,9 +26,9 @@ from flaxtune.train.loop import _setup, train_and_evaluate
 from flaxtune.train.mesh import make_mesh
 from flaxtune.train.pretrained import (
     PretrainedError,
-    base_values,
     load_pretrained,
     resolve_pretrained,
+    start_values,
 )
 from flaxtune.train.run_config import model_config
 from flaxtune.train.run_dir import restore_params, save_params
@@ -356,7 +356,7 @@ def test_a_quantized_base_and_pissa_start_from_the_loaded_weights(
         run.ckpt.close()
 
 
-def test_a_lora_run_gives_its_merged_weights_and_other_peft_runs_are_refused(
+def test_a_peft_run_is_continued_or_merged_and_other_peft_runs_are_refused(
     tmp_path, checkpoint, tokenizer, spiece
 ):
     config, _ = checkpoint
@@ -365,7 +365,8 @@ def test_a_lora_run_gives_its_merged_weights_and_other_peft_runs_are_refused(
     run = write_run_dir(
         tmp_path / "lora", config.replace(peft=PeftConfig(lora=lora)), trained, tokenizer, spiece
     )
-    values = base_values(resolve_pretrained(run))
+    source = resolve_pretrained(run)
+    values = start_values(source, None)
     weights = flat(trained)
     assert not any("/lora_" in p for p in values)
     query = "decoder/layers_0/attention/query"
@@ -375,6 +376,8 @@ def test_a_lora_run_gives_its_merged_weights_and_other_peft_runs_are_refused(
     np.testing.assert_allclose(values[f"{query}/kernel"], merged, rtol=1e-6, atol=1e-6)
     key = "decoder/layers_0/attention/key/kernel"  # not a LoRA target: as trained
     np.testing.assert_array_equal(values[key], weights[key])
+    # A run with the same LoRA continues it: base and adapter as trained.
+    assert_flat_equal(start_values(source, PeftConfig(lora=lora)), weights)
     # load_pretrained keeps the run as it was trained, PEFT parameters and config.
     loaded_config, loaded, _ = load_pretrained(run)
     assert loaded_config.peft == PeftConfig(lora=lora)
@@ -382,8 +385,10 @@ def test_a_lora_run_gives_its_merged_weights_and_other_peft_runs_are_refused(
 
     adapters = config.replace(peft=PeftConfig(adapters=AdapterConfig()))
     run = write_run_dir(tmp_path / "adapters", adapters, random_params(adapters), tokenizer, spiece)
+    source = resolve_pretrained(run)
     with pytest.raises(PretrainedError, match=r"trained with PEFT \['adapters'\], whose"):
-        base_values(resolve_pretrained(run))
+        start_values(source, PeftConfig(lora=lora))
+    assert len(start_values(source, adapters.peft)) == len(flat(random_params(adapters)))
 
 
 # Each full run takes ~30 s on a loaded 2-core machine: one runs by default, the
@@ -422,7 +427,7 @@ def test_a_lora_run_from_a_checkpoint_keeps_its_base_and_names_its_tokenizer(
     # A LoRA run is a checkpoint too: its merged weights (here the base: B = 0).
     source = resolve_pretrained(tmp_path / "lora")
     assert source.config.peft is not None
-    assert_flat_equal(base_values(source), flat(params))
+    assert_flat_equal(start_values(source, None), flat(params))
 
 
 def test_a_different_tokenizer_path_is_refused(layouts, task, tmp_path):
