@@ -68,7 +68,6 @@ from flaxtune.train.mesh import LOGICAL_AXIS_RULES
 from flaxtune.train.run_dir import MODEL_FILE, is_run_dir, read_model_json, restore_params
 from flaxtune.transformer import TransformerConfig
 
-KINDS = ("run", "import", "hf")
 AxisRules = Sequence[tuple[str, str | tuple[str, ...] | None]]
 
 
@@ -127,10 +126,6 @@ class PretrainedSource:
         return {k: np.asarray(v).astype(jnp.dtype(param_dtype)) for k, v in flat.items()}
 
 
-def _has_hf_weights(directory: Path) -> bool:
-    return (directory / SINGLE_FILE).exists() or (directory / INDEX_FILE).exists()
-
-
 def _run_tokenizer_dir(directory: Path) -> Path | None:
     """A run's ``tokenizer/`` directory, else the workdir of a run that kept ``tokenizer.model``."""
     if (directory / "tokenizer").is_dir() and find_tokenizer(directory / "tokenizer"):
@@ -147,7 +142,13 @@ def resolve_pretrained(path: str | os.PathLike) -> PretrainedSource:
     directory = Path(path).expanduser().absolute()
     if not directory.is_dir():
         raise PretrainedError(f"init_from={str(path)!r}: no such directory.")
-    if is_run_dir(directory):
+    if (directory / MODEL_FILE).exists() or (directory / "checkpoints").is_dir():
+        if not is_run_dir(directory):
+            raise PretrainedError(
+                f"{directory} is a training run without final parameters ({MODEL_FILE} and "
+                "params/ are written when a run ends): let it finish (rerun its command to "
+                "resume it)."
+            )
         config, fingerprint = read_model_json(directory)
         return PretrainedSource(
             directory, "run", config, _run_tokenizer_dir(directory), fingerprint
@@ -155,7 +156,8 @@ def resolve_pretrained(path: str | os.PathLike) -> PretrainedSource:
     if (directory / CONFIG_FILE).exists():
         tokenizer_dir = directory if find_tokenizer(directory) else None
         return PretrainedSource(directory, "import", _import_config(directory), tokenizer_dir)
-    if (directory / "config.json").exists() and _has_hf_weights(directory):
+    if (directory / "config.json").exists():
+        # (Without safetensors, the reader's error says so and how to convert torch files.)
         config = hf_checkpoint_config(directory)
         tokenizer_dir = directory if find_tokenizer(directory) else None
         return PretrainedSource(directory, "hf", config, tokenizer_dir)

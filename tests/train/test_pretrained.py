@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding
 from experiments.configs import finetune
 from flaxtune.data import Tokenizer
 from flaxtune.data.user_data import register_user_task
-from flaxtune.interop import export_hf, import_hf, save_flaxtune
+from flaxtune.interop import InteropError, export_hf, import_hf, save_flaxtune
 from flaxtune.peft import AdapterConfig, LoraConfig, PeftConfig
 from flaxtune.train.loop import _setup, train_and_evaluate
 from flaxtune.train.mesh import make_mesh
@@ -30,7 +30,7 @@ from flaxtune.train.pretrained import (
     resolve_pretrained,
     start_values,
 )
-from flaxtune.train.run_config import model_config
+from flaxtune.train.run_config import model_config, pretrained_tokenizer
 from flaxtune.train.run_dir import restore_params, save_params
 from flaxtune.transformer import get_config
 from tests.interop.util import random_params
@@ -152,6 +152,14 @@ def test_a_directory_that_is_no_checkpoint_says_what_each_layout_needs(tmp_path)
         resolve_pretrained(tmp_path)
     with pytest.raises(PretrainedError, match="no such directory"):
         resolve_pretrained(tmp_path / "absent")
+    (tmp_path / "checkpoints").mkdir()  # a run that has not ended
+    with pytest.raises(PretrainedError, match="a training run without final parameters"):
+        resolve_pretrained(tmp_path)
+    (tmp_path / "checkpoints").rmdir()
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5"}))
+    (tmp_path / "pytorch_model.bin").write_text("")
+    with pytest.raises(InteropError, match=r"holds torch pickles \(\['pytorch_model.bin'\]\)"):
+        resolve_pretrained(tmp_path)
 
 
 def test_a_run_trained_with_another_tokenizer_is_refused(tmp_path, checkpoint, spiece):
@@ -437,6 +445,22 @@ def test_a_different_tokenizer_path_is_refused(layouts, task, tmp_path):
     cfg.tokenizer.path = str(other)
     with pytest.raises(PretrainedError, match=r"tokenizer\.path=.* is not the tokenizer of"):
         train_and_evaluate(cfg, tmp_path / "run")
+
+
+def test_a_checkpoint_without_tokenizer_needs_tokenizer_path(
+    tmp_path, checkpoint, tokenizer, spiece
+):
+    config, params = checkpoint
+    directory = export_hf(params, config, tmp_path / "bare")  # no tokenizer file
+    source = resolve_pretrained(directory)
+    cfg = finetune_config(directory)
+    with pytest.raises(PretrainedError, match=r"holds no tokenizer: set tokenizer\.path"):
+        pretrained_tokenizer(cfg, tmp_path, source)
+    cfg.tokenizer.path = str(spiece)
+    assert pretrained_tokenizer(cfg, tmp_path, source).fingerprint == tokenizer.fingerprint
+    assert (tmp_path / "tokenizer.model").read_bytes() == spiece.read_bytes()
+    with pytest.raises(PretrainedError, match=r"holds no tokenizer \(one of"):
+        load_pretrained(directory)
 
 
 @pytest.mark.hf
