@@ -33,6 +33,10 @@ INSTALL_REQUIRES = [
     # flaxtune.eval: the Porter stemmer of ROUGE and the "intl" BLEU tokenizer.
     "nltk>=3.8",
     "regex>=2023.0",
+    # flaxtune.data: chat templates (jinja2, sandboxed as Hugging Face renders them) and
+    # Parquet data files (pyarrow).
+    "jinja2>=3.1.6",
+    "pyarrow>=14.0",
 ]
 
 EXTRAS_REQUIRE = {

@@ -7,7 +7,7 @@ Each field has a comment above it. Override on the command line, e.g.
 import ml_collections
 
 from flaxtune.data.tasks import BUNDLED_TASKS
-from flaxtune.train.run_config import peft_section
+from flaxtune.train.run_config import DEFAULT_DATA_TASKS, peft_section
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -109,8 +109,29 @@ def get_config() -> ml_collections.ConfigDict:
     c.tokenizer.vocab_size = 2000
 
     c.data = ml_collections.ConfigDict()
-    # A task, a comma-free mixture name (bundled/all) or a task list.
-    c.data.tasks = "bundled/all"
+    # A task, a comma-free mixture name (bundled/all) or a task list. Not used when
+    # data.train is set (it must then stay at this default or be "": an error otherwise).
+    c.data.tasks = DEFAULT_DATA_TASKS
+    # Training data in place of data.tasks ("" = use data.tasks): a .jsonl/.json, .csv or
+    # .parquet file, a registered task or mixture name (its train split), or a TFDS dataset
+    # name such as "glue/sst2" (its train split; read by the registered task for that
+    # dataset if there is one, else through data.input_key/target_key). A file holds
+    # prompt/completion records, or chat records {"messages": [{"role", "content"}, ...]}
+    # rendered with the tokenizer's chat template, loss on the assistant turns only
+    # (decoder-only models). A bad line is an error naming the file and line.
+    c.data.train = ""
+    # Validation data, the same forms (a task or TFDS name: its validation split). ""
+    # with data.train set: no validation loss is computed (train.best_metric must then
+    # not be eval/loss) and nothing is held out of data.train. "" without data.train:
+    # data.tasks' validation split. With eval.tasks at its default and data.train set,
+    # generation scores (eval.generate_examples) are taken on this data too.
+    c.data.validation = ""
+    # Field of the prompt in data.train/validation records (a TFDS feature for a TFDS
+    # name without a registered task). At "input", "prompt" and "inputs" count too;
+    # any other value is the only name accepted.
+    c.data.input_key = "input"
+    # Field of the completion; at "target", "completion" and "targets" count too.
+    c.data.target_key = "target"
     # instruction | span_corruption | span_reconstruction | causal_lm
     c.data.objective = "instruction"
     # Encoder length (encoder-decoder) in tokens.
@@ -121,7 +142,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.batch_size = 32
     # Pack several examples per row.
     c.data.pack = False
-    # Where TFDS datasets live ("" = the TFDS default, ~/tensorflow_datasets).
+    # Where datasets are read and the bundled dataset is built (once, then shared by every
+    # run that names the same directory): "" = DEFAULT_DATA_DIR of flaxtune/train/run_config.py,
+    # ~/tensorflow_datasets (TFDS's default). Set it to keep a run's data elsewhere, e.g.
+    # inside its workdir.
     c.data.data_dir = ""
     # Loader prefetch threads (0 = in the training thread). The loop already makes the
     # next batch while the device runs the current step; threads pay off only when a

@@ -146,7 +146,7 @@ def method_config(
     """The run config that fine-tunes method ``name`` from the model in ``pretrain_dir``."""
     c = copy.deepcopy(cfg.run)
     c.init_from = str(pretrain_dir)
-    c.tokenizer.path = str(pretrain_dir / "tokenizer.model")
+    c.tokenizer.path = str(pretrain_dir / "tokenizer")
     c.train.num_steps = cfg.finetune_steps
     c.data.batch_size = cfg.finetune_batch_size
     c.optimizer.learning_rate = cfg.learning_rates[name]

@@ -31,7 +31,16 @@ from flaxtune.data.tasks import (
     register_task,
 )
 from flaxtune.data.templates import TEMPLATES, Template, TemplateChoice
-from flaxtune.data.tokenizer import Tokenizer, TokenizerMismatchError, check_fingerprint
+from flaxtune.data.tokenizer import (
+    JsonTokenizer,
+    SentencePieceTokenizer,
+    Tokenizer,
+    TokenizerFilesError,
+    TokenizerMismatchError,
+    TokenizerNotFoundError,
+    check_fingerprint,
+    load_tokenizer,
+)
 from flaxtune.data.user_data import (
     UserDataError,
     UserDataReport,
@@ -46,17 +55,21 @@ __all__ = [
     "TEMPLATES",
     "Example",
     "Explicit",
+    "JsonTokenizer",
     "Loader",
     "LoaderConfig",
     "Mixture",
     "Proportional",
+    "SentencePieceTokenizer",
     "SequenceTooLongError",
     "Task",
     "Temperature",
     "Template",
     "TemplateChoice",
     "Tokenizer",
+    "TokenizerFilesError",
     "TokenizerMismatchError",
+    "TokenizerNotFoundError",
     "Truncation",
     "UserDataError",
     "UserDataReport",
@@ -67,6 +80,7 @@ __all__ = [
     "list_mixtures",
     "list_tasks",
     "load_bundled",
+    "load_tokenizer",
     "make_loader",
     "mixing_weights",
     "read_user_data",

@@ -22,19 +22,27 @@ template choice hashes the example id, so it too survives resume.
 Objectives (``LoaderConfig.objective``):
   * ``instruction``: template → prompt/answer; encoder-decoder uses them as
     inputs/targets, decoder-only as prompt + completion (loss on completion).
+    An example whose fields hold a conversation (``chat.CHAT_FIELD``) is
+    rendered with the tokenizer's chat template instead, loss on the
+    assistant turns (decoder-only models).
   * ``span_corruption``: T5 pretraining on a text field (encoder-decoder).
   * ``span_reconstruction``: the same corrupted inputs, the whole original
     text as targets (encoder-decoder; teaches copying through cross-attention).
   * ``causal_lm``: next-token prediction on a text field (decoder-only).
 
 Decoder-only sequences have length ``targets_length``; ``inputs_length`` is
-the encoder length and is ignored by decoder-only models.
+the encoder length and is ignored by decoder-only models. Special ids come
+from the tokenizer: its ``eos_id`` ends every sequence, and decoder-only
+sequences start with its ``bos_id`` when it adds one (``add_bos``); see
+:mod:`flaxtune.data.features` for the shift.
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -43,6 +51,7 @@ import grain
 import numpy as np
 
 from flaxtune.data import features as F
+from flaxtune.data.chat import CHAT_FIELD, ChatError, chat_segments, chat_template_of
 from flaxtune.data.mixtures import Mixture, get_mixture, list_mixtures
 from flaxtune.data.tasks import Task, get_task
 from flaxtune.data.templates import TemplateChoice
@@ -187,7 +196,9 @@ class Loader:
         instruction = cfg.objective == "instruction"
         text_field = cfg.text_field
 
-        def render(ex) -> dict[str, str]:
+        def render(ex) -> dict[str, Any]:
+            if instruction and CHAT_FIELD in ex.fields:
+                return self._render_chat(task.name, ex)
             if instruction:
                 inputs, targets = cfg.template.pick(task.templates, ex.id).render(
                     ex.fields, ex.target
@@ -203,11 +214,41 @@ class Loader:
 
         return ds.map(render)
 
-    def _tokenize(self, ex: dict[str, str]) -> dict[str, np.ndarray]:
+    def _render_chat(self, task: str, ex) -> dict[str, Any]:
+        """A conversation as ``(text, weight)`` pieces of the tokenizer's chat template."""
+        if self.config.encoder_decoder:
+            raise ChatError(
+                f"Task {task!r} holds chat conversations, which train decoder-only models "
+                "(the chat template writes one sequence); use a decoder-only model or "
+                "prompt/completion records."
+            )
+        template, special_tokens = self._chat_template
+        segments = chat_segments(json.loads(ex.fields[CHAT_FIELD]), template, special_tokens)
+        text = "".join(t for t, _ in segments)
+        return {"task": task, "id": ex.id, "inputs": "", "targets": text, "segments": segments}
+
+    @functools.cached_property
+    def _chat_template(self) -> tuple[str, dict[str, str]]:
+        return chat_template_of(self.tokenizer)
+
+    def _bos_id(self) -> int | None:
+        """The bos id that starts decoder-only sequences, if the tokenizer adds one."""
+        tok = self.tokenizer
+        return tok.bos_id if tok.add_bos else None
+
+    def _tokenize(self, ex: dict[str, Any]) -> dict[str, np.ndarray]:
         cfg, tok = self.config, self.tokenizer
-        if cfg.objective == "causal_lm":
+        eos_id = tok.eos_id
+        if "segments" in ex:
+            pieces = [(tok.encode(text), weight) for text, weight in ex["segments"]]
+            out, cut = F.decoder_only_segments(pieces, cfg.targets_length, cfg.truncation)
+        elif cfg.objective == "causal_lm":
             out, cut = F.causal_lm_example(
-                tok.encode(ex["targets"]), cfg.targets_length, cfg.truncation
+                tok.encode(ex["targets"]),
+                cfg.targets_length,
+                cfg.truncation,
+                eos_id=eos_id,
+                bos_id=self._bos_id(),
             )
         elif cfg.encoder_decoder:
             out, cut = F.encoder_decoder_example(
@@ -215,6 +256,7 @@ class Loader:
                 tok.encode(ex["targets"]),
                 (cfg.inputs_length, cfg.targets_length),
                 cfg.truncation,
+                eos_id=eos_id,
             )
         else:
             out, cut = F.decoder_only_example(
@@ -222,6 +264,8 @@ class Loader:
                 tok.encode(ex["targets"]),
                 cfg.targets_length,
                 cfg.truncation,
+                eos_id=eos_id,
+                bos_id=self._bos_id(),
             )
         self.stats["examples"] += 1
         self.stats["truncated"] += int(cut)
@@ -244,6 +288,7 @@ class Loader:
             rng,
             cfg.noise_density,
             cfg.mean_noise_span_length,
+            eos_id=self.tokenizer.eos_id,
             reconstruct=reconstruct,
         )
         self.stats["examples"] += 1
@@ -254,7 +299,9 @@ class Loader:
         cfg = self.config
         if cfg.encoder_decoder:
             return {"inputs": cfg.inputs_length, "targets": cfg.targets_length}
-        return {"targets": cfg.targets_length, "loss_weights": cfg.targets_length}
+        return dict.fromkeys(
+            ("autoregressive_inputs", "targets", "loss_weights"), cfg.targets_length
+        )
 
     def _pad(self, ex: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {k: F.pad_to(ex[k], n) for k, n in self._lengths().items()}

@@ -31,7 +31,7 @@ import math
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
-from flaxtune.eval.rouge import normalize_references
+from flaxtune.eval.rouge import check_given, normalize_references
 from flaxtune.eval.tokenize import BLEU_TOKENIZERS, bleu_tokenizer
 from flaxtune.version import __version__
 
@@ -399,6 +399,7 @@ def bleu(
       A :class:`BleuResult` with ``score`` on the 0-1 scale.
     """
     _check_options(tokenize, smooth, smooth_value, max_order)
+    check_given(predictions=predictions, references=references)
     if not len(predictions):
         raise ValueError("Cannot compute BLEU of zero segments; pass at least one prediction.")
     per_segment = bleu_statistics(

@@ -23,6 +23,8 @@ import math
 from collections import Counter
 from collections.abc import Hashable, Iterable, Sequence
 
+from flaxtune.eval.rouge import check_given
+
 __all__ = [
     "ClassScores",
     "ClassificationReport",
@@ -51,6 +53,7 @@ class ClassificationReport:
 
 
 def _check_pairs(predictions: Sequence, references: Sequence) -> None:
+    check_given(predictions=predictions, references=references)
     if isinstance(predictions, str) or isinstance(references, str):
         raise TypeError("predictions and references must be sequences (one entry per example).")
     if len(predictions) != len(references):
@@ -139,8 +142,15 @@ def exact_match(
     for i, (prediction, refs) in enumerate(zip(predictions, references, strict=True)):
         if isinstance(refs, str):
             refs = [refs]
+        if refs is None:
+            raise TypeError(f"references[{i}] is None; give each prediction a reference string.")
         if not refs:
             raise ValueError(f"references[{i}] is empty; give each prediction a reference.")
+        if not isinstance(prediction, str):
+            raise TypeError(f"predictions[{i}] is a {type(prediction).__name__}, not a string.")
+        for ref in refs:
+            if not isinstance(ref, str):
+                raise TypeError(f"references[{i}] holds a {type(ref).__name__}, not a string.")
         target = _normalize(prediction, lowercase, collapse_whitespace)
         hits += any(target == _normalize(r, lowercase, collapse_whitespace) for r in refs)
     return hits / len(predictions)

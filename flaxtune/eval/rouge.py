@@ -413,10 +413,25 @@ def _check_rouge_types(rouge_types: Sequence[str]) -> tuple[str, ...]:
     return rouge_types
 
 
+def check_given(**arguments: object) -> None:
+    """A ``TypeError`` naming the first argument that is None (not a list of texts).
+
+    Without it ``None`` fails deep inside with "object of type 'NoneType' has
+    no len()", which names neither the function's argument nor the fix.
+    """
+    for name, value in arguments.items():
+        if value is None:
+            raise TypeError(
+                f"{name} is None; pass a list with one entry per example (e.g. the model's "
+                "outputs as strings)."
+            )
+
+
 def normalize_references(
     predictions: Sequence[str], references: Sequence[str] | Sequence[Sequence[str]]
 ) -> list[list[str]]:
     """Checks shapes and returns one list of reference strings per prediction."""
+    check_given(predictions=predictions, references=references)
     if isinstance(predictions, str) or isinstance(references, str):
         raise TypeError(
             "predictions and references must be lists of strings (one entry per example), "

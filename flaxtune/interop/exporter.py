@@ -4,7 +4,8 @@
 
     params (+ lora_a/lora_b siblings) ──merge_lora──▶ base params
         ──checked against the config's tree──▶ to HF layout ──▶ model.safetensors
-    config ──config_to_hf──▶ config.json        tokenizer file ──copy──▶ beside them
+    config ──config_to_hf──▶ config.json        tokenizer files ──copy──▶ beside them
+    special ids (config + carried generation_config.json) ──▶ config.json, generation_config.json
 
 The result is what ``transformers`` loads with
 ``T5ForConditionalGeneration.from_pretrained(dir)`` or
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -45,6 +45,12 @@ from flaxtune.interop.names import (
 )
 from flaxtune.interop.peft_export import LoraHyperparams, merge_lora_flat
 from flaxtune.interop.safetensors_io import write_checkpoint
+from flaxtune.interop.tokenizer_files import (
+    copy_tokenizer_files,
+    merge_special_ids,
+    read_special_ids,
+    tokenizer_folder,
+)
 from flaxtune.transformer import TransformerConfig
 
 
@@ -89,6 +95,7 @@ def export_hf(
     dtype: Any = None,
     tokenizer_path: str | os.PathLike | None = None,
     max_shard_bytes: int | None = None,
+    special_ids: Mapping[str, Any] | None = None,
 ) -> Path:
     """Writes ``config.json`` and safetensors weights that transformers loads.
 
@@ -99,9 +106,16 @@ def export_hf(
       lora: hyper-parameters of the LoRA parameters in ``params`` (required if
         there are any); they are merged into the kernels.
       dtype: dtype of the written tensors (default: as stored).
-      tokenizer_path: a tokenizer file (e.g. ``spiece.model``) to copy beside
-        the weights.
+      tokenizer_path: a tokenizer file (e.g. ``spiece.model``) or directory;
+        every tokenizer file in its directory (model file, special-token
+        files, chat template) is copied beside the weights.
       max_shard_bytes: split the weights into shards of at most this size.
+      special_ids: ``bos_token_id`` / ``eos_token_id`` (an int or a list of
+        stop ids) / ``pad_token_id`` the model was trained with; by default
+        those recorded beside the tokenizer (an import directory's
+        ``generation_config.json``). They complete the config's pad, eos and
+        decoder start ids in ``config.json`` and ``generation_config.json``
+        (bos is not part of the flaxtune config); a contradiction is an error.
 
     Returns:
       ``out_dir`` as a Path.
@@ -110,14 +124,18 @@ def export_hf(
     state = hf_state_dict(params, config, lora=lora, dtype=dtype)
     stored_dtype = next(iter(state.values())).dtype
     hf_config = config_to_hf(config.replace(peft=None), dtype=jnp.dtype(stored_dtype))
+    if special_ids is None and tokenizer_path is not None:
+        special_ids = read_special_ids(tokenizer_folder(tokenizer_path))
+    generation = merge_special_ids(_generation_config(config), special_ids or {})
+    hf_config.update(generation)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_checkpoint(state, out_dir, max_shard_bytes=max_shard_bytes)
     (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
     (out_dir / "generation_config.json").write_text(
-        json.dumps(_generation_config(config), indent=2, sort_keys=True) + "\n"
+        json.dumps(generation, indent=2, sort_keys=True) + "\n"
     )
     if tokenizer_path is not None:
-        shutil.copy2(tokenizer_path, out_dir / Path(tokenizer_path).name)
+        copy_tokenizer_files(tokenizer_path, out_dir)
     return out_dir
 
 

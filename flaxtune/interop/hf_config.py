@@ -15,9 +15,23 @@ family        Hugging Face model types and what they fix
 ============  ==========================================================
 
 Reading a config collects *every* field that flaxtune's model cannot
-reproduce (a RoPE scaling rule, biased projections, an unknown activation)
-and raises one :class:`InteropError` listing them, rather than importing a
-model that would silently compute something else.
+reproduce (an unsupported RoPE scaling rule, biased projections, an unknown
+activation) and raises one :class:`InteropError` listing them, rather than
+importing a model that would silently compute something else.
+
+**RoPE and its scaling.** transformers 4 writes ``rope_theta`` and a
+``rope_scaling`` dict (``null`` when unscaled; old files name the rule
+``type`` instead of ``rope_type``); transformers 5 writes one
+``rope_parameters`` dict holding ``rope_type``, ``rope_theta`` and the
+rule's parameters. Both are read, with transformers' own precedence
+(``rope_scaling`` over ``rope_parameters``; a ``rope_theta`` inside the dict
+over the top-level one). The rules ``default``, ``linear`` and ``llama3``
+map to flaxtune's ``rope_scaling`` ``none``, ``linear`` and ``llama3``;
+any other (``dynamic``, ``yarn``, ``longrope``, ...) is reported by name. As
+in transformers, llama3's ``original_max_position_embeddings`` comes from a
+top-level field of that name if there is one, else from the dict, else from
+``max_position_embeddings``. Export writes both forms, so that either
+version of transformers reads the same model.
 
 **The T5 output head.** Whether T5 multiplies the decoder output by
 ``d_model**-0.5`` before the head, and whether the head is the shared
@@ -185,13 +199,74 @@ def _t5_fields(c: Mapping[str, Any]) -> dict[str, Any]:
     )
 
 
-def _rope_theta_and_type(c: Mapping[str, Any]) -> tuple[float, str]:
-    """RoPE base and scaling type from a transformers 4 or 5 config."""
-    params = c.get("rope_parameters") or {}
-    scaling = c.get("rope_scaling") or {}
-    theta = params.get("rope_theta", c.get("rope_theta", 10_000.0))
-    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type")
-    return float(theta), rope_type or "default"
+# Hugging Face rope_type -> flaxtune rope_scaling, and the parameters each
+# rule needs: Hugging Face key -> TransformerConfig field.
+_ROPE_TYPES = {"default": "none", "linear": "linear", "llama3": "llama3"}
+_ROPE_TYPES_BACK = {v: k for k, v in _ROPE_TYPES.items()}
+_ROPE_PARAMETERS = {
+    "none": {},
+    "linear": {"factor": "rope_scaling_factor"},
+    "llama3": {
+        "factor": "rope_scaling_factor",
+        "low_freq_factor": "rope_low_freq_factor",
+        "high_freq_factor": "rope_high_freq_factor",
+        "original_max_position_embeddings": "rope_original_max_length",
+    },
+}
+
+
+def _rope_fields(c: Mapping[str, Any], problems: list[str]) -> dict[str, Any]:
+    """RoPE base and scaling fields of a transformers 4 or 5 config.
+
+    Appends to ``problems`` what flaxtune cannot reproduce; returns the
+    TransformerConfig fields otherwise.
+    """
+    # transformers takes rope_scaling when both are present.
+    params = dict(c.get("rope_scaling") or c.get("rope_parameters") or {})
+    fields: dict[str, Any] = {
+        "rope_theta": float(params.get("rope_theta", c.get("rope_theta", 10_000.0)))
+    }
+    partial = params.get("partial_rotary_factor", c.get("partial_rotary_factor", 1.0))
+    if partial is not None and float(partial) != 1.0:
+        problems.append(f"partial_rotary_factor={partial} (flaxtune rotates whole heads)")
+    rope_type = params.get("rope_type") or params.get("type") or "default"
+    if rope_type not in _ROPE_TYPES:
+        problems.append(
+            f"RoPE scaling {rope_type!r} (flaxtune implements rope_type {sorted(_ROPE_TYPES)})"
+        )
+        return fields
+    scaling = _ROPE_TYPES[rope_type]
+    if scaling == "llama3":
+        original = c.get("original_max_position_embeddings")
+        if original is None:
+            original = params.get("original_max_position_embeddings")
+        if original is None:
+            original = c.get("max_position_embeddings")
+        params["original_max_position_embeddings"] = original
+    needed = _ROPE_PARAMETERS[scaling]
+    missing = sorted(key for key in needed if params.get(key) is None)
+    if missing:
+        problems.append(f"RoPE scaling {rope_type!r} without {missing}")
+        return fields
+    fields["rope_scaling"] = scaling
+    for key, field in needed.items():
+        cast = int if field == "rope_original_max_length" else float
+        fields[field] = cast(params[key])
+    return fields
+
+
+def _rope_to_hf(config: TransformerConfig) -> dict[str, Any]:
+    """config.json's RoPE fields, for transformers 4 and 5 alike."""
+    rope_type = _ROPE_TYPES_BACK[config.rope_scaling]
+    scaling = {
+        key: getattr(config, field) for key, field in _ROPE_PARAMETERS[config.rope_scaling].items()
+    }
+    return {
+        # transformers 4 reads rope_theta and rope_scaling, 5 rope_parameters.
+        "rope_theta": config.rope_theta,
+        "rope_scaling": {"rope_type": rope_type, **scaling} if scaling else None,
+        "rope_parameters": {"rope_type": rope_type, "rope_theta": config.rope_theta, **scaling},
+    }
 
 
 def _llama_fields(c: Mapping[str, Any]) -> dict[str, Any]:
@@ -201,11 +276,7 @@ def _llama_fields(c: Mapping[str, Any]) -> dict[str, Any]:
     for bias in ("attention_bias", "mlp_bias"):
         if c.get(bias):
             problems.append(f"{bias}=true (flaxtune's LLaMA projections have no bias)")
-    theta, rope_type = _rope_theta_and_type(c)
-    if rope_type != "default":
-        problems.append(
-            f"RoPE scaling {rope_type!r} (flaxtune's positions.py implements plain RoPE only)"
-        )
+    rope = _rope_fields(c, problems)
     if c.get("model_type") == "mistral" and c.get("sliding_window") is not None:
         problems.append(
             f"sliding_window={c['sliding_window']} (flaxtune attends over the full context)"
@@ -230,7 +301,7 @@ def _llama_fields(c: Mapping[str, Any]) -> dict[str, Any]:
         use_bias=False,
         position_encoding="rope",
         max_length=int(c.get("max_position_embeddings", 2048)),
-        rope_theta=theta,
+        **rope,
         scale_attention_logits=True,
         scale_embeddings=False,
         dropout_rate=float(c.get("attention_dropout", 0.0)),
@@ -298,9 +369,7 @@ def config_to_hf(config: TransformerConfig, *, dtype: Any = None) -> dict[str, A
         "hidden_act": "silu",
         "rms_norm_eps": config.norm_eps,
         "max_position_embeddings": config.max_length,
-        # transformers 5 reads rope_parameters, transformers 4 rope_theta.
-        "rope_theta": config.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        **_rope_to_hf(config),
         "attention_bias": False,
         "mlp_bias": False,
         "attention_dropout": config.dropout_rate,

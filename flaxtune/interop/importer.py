@@ -58,6 +58,7 @@ from flaxtune.interop.names import (
     tensor_mappings,
 )
 from flaxtune.interop.safetensors_io import CheckpointReader
+from flaxtune.interop.tokenizer_files import find_tokenizer, read_special_ids
 from flaxtune.transformer import TransformerConfig
 
 # A per-tensor hook: ("encoder/layers_0/attention/query/kernel", array) -> leaf.
@@ -65,9 +66,6 @@ Transform = Callable[[str, jax.Array], Any]
 # Logical axis name -> mesh axis (or axes, or None for replicated).
 AxisRules = Sequence[tuple[str, str | tuple[str, ...] | None]]
 
-# SentencePiece models, as T5 and LLaMA checkpoints name them, then the
-# fast-tokenizer file.
-TOKENIZER_FILES = ("spiece.model", "tokenizer.model", "tokenizer.json")
 _EMBEDDING = {"t5": "shared.weight", "llama": "model.embed_tokens.weight"}
 _HEAD = "lm_head.weight"
 
@@ -82,7 +80,11 @@ class ImportedModel:
       family: ``t5`` or ``llama``.
       hf_config: the parsed config.json it came from.
       tokenizer_path: the SentencePiece model (or tokenizer.json) found next
-        to the weights, or None.
+        to the weights, or None; the other tokenizer files are beside it
+        (``save_flaxtune`` and ``export_hf`` carry them all).
+      special_ids: ``bos_token_id`` / ``eos_token_id`` / ``pad_token_id`` /
+        ``decoder_start_token_id`` of ``generation_config.json`` (over
+        ``config.json``).
     """
 
     config: TransformerConfig
@@ -90,6 +92,7 @@ class ImportedModel:
     family: str
     hf_config: dict[str, Any]
     tokenizer_path: Path | None
+    special_ids: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def read_hf_config(hf_dir: str | os.PathLike) -> dict[str, Any]:
@@ -100,15 +103,6 @@ def read_hf_config(hf_dir: str | os.PathLike) -> dict[str, Any]:
             "(the folder holding config.json and model.safetensors)."
         )
     return json.loads(path.read_text())
-
-
-def find_tokenizer(directory: str | os.PathLike) -> Path | None:
-    """The first of ``TOKENIZER_FILES`` present in ``directory``, or None."""
-    for name in TOKENIZER_FILES:
-        path = Path(directory) / name
-        if path.exists():
-            return path
-    return None
 
 
 def _head_is_tied(family: str, hf_config: Mapping[str, Any], reader: CheckpointReader) -> bool:
@@ -259,6 +253,7 @@ def import_hf(
         family=family,
         hf_config=hf_config,
         tokenizer_path=find_tokenizer(hf_dir),
+        special_ids=read_special_ids(hf_dir),
     )
 
 

@@ -4,19 +4,26 @@
 
     out/flaxtune_config.json   {"format": "flaxtune-params/1", "config": config.to_dict()}
     out/params.safetensors     one tensor per parameter, named by its /-joined path
-    out/spiece.model           the tokenizer, copied (when the source had one)
+    out/spiece.model ...       the tokenizer files, copied (when the source had them):
+                               spiece.model / tokenizer.model / tokenizer.json,
+                               tokenizer_config.json, special_tokens_map.json,
+                               added_tokens.json, chat_template.jinja
+    out/generation_config.json the source's special ids (bos/eos/pad/decoder start)
 
 It is deliberately simple (no optimizer state, no step counter): a bridge
 between a Hugging Face directory and whatever loads flaxtune parameters —
 ``load_flaxtune`` here, or a training run's initial checkpoint. Training
 checkpoints themselves are orbax's business (``flaxtune.train``).
+
+Directories written before the tokenizer's side files and special ids were
+carried (only ``spiece.model``) load the same way: every tokenizer file is
+optional, and ``flaxtune.data.load_tokenizer(out)`` reads whichever exist.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -26,6 +33,12 @@ from flax import traverse_util
 from flaxtune.interop.errors import InteropError
 from flaxtune.interop.names import flat_numpy_params
 from flaxtune.interop.safetensors_io import CheckpointReader, write_checkpoint
+from flaxtune.interop.tokenizer_files import (
+    GENERATION_CONFIG,
+    copy_tokenizer_files,
+    read_special_ids,
+    tokenizer_folder,
+)
 from flaxtune.transformer import ConfigError, TransformerConfig
 
 CONFIG_FILE = "flaxtune_config.json"
@@ -39,8 +52,20 @@ def save_flaxtune(
     params: Mapping[str, Any],
     *,
     tokenizer_path: str | os.PathLike | None = None,
+    special_ids: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Writes ``config`` and ``params`` (and a copy of the tokenizer) to ``out_dir``."""
+    """Writes ``config`` and ``params`` (and a copy of the tokenizer) to ``out_dir``.
+
+    Args:
+      out_dir: the flaxtune directory (created if needed).
+      config: the model config.
+      params: the ``params`` collection.
+      tokenizer_path: a tokenizer file or directory; every tokenizer file in
+        its directory is copied (see the module docstring).
+      special_ids: ``bos_token_id`` / ``eos_token_id`` / ... to record in
+        ``generation_config.json``; by default those of the tokenizer's
+        directory (its ``generation_config.json`` over its ``config.json``).
+    """
     if config.peft is not None:
         raise InteropError(
             "save_flaxtune stores base models; save adapters with export_lora_adapter."
@@ -50,7 +75,13 @@ def save_flaxtune(
     record = {"format": FORMAT, "config": config.to_dict()}
     (out_dir / CONFIG_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     if tokenizer_path is not None:
-        shutil.copy2(tokenizer_path, out_dir / Path(tokenizer_path).name)
+        copy_tokenizer_files(tokenizer_path, out_dir)
+        if special_ids is None:
+            special_ids = read_special_ids(tokenizer_folder(tokenizer_path))
+    if special_ids:
+        (out_dir / GENERATION_CONFIG).write_text(
+            json.dumps(dict(special_ids), indent=2, sort_keys=True) + "\n"
+        )
     return out_dir
 
 

@@ -27,6 +27,7 @@ against the layer's ``/``-joined module path, e.g.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import typing
 from typing import Any
@@ -93,14 +94,21 @@ class LoraConfig:
         _check_regex(self.targets, "lora.targets")
         if self.rank < 1:
             raise PeftConfigError(f"lora.rank must be >= 1, got {self.rank}.")
+        # A NaN or infinite alpha makes every LoRA update NaN from the first step.
+        if not math.isfinite(self.alpha):
+            raise PeftConfigError(f"lora.alpha={self.alpha!r} must be a finite number.")
         if self.init not in LORA_INITS:
             raise PeftConfigError(f"lora.init={self.init!r} is not one of {list(LORA_INITS)}.")
         if not 0.0 <= self.dropout < 1.0:
             raise PeftConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}.")
-        for pattern, rank, _ in self.overrides:
+        for pattern, rank, alpha in self.overrides:
             _check_regex(pattern, "lora.overrides")
             if rank < 1:
                 raise PeftConfigError(f"lora override {pattern!r}: rank must be >= 1.")
+            if not math.isfinite(alpha):
+                raise PeftConfigError(
+                    f"lora override {pattern!r}: alpha={alpha!r} must be a finite number."
+                )
 
     def rank_alpha(self, path: str) -> tuple[int, float]:
         for pattern, rank, alpha in self.overrides:

@@ -46,23 +46,41 @@ operations on other trees.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
 from flax import struct
 
+from flaxtune.errors import FlaxtuneError
+
 PyTree = Any
 
 __all__ = [
+    "MAX_INITIAL_SCALE",
     "DynamicLossScale",
     "LossScale",
+    "LossScaleError",
     "NoOpLossScale",
     "StaticLossScale",
     "all_finite",
     "make_loss_scale",
     "select_tree",
 ]
+
+
+# The largest scale a scaler may start from. float16 represents gradients
+# down to 2**-24; scaled by 2**40 even that smallest one reaches 2**16, above
+# float16's largest finite value (65504), so a larger scale overflows every
+# gradient float16 can hold and each step would be skipped until the dynamic
+# scale had halved its way back (about 90 steps from 1e38); in float32 the
+# scaled loss itself overflows near 1e38.
+MAX_INITIAL_SCALE = 2.0**40
+
+
+class LossScaleError(FlaxtuneError, ValueError):
+    """A loss scaler's setting is unusable (non-finite, non-positive, out of range)."""
 
 
 @runtime_checkable
@@ -109,7 +127,7 @@ class StaticLossScale:
 
     @classmethod
     def create(cls, scale: float) -> StaticLossScale:
-        _check_positive("scale", scale)
+        _check_positive("initial scale", scale)
         return cls(loss_scale=jnp.asarray(scale, jnp.float32))
 
     def scale(self, tree: PyTree) -> PyTree:
@@ -153,16 +171,18 @@ class DynamicLossScale:
         factor: float = 2.0,
         min_scale: float = 1.0,
     ) -> DynamicLossScale:
-        _check_positive("scale", scale)
+        _check_positive("initial scale", scale)
         _check_positive("min_scale", min_scale)
         if int(period) != period or period < 1:
-            raise ValueError(f"DynamicLossScale period must be a positive integer, got {period}.")
-        if factor <= 1.0:
-            raise ValueError(
+            raise LossScaleError(
+                f"DynamicLossScale period must be a positive integer, got {period}."
+            )
+        if not (math.isfinite(factor) and factor > 1.0):
+            raise LossScaleError(
                 f"DynamicLossScale factor must be > 1 (the scale grows by it), got {factor}."
             )
         if scale < min_scale:
-            raise ValueError(
+            raise LossScaleError(
                 f"DynamicLossScale initial scale {scale} is below min_scale {min_scale}; "
                 "raise the scale or lower min_scale."
             )
@@ -198,8 +218,13 @@ class DynamicLossScale:
 
 
 def _check_positive(name: str, value: float) -> None:
-    if not value > 0:
-        raise ValueError(f"Loss scale {name} must be positive, got {value}.")
+    if not (math.isfinite(value) and value > 0):
+        raise LossScaleError(f"The loss scale's {name} must be positive and finite, got {value}.")
+    if value > MAX_INITIAL_SCALE:
+        raise LossScaleError(
+            f"The loss scale's {name} {value:g} is above 2**40, where every float16 gradient "
+            "overflows; start from 2**15 (the default) or anything up to 2**24."
+        )
 
 
 def make_loss_scale(
@@ -217,7 +242,9 @@ def make_loss_scale(
         return StaticLossScale.create(scale)
     if kind == "dynamic":
         return DynamicLossScale.create(scale, period=period, factor=factor, min_scale=min_scale)
-    raise ValueError(f"Unknown loss scale kind {kind!r}; use one of 'none', 'static', 'dynamic'.")
+    raise LossScaleError(
+        f"Unknown loss scale kind {kind!r}; use one of 'none', 'static', 'dynamic'."
+    )
 
 
 def all_finite(tree: PyTree) -> jax.Array:

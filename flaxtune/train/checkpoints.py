@@ -63,6 +63,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from flaxtune.data import load_tokenizer
 from flaxtune.errors import CheckpointMismatchError, TokenizerMismatchError
 from flaxtune.train.state import TrainState
 
@@ -88,7 +89,14 @@ class TrainCheckpointMismatchError(CheckpointMismatchError):
 
 
 def file_fingerprint(path: str | os.PathLike) -> str:
-    """``sha256:<hex>`` of a file's bytes."""
+    """``sha256:<hex>`` of a file's bytes, or of a tokenizer directory's tokenizer.
+
+    For a directory it is ``sha256:`` + the loaded tokenizer's fingerprint,
+    which for our own SentencePiece tokenizer is the digest of its ``.model``
+    file: runs that recorded the file's digest keep resuming.
+    """
+    if os.path.isdir(path):
+        return f"sha256:{load_tokenizer(path).fingerprint}"
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -186,7 +194,9 @@ class CheckpointManager:
       best_mode: ``"min"`` or ``"max"``.
       async_save: write in a background thread.
       config: the run config (dict, dataclass or ``ConfigDict``) → ``config.json``.
-      tokenizer_path: the tokenizer file, copied into ``workdir/tokenizer/``.
+      tokenizer_path: the tokenizer (a file, or a directory written by
+        ``Tokenizer.save``), copied into ``workdir/tokenizer/`` unless it is
+        that directory already.
       tokenizer_fingerprint: recorded in every checkpoint and checked on
         restore; defaults to the sha256 of ``tokenizer_path``.
     """
@@ -287,10 +297,14 @@ class CheckpointManager:
             _atomic_write(path, text)
         if tokenizer_path is not None:
             target_dir = self.workdir / "tokenizer"
-            target_dir.mkdir(exist_ok=True)
-            shutil.copyfile(
-                tokenizer_path, os.fspath(target_dir / os.path.basename(tokenizer_path))
-            )
+            if os.path.isdir(tokenizer_path):
+                if os.path.realpath(tokenizer_path) != os.path.realpath(target_dir):
+                    shutil.copytree(tokenizer_path, os.fspath(target_dir), dirs_exist_ok=True)
+            else:
+                target_dir.mkdir(exist_ok=True)
+                shutil.copyfile(
+                    tokenizer_path, os.fspath(target_dir / os.path.basename(tokenizer_path))
+                )
         if self.tokenizer_fingerprint is not None:
             _atomic_write(fingerprint_file, self.tokenizer_fingerprint)
 

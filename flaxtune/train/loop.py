@@ -21,7 +21,7 @@ resumes (a resumed run restores its own state; a new one may start from
 ``init_from``).
 
 A run is a directory. Everything needed to continue or reuse it is inside:
-``config.json``, ``tokenizer.model`` (+ its fingerprint in the checkpoint
+``config.json``, ``tokenizer/`` (+ its fingerprint in the checkpoint
 metadata), ``checkpoints/`` and, at the end, ``params/`` with the inference
 parameters and ``model.json`` with the model config. Restarting the same
 command resumes from the last complete checkpoint and reproduces the losses
@@ -62,8 +62,11 @@ from flaxtune.train.run_config import (
     loader_config,
     model_config,
     pretrained_tokenizer,
+    train_data,
     trainer_options,
+    validation_data,
 )
+from flaxtune.train.run_config_checks import validate_run_config
 from flaxtune.train.run_dir import save_params
 from flaxtune.train.scoring import generation_scores
 from flaxtune.train.state import TrainState
@@ -94,6 +97,7 @@ class _Run:
 
 def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
     """Trains as ``cfg`` says, in ``workdir``; returns the final metrics and scores."""
+    validate_run_config(cfg, workdir, read_data=True)
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     run = _setup(cfg, workdir)
@@ -115,7 +119,7 @@ def _example_batch(
 ) -> dict[str, Any]:
     """A zero batch of one row shaped like the loader's: what the model is initialized with."""
     one_row = dataclasses.replace(lcfg, batch_size=1, read_threads=0)
-    batch = next(iter(make_loader(cfg.data.tasks, "train", tokenizer, one_row, data_dir=data_dir)))
+    batch = next(iter(make_loader(*train_data(cfg), tokenizer, one_row, data_dir=data_dir)))
     return jax.tree_util.tree_map(lambda x: jnp.zeros((1, *x.shape[1:]), x.dtype), batch)
 
 
@@ -147,7 +151,7 @@ def _setup(cfg: ml_collections.ConfigDict, workdir: Path) -> _Run:
         best_metric=cfg.train.best_metric or None,
         best_mode=cfg.train.best_mode,
         config=cfg.to_dict(),
-        tokenizer_path=workdir / "tokenizer.model",
+        tokenizer_path=workdir / "tokenizer",
     )
     resuming = ckpt.latest_step() is not None
     init_values = None
@@ -171,9 +175,7 @@ def _setup(cfg: ml_collections.ConfigDict, workdir: Path) -> _Run:
 def _resume(run: _Run) -> tuple[TrainState, Any]:
     """The state to train from (restored if the run resumes) and the data iterator."""
     cfg = run.cfg
-    loader = make_loader(
-        cfg.data.tasks, "train", run.tokenizer, run.loader_config, data_dir=run.data_dir
-    )
+    loader = make_loader(*train_data(cfg), run.tokenizer, run.loader_config, data_dir=run.data_dir)
     state, data_state = run.trainer.state, None
     if run.resuming:
         state, data_state = run.ckpt.restore(run.trainer.state)
@@ -269,7 +271,7 @@ def _validation_batches(run: _Run) -> Iterator[dict[str, Any]]:
     """The first ``eval.num_batches`` validation batches, in order, on the mesh."""
     cfg = run.cfg
     lcfg = dataclasses.replace(run.loader_config, num_epochs=None, shuffle=False, read_threads=0)
-    val = make_loader(cfg.data.tasks, "validation", run.tokenizer, lcfg, data_dir=run.data_dir)
+    val = make_loader(*validation_data(cfg), run.tokenizer, lcfg, data_dir=run.data_dir)
     for i, batch in enumerate(val):
         if i >= cfg.eval.num_batches:
             return
@@ -282,8 +284,10 @@ def _evaluate(
     """Validation loss (and generation scores if asked), written and returned as eval/*."""
     cfg, model, mesh = run.cfg, run.trainer.model, run.trainer.mesh
     params = merge_params(state.trainable, state.frozen)
-    with mesh_context(mesh):
-        val = eval_loss(model, params, _validation_batches(run))
+    val = {}  # no validation data (data.train without data.validation): no validation loss
+    if validation_data(cfg) is not None:
+        with mesh_context(mesh):
+            val = eval_loss(model, params, _validation_batches(run))
     eval_metrics = {f"eval/{k}": v for k, v in val.items()}
     if cfg.eval.generate_during_training and cfg.eval.generate_examples:
         # Generation scores on the validation split, e.g.

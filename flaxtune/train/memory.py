@@ -534,6 +534,17 @@ def check_against_xla(
 # --------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------
+def _positive_int(text: str) -> int:
+    """argparse type of a size: an integer >= 1 (a negative batch would print a negative total)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m flaxtune.train.memory", description=__doc__.split("\n")[0]
@@ -541,13 +552,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", default="t5-small", help="a flaxtune.transformer preset")
     parser.add_argument("--peft", default="full", choices=METHODS, help="fine-tuning method")
     parser.add_argument("--lora-targets", default="qv", help="LoRA targets (lora, qlora, dora)")
-    parser.add_argument("--lora-rank", type=int, default=8)
+    parser.add_argument("--lora-rank", type=_positive_int, default=8)
     parser.add_argument("--quant", default="", choices=["", "int8", "int4", "nf4"],
                         help="quantize the frozen base (qlora implies nf4)")  # fmt: skip
     parser.add_argument("--policy", default="fp32", help="dtype policy preset or string")
     parser.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--lengths", type=int, nargs=2, default=(128, 32), metavar=("SRC", "TGT"))
+    parser.add_argument("--batch", type=_positive_int, default=8)
+    parser.add_argument("--lengths", type=_positive_int, nargs=2, default=(128, 32),
+                        metavar=("SRC", "TGT"))  # fmt: skip
     parser.add_argument("--no-check", action="store_true", help="skip compiling the XLA check")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)

@@ -41,6 +41,7 @@ Decisions:
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -49,6 +50,7 @@ import numpy as np
 import optax
 from flax import traverse_util
 
+from flaxtune.errors import FlaxtuneError
 from flaxtune.train.partition import FROZEN, paths_matching, unbox
 
 PyTree = Any
@@ -57,6 +59,7 @@ __all__ = [
     "DEFAULT_EMBEDDING_PATTERNS",
     "DEFAULT_NO_DECAY_PATTERNS",
     "OptimizerConfig",
+    "OptimizerConfigError",
     "count_optimizer_state_bytes",
     "make_optimizer",
     "make_schedule",
@@ -80,6 +83,10 @@ DEFAULT_EMBEDDING_PATTERNS: tuple[str, ...] = (
 
 _SCHEDULES = ("constant", "warmup_cosine", "linear", "inverse_sqrt")
 _OPTIMIZERS = ("adamw", "adafactor", "sgd")
+
+
+class OptimizerConfigError(FlaxtuneError, ValueError):
+    """An ``OptimizerConfig`` value that cannot train (unknown name, out of range, NaN)."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -131,28 +138,51 @@ class OptimizerConfig:
 
     def __post_init__(self) -> None:
         if self.name not in _OPTIMIZERS:
-            raise ValueError(f"Unknown optimizer {self.name!r}; use one of {_OPTIMIZERS}.")
+            raise OptimizerConfigError(
+                f"Unknown optimizer {self.name!r}; use one of {_OPTIMIZERS}."
+            )
         if self.schedule not in _SCHEDULES:
-            raise ValueError(f"Unknown schedule {self.schedule!r}; use one of {_SCHEDULES}.")
+            raise OptimizerConfigError(
+                f"Unknown schedule {self.schedule!r}; use one of {_SCHEDULES}."
+            )
         if self.schedule in ("warmup_cosine", "linear") and not self.total_steps:
-            raise ValueError(
+            raise OptimizerConfigError(
                 f"Schedule {self.schedule!r} decays over total_steps; set total_steps > 0."
             )
         if self.total_steps is not None and self.warmup_steps > self.total_steps:
-            raise ValueError(
+            raise OptimizerConfigError(
                 f"warmup_steps ({self.warmup_steps}) exceeds total_steps ({self.total_steps})."
             )
         if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}.")
+            raise OptimizerConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}.")
         if self.grad_accum_steps < 1:
-            raise ValueError(f"grad_accum_steps must be >= 1, got {self.grad_accum_steps}.")
+            raise OptimizerConfigError(
+                f"grad_accum_steps must be >= 1, got {self.grad_accum_steps}."
+            )
         if self.clip_global_norm is not None and self.clip_global_norm <= 0:
-            raise ValueError(
+            raise OptimizerConfigError(
                 f"clip_global_norm must be positive or None, got {self.clip_global_norm}."
             )
-        if self.learning_rate < 0 or self.weight_decay < 0:
-            raise ValueError("learning_rate and weight_decay must be >= 0.")
+        self._check_numbers()
         object.__setattr__(self, "lr_multipliers", dict(self.lr_multipliers))
+
+    def _check_numbers(self) -> None:
+        """Finite and in range: a NaN passes every comparison and poisons every update."""
+        ranges = {
+            "learning_rate": (0.0, None),
+            "weight_decay": (0.0, None),
+            "end_lr_fraction": (0.0, 1.0),
+            "b1": (0.0, 1.0),
+            "b2": (0.0, 1.0),
+            "eps": (0.0, None),
+        }
+        values = {name: getattr(self, name) for name in ranges}
+        values |= {f"lr_multipliers[{k!r}]": v for k, v in dict(self.lr_multipliers).items()}
+        for name, value in values.items():
+            low, high = ranges.get(name, (0.0, None))
+            if not math.isfinite(value) or value < low or (high is not None and value > high):
+                span = f"[{low}, {'inf)' if high is None else f'{high}]'}"
+                raise OptimizerConfigError(f"{name}={value!r}: must be a finite number in {span}.")
 
 
 def make_schedule(config: OptimizerConfig) -> optax.Schedule:

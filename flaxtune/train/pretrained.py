@@ -52,18 +52,13 @@ from flax import traverse_util
 from jax.sharding import Mesh
 
 from flaxtune import peft as peft_lib
-from flaxtune.data import Tokenizer
+from flaxtune.data import Tokenizer, load_tokenizer
 from flaxtune.errors import CheckpointMismatchError, FlaxtuneError, TokenizerMismatchError
-from flaxtune.interop.importer import (
-    TOKENIZER_FILES,
-    find_tokenizer,
-    hf_checkpoint_config,
-    import_hf,
-    mesh_shardings,
-)
+from flaxtune.interop.importer import hf_checkpoint_config, import_hf, mesh_shardings
 from flaxtune.interop.names import abstract_params, param_shapes
 from flaxtune.interop.native import CONFIG_FILE, FORMAT, load_flaxtune
 from flaxtune.interop.safetensors_io import INDEX_FILE, SINGLE_FILE
+from flaxtune.interop.tokenizer_files import RUN_TOKENIZER_DIR, TOKENIZER_FILES, find_tokenizer
 from flaxtune.train.mesh import LOGICAL_AXIS_RULES
 from flaxtune.train.run_dir import MODEL_FILE, is_run_dir, read_model_json, restore_params
 from flaxtune.transformer import TransformerConfig
@@ -83,7 +78,9 @@ class PretrainedSource:
       path: the directory (absolute).
       kind: ``run``, ``import`` or ``hf`` (see the module docstring).
       config: the checkpoint's model config (a run's includes its PEFT config).
-      tokenizer_dir: the directory holding the tokenizer, or None (none found).
+      tokenizer_dir: the directory holding the tokenizer (``load_tokenizer`` reads
+        it; for a run written before runs kept ``tokenizer/``, its
+        ``tokenizer.model`` file), or None (none found).
       tokenizer_fingerprint: the fingerprint a run recorded (None for the others).
     """
 
@@ -127,10 +124,17 @@ class PretrainedSource:
 
 
 def _run_tokenizer_dir(directory: Path) -> Path | None:
-    """A run's ``tokenizer/`` directory, else the workdir of a run that kept ``tokenizer.model``."""
-    if (directory / "tokenizer").is_dir() and find_tokenizer(directory / "tokenizer"):
-        return directory / "tokenizer"
-    return directory if find_tokenizer(directory) else None
+    """A run's ``tokenizer/`` directory (the ``tokenizer.model`` file of an older run)."""
+    if (directory / RUN_TOKENIZER_DIR).is_dir():
+        return directory / RUN_TOKENIZER_DIR
+    legacy = directory / "tokenizer.model"
+    return legacy if legacy.is_file() else None
+
+
+def _tokenizer_dir(directory: Path) -> Path | None:
+    """The directory of the tokenizer files in (or under) ``directory``, or None."""
+    found = find_tokenizer(directory)
+    return None if found is None else found.parent
 
 
 def resolve_pretrained(path: str | os.PathLike) -> PretrainedSource:
@@ -154,13 +158,12 @@ def resolve_pretrained(path: str | os.PathLike) -> PretrainedSource:
             directory, "run", config, _run_tokenizer_dir(directory), fingerprint
         )
     if (directory / CONFIG_FILE).exists():
-        tokenizer_dir = directory if find_tokenizer(directory) else None
-        return PretrainedSource(directory, "import", _import_config(directory), tokenizer_dir)
+        config = _import_config(directory)
+        return PretrainedSource(directory, "import", config, _tokenizer_dir(directory))
     if (directory / "config.json").exists():
         # (Without safetensors, the reader's error says so and how to convert torch files.)
         config = hf_checkpoint_config(directory)
-        tokenizer_dir = directory if find_tokenizer(directory) else None
-        return PretrainedSource(directory, "hf", config, tokenizer_dir)
+        return PretrainedSource(directory, "hf", config, _tokenizer_dir(directory))
     present = sorted(p.name for p in directory.iterdir())[:20]
     raise PretrainedError(
         f"{directory} is not a checkpoint flaxtune reads (it holds {present}). Expected one of: "
@@ -197,27 +200,15 @@ def load_checkpoint_tokenizer(source: PretrainedSource) -> Tokenizer:
             f"{source.path} holds no tokenizer (one of {list(TOKENIZER_FILES)}); copy the "
             "model's tokenizer files next to its weights."
         )
-    # TODO(lead): flaxtune.data.load_tokenizer(source.tokenizer_dir) once helper "tok"'s
-    # interface is merged; until then the SentencePiece T5 layout is all that loads.
-    path = find_tokenizer(source.tokenizer_dir)
-    if path.name == "tokenizer.json":
-        raise PretrainedError(
-            f"{path}: this flaxtune reads SentencePiece tokenizers only (spiece.model, "
-            "tokenizer.model)."
-        )
-    tokenizer = Tokenizer.load(path)
+    tokenizer = load_tokenizer(source.tokenizer_dir)
     recorded = source.tokenizer_fingerprint
     if recorded is not None and recorded != tokenizer.fingerprint:
         raise TokenizerMismatchError(
-            f"{source.path} was trained with tokenizer {recorded}, but {path} has fingerprint "
+            f"{source.path} was trained with tokenizer {recorded}, but {source.tokenizer_dir} "
+            f"has fingerprint "
             f"{tokenizer.fingerprint}; the run directory was altered."
         )
     return tokenizer
-
-
-def tokenizer_file(source: PretrainedSource) -> Path | None:
-    """The tokenizer file of ``source`` (what a run copies into its own directory)."""
-    return None if source.tokenizer_dir is None else find_tokenizer(source.tokenizer_dir)
 
 
 # --------------------------------------------------------------------------

@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
 import ml_collections
 
 from flaxtune import peft as peft_lib
-from flaxtune.data import LoaderConfig, Tokenizer
+from flaxtune.data import LoaderConfig, Tokenizer, load_tokenizer
 from flaxtune.data.bundled.dataset import train_bundled_tokenizer
+from flaxtune.data.user_data import resolve_data
 from flaxtune.quant.policy import get_policy
 from flaxtune.train.frozen_base import BaseQuantConfig
 from flaxtune.train.optimizer import OptimizerConfig
@@ -28,7 +28,6 @@ from flaxtune.train.pretrained import (
     PretrainedSource,
     load_checkpoint_tokenizer,
     resolve_pretrained,
-    tokenizer_file,
 )
 from flaxtune.transformer import TransformerConfig, get_config, preset_names
 
@@ -111,12 +110,20 @@ def selective_config(cfg: ml_collections.ConfigDict) -> peft_lib.SelectiveConfig
 
 
 def load_or_train_tokenizer(cfg: ml_collections.ConfigDict, workdir: Path) -> Tokenizer:
-    """The run's tokenizer: a given ``.model``, the run's own copy, or a new one."""
-    own = workdir / "tokenizer.model"
-    if own.exists():
-        return Tokenizer.load(own)
-    if cfg.tokenizer.path:
-        tokenizer = Tokenizer.load(cfg.tokenizer.path)
+    """The run's tokenizer: its own copy in ``workdir/tokenizer/``, else
+    ``cfg.tokenizer.path`` (a directory or a file), else a new one; saved to
+    ``workdir/tokenizer/`` (Hugging Face file names) for every later reader.
+
+    Runs written before the directory existed kept ``workdir/tokenizer.model``;
+    it is read when there is no directory.
+    """
+    own = workdir / "tokenizer"
+    if own.is_dir():
+        return load_tokenizer(own)
+    if (workdir / "tokenizer.model").exists():
+        tokenizer = load_tokenizer(workdir / "tokenizer.model")
+    elif cfg.tokenizer.path:
+        tokenizer = load_tokenizer(cfg.tokenizer.path)
     else:
         logger.info("training a %d-piece tokenizer on the bundled corpus", cfg.tokenizer.vocab_size)
         tokenizer = train_bundled_tokenizer(vocab_size=cfg.tokenizer.vocab_size, seed=cfg.seed)
@@ -124,9 +131,16 @@ def load_or_train_tokenizer(cfg: ml_collections.ConfigDict, workdir: Path) -> To
     return tokenizer
 
 
+# Where datasets are read and the bundled one is built when ``data.data_dir`` is
+# empty: TFDS's own default, outside any workdir, so that every run and the seed
+# study's workers share one copy (the bundled dataset is deterministic, and a
+# build takes seconds per task). Set data.data_dir to keep a run's data elsewhere.
+DEFAULT_DATA_DIR = "~/tensorflow_datasets"
+
+
 def data_directory(cfg: ml_collections.ConfigDict) -> str:
-    """Where TFDS datasets are read (and the bundled one built): TFDS's default."""
-    return str(Path(cfg.data.data_dir or Path.home() / "tensorflow_datasets").expanduser())
+    """Where TFDS datasets are read (and the bundled one built): ``DEFAULT_DATA_DIR`` if unset."""
+    return str(Path(cfg.data.data_dir or DEFAULT_DATA_DIR).expanduser())
 
 
 # TransformerConfig fields a run may set on a pretrained checkpoint: they change
@@ -198,7 +212,6 @@ def pretrained_model_config(
     agrees with the checkpoint (:func:`check_against_checkpoint`); the
     tokenizer may have fewer ids than the embedding has rows, never more.
     """
-    check_against_checkpoint(cfg, checkpoint)
     if tokenizer.vocab_size > checkpoint.vocab_size:
         raise PretrainedError(
             f"the tokenizer has {tokenizer.vocab_size} ids, but the checkpoint's embedding "
@@ -206,6 +219,14 @@ def pretrained_model_config(
             f"{checkpoint.vocab_size} on have no embedding. Use the checkpoint's own tokenizer "
             "(leave tokenizer.path empty)."
         )
+    return checkpoint_model_config(cfg, checkpoint)
+
+
+def checkpoint_model_config(
+    cfg: ml_collections.ConfigDict, checkpoint: TransformerConfig
+) -> TransformerConfig:
+    """:func:`pretrained_model_config` before a tokenizer exists (no vocabulary check)."""
+    check_against_checkpoint(cfg, checkpoint)
     runtime = {k: v for k, v in _set_overrides(cfg).items() if k in _runtime_fields(checkpoint)}
     policy = get_policy(cfg.policy)
     return checkpoint.replace(
@@ -297,29 +318,27 @@ def pretrained_tokenizer(
 
     ``tokenizer.path`` may name it again (the same fingerprint), or name the
     tokenizer of a checkpoint that has none; a different one is an error. The
-    run keeps a copy of the file as its ``tokenizer.model``.
+    run keeps it in ``workdir/tokenizer/`` like every run.
     """
-    named = Tokenizer.load(cfg.tokenizer.path) if cfg.tokenizer.path else None
+    own = workdir / "tokenizer"
+    named = load_tokenizer(cfg.tokenizer.path) if cfg.tokenizer.path else None
     if source.tokenizer_dir is None and named is None:
         raise PretrainedError(
             f"init_from={cfg.init_from} holds no tokenizer: set tokenizer.path to the "
             "tokenizer its model was trained with (or copy it next to the weights)."
         )
-    tokenizer, file = named, Path(cfg.tokenizer.path)
+    tokenizer = named
     if source.tokenizer_dir is not None:
-        tokenizer, file = load_checkpoint_tokenizer(source), tokenizer_file(source)
+        tokenizer = load_checkpoint_tokenizer(source)
         if named is not None and named.fingerprint != tokenizer.fingerprint:
             raise PretrainedError(
                 f"tokenizer.path={cfg.tokenizer.path} (fingerprint {named.fingerprint[:12]}…) is "
-                f"not the tokenizer of init_from={cfg.init_from} ({file}, fingerprint "
-                f"{tokenizer.fingerprint[:12]}…); leave tokenizer.path empty to use the "
-                "checkpoint's."
+                f"not the tokenizer of init_from={cfg.init_from} ({source.tokenizer_dir}, "
+                f"fingerprint {tokenizer.fingerprint[:12]}…); leave tokenizer.path empty to use "
+                "the checkpoint's."
             )
-    own = workdir / "tokenizer.model"
-    if not own.exists():
-        # A copy of the file, not ``Tokenizer.save``: a T5 spiece.model's virtual
-        # sentinel ids exist only in memory, and loading the copy adds them again.
-        shutil.copyfile(file, own)
+    if not own.is_dir():
+        tokenizer.save(own)
     return tokenizer
 
 
@@ -336,7 +355,61 @@ def base_quant_config(cfg: ml_collections.ConfigDict) -> BaseQuantConfig | None:
     )
 
 
+# data.tasks as the base config sets it; with data.train set it must stay so (or be "").
+DEFAULT_DATA_TASKS = "bundled/all"
+# The metrics of the validation loss (flaxtune.train.losses.eval_loss), as the loop logs them.
+VALIDATION_LOSS_METRICS = ("eval/loss", "eval/accuracy", "eval/tokens")
+
+
+def _data_keys(cfg: ml_collections.ConfigDict) -> dict[str, str | None]:
+    """data.input_key / data.target_key; at their defaults the standard alternatives count too."""
+    d = cfg.data
+    return dict(
+        input_key=None if d.input_key == "input" else d.input_key,
+        target_key=None if d.target_key == "target" else d.target_key,
+    )
+
+
+def check_data_section(cfg: ml_collections.ConfigDict) -> None:
+    """Errors for data settings that contradict each other (see the data section's comments)."""
+    d = cfg.data
+    if d.train and d.tasks not in ("", DEFAULT_DATA_TASKS):
+        raise ValueError(
+            f"data.train={d.train!r} and data.tasks={d.tasks!r} both name training data; "
+            "set one of them (data.tasks='' with data.train)."
+        )
+    if d.train and not d.validation and cfg.train.best_metric in VALIDATION_LOSS_METRICS:
+        raise ValueError(
+            f"train.best_metric={cfg.train.best_metric!r} needs a validation loss, but "
+            "data.train is set without data.validation (no validation loss is computed). "
+            "Set data.validation or train.best_metric=''."
+        )
+
+
+def train_data(cfg: ml_collections.ConfigDict) -> tuple[str, str]:
+    """(task or mixture, split) of the training data: ``data.train``, else ``data.tasks``."""
+    check_data_section(cfg)
+    if cfg.data.train:
+        return resolve_data(cfg.data.train, "train", **_data_keys(cfg))
+    return cfg.data.tasks, "train"
+
+
+def validation_data(cfg: ml_collections.ConfigDict) -> tuple[str, str] | None:
+    """(task or mixture, split) of the validation loss; None: there is none.
+
+    ``data.validation`` if set; else ``data.tasks``' validation split, or None
+    when ``data.train`` is set (its data has no validation split to take).
+    """
+    check_data_section(cfg)
+    if cfg.data.validation:
+        return resolve_data(cfg.data.validation, "validation", **_data_keys(cfg))
+    if cfg.data.train:
+        return None
+    return cfg.data.tasks, "validation"
+
+
 def loader_config(cfg: ml_collections.ConfigDict, *, encoder_decoder: bool, **changes):
+    check_data_section(cfg)
     d = cfg.data
     base = dict(
         batch_size=d.batch_size,

@@ -98,6 +98,6 @@ def load_params(run_dir: Path, tokenizer: Tokenizer) -> dict[str, Any]:
     if fingerprint != tokenizer.fingerprint:
         raise TokenizerMismatchError(
             f"{run_dir} was trained with tokenizer {fingerprint}, this run "
-            f"uses {tokenizer.fingerprint}; load {run_dir}/tokenizer.model instead."
+            f"uses {tokenizer.fingerprint}; set tokenizer.path to {run_dir}/tokenizer."
         )
     return restore_params(run_dir)

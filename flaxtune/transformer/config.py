@@ -17,7 +17,20 @@ field                     values
 ``norm_position``         ``pre`` (T5, LLaMA) | ``post`` (the original Transformer)
 ``position_encoding``     ``sinusoidal`` | ``learned`` | ``relative`` (T5 buckets) |
                           ``rope``
+``rope_scaling``          ``none`` | ``linear`` | ``llama3`` (RoPE only)
 ========================  ==========================================================
+
+**RoPE scaling** stretches the rotary frequencies so that a model reaches
+past the context it was pretrained on. ``linear`` (position interpolation)
+divides every inverse frequency by ``rope_scaling_factor``. ``llama3`` (the
+rule of Llama 3.1 and 3.2) leaves the high frequencies alone, divides the
+low ones by ``rope_scaling_factor`` and blends the two in between, where
+"high" and "low" are wavelengths shorter than
+``rope_original_max_length / rope_high_freq_factor`` and longer than
+``rope_original_max_length / rope_low_freq_factor`` (``positions.py`` has
+the formula). A field that the chosen rule does not read must keep its
+default, so that no value is silently ignored: ``rope_scaling="none"`` with
+``rope_scaling_factor=8`` is an error, not an unscaled model.
 
 ``head_dim`` is independent of ``d_model // num_heads`` (T5 v1.1 small has
 d_model 512 but 6 heads of 64), and ``num_kv_heads`` below ``num_heads`` gives
@@ -44,6 +57,19 @@ ACTIVATIONS = ("relu", "gelu", "gated-gelu", "swiglu")
 NORMS = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
 POSITION_ENCODINGS = ("sinusoidal", "learned", "relative", "rope")
+ROPE_SCALINGS = ("none", "linear", "llama3")
+# The RoPE scaling fields each rule reads (rope_scaling itself aside); the
+# others must keep their defaults.
+_ROPE_SCALING_FIELDS = {
+    "none": (),
+    "linear": ("rope_scaling_factor",),
+    "llama3": (
+        "rope_scaling_factor",
+        "rope_low_freq_factor",
+        "rope_high_freq_factor",
+        "rope_original_max_length",
+    ),
+}
 _DTYPES = {
     "float32": jnp.float32,
     "bfloat16": jnp.bfloat16,
@@ -108,6 +134,20 @@ class TransformerConfig:
     relative_num_buckets: int = 32
     relative_max_distance: int = 128
     rope_theta: float = 10_000.0
+    # How the rotary frequencies are scaled for long contexts (see the module
+    # docstring): "none", "linear" or "llama3".
+    rope_scaling: str = "none"
+    # linear and llama3: how much the (low) frequencies are divided by.
+    rope_scaling_factor: float = 1.0
+    # llama3 only (the defaults are Llama 3.1's): wavelengths longer than
+    # rope_original_max_length / rope_low_freq_factor are divided by the
+    # factor, shorter than rope_original_max_length / rope_high_freq_factor
+    # kept, and the ones in between interpolated.
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    # llama3 only: the context length the model was pretrained on (Hugging
+    # Face's original_max_position_embeddings).
+    rope_original_max_length: int = 8192
 
     # --- output head -------------------------------------------------------
     # Reuse the input embedding as the output projection.
@@ -173,6 +213,7 @@ class TransformerConfig:
         choice("norm", NORMS)
         choice("norm_position", NORM_POSITIONS)
         choice("position_encoding", POSITION_ENCODINGS)
+        choice("rope_scaling", ROPE_SCALINGS)
         for field in ("vocab_size", "d_model", "num_heads", "head_dim", "num_kv_heads", "d_ff"):
             if getattr(self, field) <= 0:
                 raise ConfigError(f"{field} must be positive, got {getattr(self, field)}.")
@@ -195,6 +236,7 @@ class TransformerConfig:
                 f"the sinusoidal encoding pairs sin/cos features: d_model must be even "
                 f"(got {self.d_model})."
             )
+        self._validate_rope_scaling()
         for field in ("dropout_rate", "attention_dropout_rate"):
             if not 0.0 <= getattr(self, field) < 1.0:
                 raise ConfigError(f"{field} must be in [0, 1), got {getattr(self, field)}.")
@@ -202,6 +244,52 @@ class TransformerConfig:
             raise ConfigError(f"max_length must be positive, got {self.max_length}.")
         if not 0 <= self.pad_id < self.vocab_size or not 0 <= self.eos_id < self.vocab_size:
             raise ConfigError("pad_id and eos_id must be token ids inside the vocabulary.")
+
+    def _validate_rope_scaling(self) -> None:
+        if self.rope_scaling != "none" and self.position_encoding != "rope":
+            raise ConfigError(
+                f"rope_scaling={self.rope_scaling!r} scales rotary frequencies, but "
+                f"position_encoding={self.position_encoding!r}; use position_encoding='rope' "
+                "or rope_scaling='none'."
+            )
+        read = _ROPE_SCALING_FIELDS[self.rope_scaling]
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name in _ROPE_SCALING_FIELDS["llama3"]:
+            if name not in read and getattr(self, name) != defaults[name]:
+                raise ConfigError(
+                    f"{name}={getattr(self, name)!r} is not read by "
+                    f"rope_scaling={self.rope_scaling!r}; set rope_scaling to a rule that uses "
+                    f"it, or leave {name} at its default {defaults[name]!r}."
+                )
+        if self.rope_scaling == "none":
+            return
+        if not self.rope_scaling_factor > 0:
+            raise ConfigError(
+                f"rope_scaling_factor must be positive, got {self.rope_scaling_factor}."
+            )
+        if self.rope_scaling == "llama3":
+            low, high = self.rope_low_freq_factor, self.rope_high_freq_factor
+            if not 0 < low < high:
+                raise ConfigError(
+                    "llama3 RoPE scaling needs 0 < rope_low_freq_factor < "
+                    f"rope_high_freq_factor, got {low} and {high}."
+                )
+            if self.rope_original_max_length <= 0:
+                raise ConfigError(
+                    "rope_original_max_length must be positive, got "
+                    f"{self.rope_original_max_length}."
+                )
+
+    @property
+    def rope_scaling_options(self) -> dict[str, Any]:
+        """The keyword arguments of ``positions.rope_frequencies`` that scale RoPE."""
+        return dict(
+            scaling=self.rope_scaling,
+            factor=self.rope_scaling_factor,
+            low_freq_factor=self.rope_low_freq_factor,
+            high_freq_factor=self.rope_high_freq_factor,
+            original_max_length=self.rope_original_max_length,
+        )
 
     # ------------------------------------------------------------------
     @property

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -40,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flaxtune.transformer.config import ConfigError
 from flaxtune.transformer.models import DecoderOnly, EncoderDecoder, encoder_mask
 
 Array = jax.Array
@@ -75,25 +77,30 @@ class DecodeConfig:
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
-            raise ValueError(f"method={self.method!r} is not one of {list(METHODS)}.")
+            raise ConfigError(f"method={self.method!r} is not one of {list(METHODS)}.")
         if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}.")
+            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}.")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
-            raise ValueError(
+            raise ConfigError(
                 f"min_new_tokens must be in [0, max_new_tokens={self.max_new_tokens}], "
                 f"got {self.min_new_tokens}."
             )
+        # NaN passes every comparison below unnoticed (a NaN temperature makes
+        # every logit NaN, and sampling then picks token 0 everywhere).
+        for name in ("temperature", "top_p", "length_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be a finite number.")
         if self.temperature <= 0:
-            raise ValueError(
+            raise ConfigError(
                 f"temperature must be > 0, got {self.temperature}; use method='greedy' "
                 "for deterministic decoding."
             )
         if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}.")
+            raise ConfigError(f"top_k must be >= 0 (0 disables it), got {self.top_k}.")
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}.")
         if self.num_beams < 1:
-            raise ValueError(f"num_beams must be >= 1, got {self.num_beams}.")
+            raise ConfigError(f"num_beams must be >= 1, got {self.num_beams}.")
 
 
 @flax.struct.dataclass

@@ -245,7 +245,7 @@ class _Stack(nn.Module):
         cfg = self.config
         if cfg.position_encoding != "rope":
             return None
-        return rope_frequencies(positions, cfg.head_dim, cfg.rope_theta)
+        return rope_frequencies(positions, cfg.head_dim, cfg.rope_theta, **cfg.rope_scaling_options)
 
     def final(self, x: Array, deterministic: bool) -> Array:
         cfg = self.config

@@ -14,6 +14,34 @@ the cache index) use the same code as the plain forward pass.
   all layers of a stack; bidirectional in the encoder, causal in the decoder.
 * ``apply_rope`` — rotary embedding on query/key features, rotating the two
   halves of each head (the "rotate_half" layout that LLaMA checkpoints use).
+
+**RoPE frequencies and their scaling.** Feature pair ``i`` of a head of
+width ``d`` turns by ``position * inv_freq[i]``, with
+``inv_freq[i] = theta ** (-2i / d)`` and wavelength
+``2 pi / inv_freq[i]`` tokens. A scaling rule rewrites ``inv_freq`` once:
+
+* ``linear`` (position interpolation, Chen et al. 2023): every
+  ``inv_freq`` is divided by ``factor``, as if positions were ``factor``
+  times closer together.
+* ``llama3`` (Llama 3.1): with ``L = original_max_length``, pairs whose
+  wavelength is shorter than ``L / high_freq_factor`` are kept (they turn
+  many times within the pretraining context, so local order stays sharp),
+  pairs whose wavelength exceeds ``L / low_freq_factor`` are divided by
+  ``factor`` (they never completed a turn in pretraining, so they are
+  interpolated), and the band in between blends the two with weight
+  ``s = (L / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)``:
+  ``inv_freq * ((1 - s) / factor + s)``. ``s`` is 0 and 1 at the band's
+  edges, so the rule is continuous in the wavelength.
+
+The frequencies depend on the configuration only, so they are computed once
+on the host with numpy, in float32 step by step in the order Hugging Face
+transformers uses (its models are what imported checkpoints are compared
+with): the blend above is bit-for-bit theirs. The one difference is the
+power ``theta ** (2i / d)``: it is taken in float64 from float32 operands
+and rounded to float32 (the correctly rounded value), where torch's float32
+``pow`` is sometimes one unit in the last place off; the measured
+difference in the final frequencies is at most a few such units, far below
+the float32 rounding of ``position * inv_freq`` itself at long positions.
 """
 
 from __future__ import annotations
@@ -24,8 +52,10 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from flaxtune.module_param import param
+from flaxtune.transformer.config import ROPE_SCALINGS, ConfigError
 
 Array = jax.Array
 
@@ -122,9 +152,78 @@ class RelativePositionBias(nn.Module):
         return jnp.transpose(bias, (0, 3, 1, 2))
 
 
-def rope_frequencies(positions: Array, head_dim: int, theta: float) -> tuple[Array, Array]:
-    """cos and sin tables ``[batch, length, head_dim // 2]`` in float32."""
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+def rope_base_inverse_frequencies(head_dim: int, theta: float) -> np.ndarray:
+    """Unscaled ``theta ** (-2i / head_dim)``, ``[head_dim // 2]`` float32.
+
+    The exponent is a float32 quotient (as in transformers); the power is
+    taken in float64 and rounded once, then inverted in float32.
+    """
+    exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+    powers = np.power(np.float64(np.float32(theta)), exponents.astype(np.float64))
+    return np.float32(1.0) / powers.astype(np.float32)
+
+
+def scale_rope_inverse_frequencies(
+    inv_freq: np.ndarray,
+    scaling: str = "none",
+    *,
+    factor: float = 1.0,
+    low_freq_factor: float = 1.0,
+    high_freq_factor: float = 4.0,
+    original_max_length: int = 8192,
+) -> np.ndarray:
+    """``inv_freq`` under a RoPE scaling rule (the module docstring has the rules).
+
+    Every step is a float32 operation, in the order of transformers' Llama
+    3.1 implementation, so that equal inputs give bit-equal outputs.
+    """
+    if scaling not in ROPE_SCALINGS:
+        raise ConfigError(f"rope scaling {scaling!r} is not one of {list(ROPE_SCALINGS)}.")
+    f32 = np.float32
+    inv_freq = np.asarray(inv_freq, np.float32)
+    if scaling == "none":
+        return inv_freq
+    if scaling == "linear":
+        return inv_freq / f32(factor)
+    # llama3. transformers writes ``2 pi / inv_freq``, which torch computes
+    # as a float32 reciprocal times 2 pi (rounded to float32); likewise
+    # ``L / wavelength``. The band edges are float64 quotients compared in
+    # float32.
+    wavelength = (f32(1.0) / inv_freq) * f32(2 * math.pi)
+    long_edge = f32(original_max_length / low_freq_factor)
+    short_edge = f32(original_max_length / high_freq_factor)
+    divided = np.where(wavelength > long_edge, inv_freq / f32(factor), inv_freq)
+    weight = ((f32(1.0) / wavelength) * f32(original_max_length) - f32(low_freq_factor)) / f32(
+        high_freq_factor - low_freq_factor
+    )
+    blended = (f32(1.0) - weight) * divided / f32(factor) + weight * divided
+    in_band = ~(wavelength < short_edge) & ~(wavelength > long_edge)
+    return np.where(in_band, blended, divided).astype(np.float32)
+
+
+def rope_inverse_frequencies(
+    head_dim: int, theta: float, scaling: str = "none", **options: Any
+) -> np.ndarray:
+    """The ``[head_dim // 2]`` float32 inverse frequencies of a RoPE configuration.
+
+    ``options`` are the keyword arguments of
+    :func:`scale_rope_inverse_frequencies` (``TransformerConfig``'s
+    ``rope_scaling_options`` has them all).
+    """
+    return scale_rope_inverse_frequencies(
+        rope_base_inverse_frequencies(head_dim, theta), scaling, **options
+    )
+
+
+def rope_frequencies(
+    positions: Array, head_dim: int, theta: float, scaling: str = "none", **options: Any
+) -> tuple[Array, Array]:
+    """cos and sin tables ``[batch, length, head_dim // 2]`` in float32.
+
+    ``scaling`` and ``options`` select the scaling rule (see
+    :func:`rope_inverse_frequencies`); the frequencies are a host constant.
+    """
+    inv_freq = jnp.asarray(rope_inverse_frequencies(head_dim, theta, scaling, **options))
     angles = positions.astype(jnp.float32)[..., None] * inv_freq
     return jnp.cos(angles), jnp.sin(angles)
 

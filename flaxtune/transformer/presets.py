@@ -14,7 +14,8 @@ preset                 parameters       notes
 ``flan-t5-small``      76,961,152       T5 v1.1: gated-GELU, untied head, 8+8
 ``flan-t5-base``       247,577,856      T5 v1.1, 12+12 layers
 ``tinyllama-1.1b``     1,100,048,384    LLaMA-2 style: RoPE, SwiGLU, GQA 32/4
-``llama-3.2-1b``       1,235,814,400    LLaMA-3 style, tied embeddings, GQA 32/8
+``llama-3.2-1b``       1,235,814,400    LLaMA-3 style, tied embeddings, GQA 32/8,
+                                        llama3 RoPE scaling (8192 -> 131072)
 ``llama-tiny``         (small)          LLaMA-style decoder for quick runs
 ``tiny-t5``            (small)          odd-sized encoder-decoder for tests
 ``tiny-llama``         (small)          odd-sized decoder-only for tests
@@ -102,10 +103,18 @@ _PRESETS: dict[str, dict[str, Any]] = {
         num_kv_heads=8,
         d_ff=8192,
         num_decoder_layers=16,
+        head_dim=64,
         rope_theta=500_000.0,
+        # Llama 3.2 was pretrained on 8192 tokens and extended to 131072 with
+        # the llama3 rule (its config.json's rope_scaling).
+        rope_scaling="llama3",
+        rope_scaling_factor=32.0,
+        rope_low_freq_factor=1.0,
+        rope_high_freq_factor=4.0,
+        rope_original_max_length=8192,
         tie_embeddings=True,
         rescale_tied_logits=False,
-        max_length=8192,
+        max_length=131_072,
     ),
     "llama-tiny": dict(
         _LLAMA_COMMON,

@@ -21,23 +21,92 @@ def test_truncation_policies():
 
 
 def test_encoder_decoder_example_keeps_eos_when_truncating():
-    out, cut = F.encoder_decoder_example([5, 6, 7, 8], [9, 10], (3, 4), F.Truncation())
+    out, cut = F.encoder_decoder_example([5, 6, 7, 8], [9, 10], (3, 4), F.Truncation(), eos_id=EOS)
     assert out["inputs"].tolist() == [5, 6, EOS] and cut
     assert out["targets"].tolist() == [9, 10, EOS]
-    out, cut = F.encoder_decoder_example([5], [9], (3, 4), F.Truncation())
+    out, cut = F.encoder_decoder_example([5], [9], (3, 4), F.Truncation(), eos_id=EOS)
     assert out["inputs"].tolist() == [5, EOS] and not cut
 
 
-def test_decoder_only_loss_mask_covers_completion_and_eos():
-    out, cut = F.decoder_only_example([5, 6, 7], [8, 9], 8, F.Truncation())
-    assert out["targets"].tolist() == [5, 6, 7, 8, 9, EOS]
-    assert out["loss_weights"].tolist() == [0, 0, 0, 1, 1, 1]
+def test_eos_is_the_tokenizers_not_a_constant():
+    # A LLaMA-3-like eos id: nothing assumes eos == 1.
+    out, _ = F.encoder_decoder_example([5], [9], (3, 4), F.Truncation(), eos_id=128001)
+    assert out["inputs"].tolist() == [5, 128001] and out["targets"].tolist() == [9, 128001]
+    out, _ = F.decoder_only_example([5], [9], 4, F.Truncation(), eos_id=128001)
+    assert out["targets"].tolist() == [9, 128001]
+
+
+def test_decoder_only_without_bos_starts_with_the_first_real_token():
+    # S = prompt + completion + eos = [5, 6, 7, 8, 9, EOS]; input S[:-1], target S[1:].
+    out, cut = F.decoder_only_example([5, 6, 7], [8, 9], 8, F.Truncation(), eos_id=EOS)
+    assert out["autoregressive_inputs"].tolist() == [5, 6, 7, 8, 9]
+    assert out["targets"].tolist() == [6, 7, 8, 9, EOS]
+    assert out["loss_weights"].tolist() == [0, 0, 1, 1, 1]
     assert not cut
-    # Too long: the completion stays whole, the prompt is cut by its policy.
-    out, cut = F.decoder_only_example([5, 6, 7, 8], [9, 10], 5, F.Truncation(inputs="left"))
+    # Too long: the completion stays whole, the prompt is cut into the room left
+    # in the length + 1 = 6 tokens of S.
+    out, cut = F.decoder_only_example(
+        [4, 5, 6, 7, 8], [9, 10], 5, F.Truncation(inputs="left"), eos_id=EOS
+    )
+    assert out["autoregressive_inputs"].tolist() == [6, 7, 8, 9, 10]
     assert out["targets"].tolist() == [7, 8, 9, 10, EOS]
     assert out["loss_weights"].tolist() == [0, 0, 1, 1, 1]
     assert cut
+
+
+def test_decoder_only_with_bos():
+    # S = [bos] + prompt + completion + eos = [3, 5, 6, 7, 8, 9, EOS] (bos id 3).
+    out, cut = F.decoder_only_example([5, 6, 7], [8, 9], 8, F.Truncation(), eos_id=EOS, bos_id=3)
+    assert out["autoregressive_inputs"].tolist() == [3, 5, 6, 7, 8, 9]
+    assert out["targets"].tolist() == [5, 6, 7, 8, 9, EOS]
+    assert out["loss_weights"].tolist() == [0, 0, 0, 1, 1, 1]
+    assert not cut
+    # bos is kept when the prompt is cut (right: keeps the prompt's start).
+    out, cut = F.decoder_only_example([5, 6, 7], [8, 9], 4, F.Truncation(), eos_id=EOS, bos_id=3)
+    assert out["autoregressive_inputs"].tolist() == [3, 5, 8, 9]
+    assert out["targets"].tolist() == [5, 8, 9, EOS]
+    assert out["loss_weights"].tolist() == [0, 1, 1, 1]
+    assert cut
+
+
+def test_causal_lm_with_and_without_bos():
+    out, _ = F.causal_lm_example([5, 6, 7], 8, F.Truncation(), eos_id=EOS)
+    assert out["autoregressive_inputs"].tolist() == [5, 6, 7]
+    assert out["targets"].tolist() == [6, 7, EOS]
+    assert out["loss_weights"].tolist() == [1, 1, 1]
+    out, cut = F.causal_lm_example([5, 6, 7], 3, F.Truncation(), eos_id=EOS, bos_id=3)
+    assert out["autoregressive_inputs"].tolist() == [3, 5, 6]
+    assert out["targets"].tolist() == [5, 6, EOS]
+    assert cut
+    with pytest.raises(ValueError, match="nothing to predict"):
+        F.causal_lm_example([], 8, F.Truncation(), eos_id=EOS)
+
+
+def test_decoder_only_segments_keep_per_segment_weights():
+    pieces = [([3, 5, 6], 0), ([7, 8, 9], 1), ([10, 11], 0), ([12, 13], 1)]
+    out, cut = F.decoder_only_segments(pieces, 16, F.Truncation())
+    assert out["autoregressive_inputs"].tolist() == [3, 5, 6, 7, 8, 9, 10, 11, 12]
+    assert out["targets"].tolist() == [5, 6, 7, 8, 9, 10, 11, 12, 13]
+    assert out["loss_weights"].tolist() == [0, 0, 1, 1, 1, 0, 0, 1, 1]
+    assert not cut
+    out, cut = F.decoder_only_segments(pieces, 4, F.Truncation(targets="left"))
+    # The last length + 1 = 5 tokens of S: [9, 10, 11, 12, 13], weights [1, 0, 0, 1, 1].
+    assert out["autoregressive_inputs"].tolist() == [9, 10, 11, 12]
+    assert out["targets"].tolist() == [10, 11, 12, 13]
+    assert out["loss_weights"].tolist() == [0, 0, 1, 1]
+    assert cut
+
+
+def test_to_model_features_decoder_only_takes_the_shifted_inputs():
+    batch = {
+        "autoregressive_inputs": np.array([[0, 6, 7, 0]]),  # 0 is a real token here (GPT-2 "!")
+        "targets": np.array([[6, 7, EOS, 0]]),
+        "loss_weights": np.array([[0, 1, 1, 0]]),
+    }
+    out = F.to_model_features(batch, encoder_decoder=False, packed=False)
+    assert out["decoder_input_tokens"].tolist() == [[0, 6, 7, 0]]
+    assert out["decoder_target_tokens"].tolist() == [[6, 7, EOS, 0]]
+    assert out["decoder_loss_weights"].tolist() == [[0, 1, 1, 0]]
 
 
 def test_to_model_features_unpacked():
@@ -115,9 +184,11 @@ def test_span_reconstruction_targets_the_whole_text_and_fits(lengths):
     text = list(range(10, 10 + raw + 7))  # longer than fits: cut to `raw`
     sentinel = lambda i: 1000 - 1 - i
     recon, cut = F.span_corruption_example(
-        text, raw, lengths, sentinel, np.random.default_rng(3), reconstruct=True
+        text, raw, lengths, sentinel, np.random.default_rng(3), eos_id=EOS, reconstruct=True
     )
-    plain, _ = F.span_corruption_example(text, raw, lengths, sentinel, np.random.default_rng(3))
+    plain, _ = F.span_corruption_example(
+        text, raw, lengths, sentinel, np.random.default_rng(3), eos_id=EOS
+    )
     assert cut
     # Same corrupted inputs as span corruption; the targets are the raw text + EOS.
     np.testing.assert_array_equal(recon["inputs"], plain["inputs"])
@@ -234,7 +305,11 @@ def test_packing_matches_the_unpacked_batch(model, tokenizer, data_dir):
                 for name in ("decoder_input_tokens", "decoder_loss_weights"):
                     assert np.array_equal(row[name][d], ref[name][:n]), name
                 assert row["decoder_target_tokens"][d][-1] == EOS
-                assert row["decoder_input_tokens"][d][0] == 0
+                # Encoder-decoder segments start with the decoder start id 0; a
+                # decoder-only segment starts with its own first token (this
+                # tokenizer has no bos), never with another segment's.
+                first = row["decoder_input_tokens"][d][0]
+                assert first == 0 if enc_dec else first == ref["decoder_input_tokens"][0] > 1
                 # The same example alone gives identical per-token losses: no
                 # attention crosses a segment boundary.
                 ref_losses = _toy_losses(toy, ref, enc_dec, packed=False)
@@ -246,3 +321,30 @@ def test_packing_matches_the_unpacked_batch(model, tokenizer, data_dir):
     assert n_segments == len(rows)  # every example packed exactly once
     assert max_segments >= 2  # packing actually happened
     np.testing.assert_allclose(packed_loss, unpacked_loss, rtol=1e-9)
+
+
+# ---------------------------------------------------------------- generation-time prompts
+
+
+def test_generation_prompts_match_the_training_layout(tokenizer):
+    from flaxtune.data import SentencePieceTokenizer
+    from flaxtune.train.scoring import prompt_ids
+
+    class BosTokenizer(SentencePieceTokenizer):
+        """Our tokenizer as if it added a bos (LLaMA-style), with id 5."""
+
+        bos_id = 5
+        add_bos = True
+
+    ids = tokenizer.encode("hello world")
+    eos = tokenizer.eos_id
+    # Encoder-decoder: prompt + eos in the encoder (the decoder starts from the
+    # model config's decoder_start_id inside generate).
+    assert prompt_ids(tokenizer, "hello world", encoder_decoder=True, length=16) == [*ids, eos]
+    # Decoder-only without bos: the prompt's own tokens, nothing made up in front.
+    assert prompt_ids(tokenizer, "hello world", encoder_decoder=False, length=16) == ids
+    assert prompt_ids(tokenizer, "", encoder_decoder=False, length=16) == [eos]
+    # With bos: [bos] + prompt, and bos is not doubled when the text starts with it.
+    bos_tok = BosTokenizer.from_proto(tokenizer.model_proto)
+    assert prompt_ids(bos_tok, "hello world", encoder_decoder=False, length=16) == [5, *ids]
+    assert prompt_ids(bos_tok, "hello world", encoder_decoder=False, length=2) == [5, ids[0]]

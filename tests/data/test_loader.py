@@ -7,6 +7,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from flaxtune.data import SentencePieceTokenizer
 from flaxtune.data.loader import LoaderConfig, make_loader
 from flaxtune.data.mixtures import Explicit, Mixture
 
@@ -78,7 +79,13 @@ def test_decoder_only_masks_the_prompt(tokenizer, data_dir):
         completion = tgt[w == 1]
         assert tokenizer.decode(completion) == ex["targets"]
         assert completion[-1] == EOS
-        assert tokenizer.decode(tgt[(w == 0) & (tgt != 0)]) == ex["inputs"]
+        # This tokenizer adds no bos: the prompt's first token is the first input
+        # (never a target), the rest of the prompt are the weight-0 targets.
+        first = batch["decoder_input_tokens"][i][:1]
+        prompt = np.concatenate([first, tgt[(w == 0) & (tgt != 0)]])
+        assert tokenizer.decode(prompt) == ex["inputs"]
+        n = int((tgt != 0).sum())
+        np.testing.assert_array_equal(batch["decoder_input_tokens"][i][1:n], tgt[: n - 1])
 
 
 def test_same_seed_same_batches_other_seed_differs(tokenizer, data_dir):
@@ -187,3 +194,32 @@ def test_bad_configs_are_rejected():
         LoaderConfig(batch_size=1, model="decoder_only", objective="span_reconstruction")
     with pytest.raises(ValueError, match="batch_size"):
         LoaderConfig(batch_size=0)
+
+
+class BosTokenizer(SentencePieceTokenizer):
+    """Our tokenizer as if it added a bos (LLaMA-style), with id 5."""
+
+    bos_id = 5
+    add_bos = True
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_decoder_only_rows_start_with_bos_when_the_tokenizer_adds_one(tokenizer, data_dir, pack):
+    bos_tok = BosTokenizer.from_proto(tokenizer.model_proto)
+    cfg = LoaderConfig(
+        batch_size=4, model="decoder_only", targets_length=96, pack=pack, read_threads=0
+    )
+    loader = make_loader("bundled/sentiment", "train", bos_tok, cfg, data_dir=data_dir)
+    batch = next(iter(loader))
+    if pack:
+        # Every segment's first input is bos.
+        starts = (batch["decoder_positions"] == 0) & (batch["decoder_segment_ids"] > 0)
+        assert (batch["decoder_input_tokens"][starts] == 5).all() and starts.sum() > 4
+        return
+    for i in range(4):
+        ex = loader.text_examples[i]
+        w, tgt = batch["decoder_loss_weights"][i], batch["decoder_target_tokens"][i]
+        assert batch["decoder_input_tokens"][i][0] == 5
+        # With bos in front, the whole prompt is predicted (weight 0), then the completion.
+        assert tokenizer.decode(tgt[(w == 0) & (tgt != 0)]) == ex["inputs"]
+        assert tokenizer.decode(tgt[w == 1]) == ex["targets"]

@@ -52,7 +52,7 @@ def test_method_configs_are_the_shared_run_plus_the_recipe():
         assert c.optimizer.learning_rate == cfg.learning_rates[name]
     assert method_config(cfg, "houlsby", PRETRAIN).peft.adapters.kind == "houlsby"
     assert full.init_from == str(PRETRAIN)
-    assert full.tokenizer.path == str(PRETRAIN / "tokenizer.model")
+    assert full.tokenizer.path == str(PRETRAIN / "tokenizer")
     assert full.train.num_steps == cfg.finetune_steps
     assert full.data.batch_size == cfg.finetune_batch_size
     assert full.data.pack

@@ -54,6 +54,34 @@ TINYLLAMA = {
     "bos_token_id": 1,
     "eos_token_id": 2,
 }
+# meta-llama/Llama-3.2-1B's config.json (transformers 4.45 wrote it).
+LLAMA_3_2_1B = {
+    "model_type": "llama",
+    "architectures": ["LlamaForCausalLM"],
+    "vocab_size": 128256,
+    "hidden_size": 2048,
+    "intermediate_size": 8192,
+    "num_hidden_layers": 16,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 64,
+    "hidden_act": "silu",
+    "rms_norm_eps": 1e-5,
+    "max_position_embeddings": 131072,
+    "rope_theta": 500000.0,
+    "rope_scaling": {
+        "factor": 32.0,
+        "high_freq_factor": 4.0,
+        "low_freq_factor": 1.0,
+        "original_max_position_embeddings": 8192,
+        "rope_type": "llama3",
+    },
+    "attention_bias": False,
+    "mlp_bias": False,
+    "tie_word_embeddings": True,
+    "bos_token_id": 128000,
+    "eos_token_id": 128001,
+}
 ARCHITECTURE_FIELDS = [
     "vocab_size",
     "d_model",
@@ -72,6 +100,11 @@ ARCHITECTURE_FIELDS = [
     "relative_num_buckets",
     "relative_max_distance",
     "rope_theta",
+    "rope_scaling",
+    "rope_scaling_factor",
+    "rope_low_freq_factor",
+    "rope_high_freq_factor",
+    "rope_original_max_length",
     "tie_embeddings",
     "rescale_tied_logits",
     "scale_attention_logits",
@@ -85,6 +118,7 @@ ARCHITECTURE_FIELDS = [
         (T5_SMALL, "t5-small", True),
         (FLAN_T5_SMALL, "flan-t5-small", False),
         (TINYLLAMA, "tinyllama-1.1b", False),
+        (LLAMA_3_2_1B, "llama-3.2-1b", True),
     ],
 )
 def test_published_configs_give_the_presets(hf, preset, tied):
@@ -92,6 +126,8 @@ def test_published_configs_give_the_presets(hf, preset, tied):
     expected = get_config(preset)
     for field in ARCHITECTURE_FIELDS:
         assert getattr(config, field) == getattr(expected, field), field
+    if preset.startswith("llama"):  # T5's is flaxtune's cache default, not the model's
+        assert config.max_length == expected.max_length
 
 
 def test_llama_reads_transformers5_rope_parameters_and_eos_lists():
@@ -118,11 +154,15 @@ def test_unknown_architecture_names_it_and_the_supported_ones():
 
 def test_unsupported_llama_features_are_listed_together():
     hf = dict(TINYLLAMA, attention_bias=True, hidden_act="gelu")
-    hf["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0}
+    hf["rope_scaling"] = {"rope_type": "yarn", "factor": 8.0}
     with pytest.raises(InteropError) as err:
         config_from_hf(hf, tied_head=False)
     message = str(err.value)
-    assert "attention_bias" in message and "hidden_act" in message and "llama3" in message
+    assert "attention_bias" in message and "hidden_act" in message
+    assert (
+        "RoPE scaling 'yarn' (flaxtune implements rope_type ['default', 'linear', 'llama3'])"
+        in (message)
+    )
 
 
 def test_unknown_t5_activation_is_an_error():
@@ -183,3 +223,92 @@ def test_incomplete_config_names_the_missing_fields():
         config_from_hf(hf, tied_head=False)
     with pytest.raises(InteropError, match="d_modell"):
         config_from_hf(T5_SMALL, tied_head=True, d_modell=3)
+
+
+def hub_to_transformers5(hf):
+    """The same config as transformers 5 writes it: one rope_parameters dict."""
+    out = {k: v for k, v in hf.items() if k not in ("rope_theta", "rope_scaling")}
+    out["rope_parameters"] = {**hf["rope_scaling"], "rope_theta": hf["rope_theta"]}
+    return out
+
+
+def test_llama3_scaling_reads_from_transformers4_and_5_configs_alike():
+    old = config_from_hf(LLAMA_3_2_1B, tied_head=True)
+    assert old.rope_scaling == "llama3" and old.rope_scaling_factor == 32.0
+    assert config_from_hf(hub_to_transformers5(LLAMA_3_2_1B), tied_head=True) == old
+
+
+def test_linear_scaling_reads_the_old_type_key():
+    hf = dict(TINYLLAMA, rope_scaling={"type": "linear", "factor": 2.0})
+    config = config_from_hf(hf, tied_head=False)
+    assert (config.rope_scaling, config.rope_scaling_factor) == ("linear", 2.0)
+    assert config.rope_theta == 10_000.0
+
+
+def test_llama3_original_context_follows_transformers_precedence():
+    scaling = {k: v for k, v in LLAMA_3_2_1B["rope_scaling"].items()}
+    # A top-level field wins over the dict (transformers' rule, for Phi-3 style files) ...
+    hf = dict(LLAMA_3_2_1B, original_max_position_embeddings=4096)
+    assert config_from_hf(hf, tied_head=True).rope_original_max_length == 4096
+    # ... and without either, max_position_embeddings is the original context.
+    scaling.pop("original_max_position_embeddings")
+    hf = dict(LLAMA_3_2_1B, rope_scaling=scaling, max_position_embeddings=16384)
+    assert config_from_hf(hf, tied_head=True).rope_original_max_length == 16384
+
+
+@pytest.mark.parametrize("rope_type", ["dynamic", "yarn", "longrope", "su"])
+def test_unsupported_rope_scaling_names_its_type(rope_type):
+    hf = dict(TINYLLAMA, rope_parameters={"rope_type": rope_type, "rope_theta": 1e4, "factor": 2.0})
+    hf.pop("rope_scaling")
+    with pytest.raises(InteropError, match=rf"RoPE scaling '{rope_type}' \(flaxtune implements"):
+        config_from_hf(hf, tied_head=False)
+
+
+def test_incomplete_rope_scaling_names_the_missing_keys():
+    hf = dict(TINYLLAMA, rope_scaling={"rope_type": "llama3", "factor": 8.0})
+    with pytest.raises(
+        InteropError,
+        match=r"RoPE scaling 'llama3' without \['high_freq_factor', 'low_freq_factor'\]",
+    ):
+        config_from_hf(hf, tied_head=False)
+    with pytest.raises(InteropError, match=r"RoPE scaling 'linear' without \['factor'\]"):
+        config_from_hf(dict(TINYLLAMA, rope_scaling={"type": "linear"}), tied_head=False)
+
+
+def test_partial_rotary_factor_is_refused():
+    hf = dict(TINYLLAMA, partial_rotary_factor=0.5)
+    with pytest.raises(InteropError, match=r"partial_rotary_factor=0\.5"):
+        config_from_hf(hf, tied_head=False)
+
+
+def test_llama3_export_writes_the_hub_form_for_both_transformers_versions():
+    hf = config_to_hf(get_config("llama-3.2-1b"))
+    assert hf["rope_scaling"] == LLAMA_3_2_1B["rope_scaling"]
+    assert hf["rope_theta"] == 500_000.0
+    assert hf["rope_parameters"] == {**LLAMA_3_2_1B["rope_scaling"], "rope_theta": 500_000.0}
+    assert hf["max_position_embeddings"] == 131072
+    assert config_to_hf(tiny_config("llama"))["rope_scaling"] is None
+
+
+@pytest.mark.parametrize(
+    "scaling",
+    [
+        dict(rope_scaling="linear", rope_scaling_factor=3.0),
+        dict(
+            rope_scaling="llama3",
+            rope_scaling_factor=4.0,
+            rope_low_freq_factor=0.5,
+            rope_high_freq_factor=2.5,
+            rope_original_max_length=20,
+        ),
+    ],
+)
+def test_scaled_config_round_trips_through_config_json(scaling):
+    config = tiny_config("llama", max_length=64, **scaling)
+    hf = config_to_hf(config)
+    assert config_from_hf(hf, tied_head=config.tie_embeddings) == config
+    # Either form alone describes the same model.
+    only_5 = {k: v for k, v in hf.items() if k not in ("rope_scaling", "rope_theta")}
+    only_4 = {k: v for k, v in hf.items() if k != "rope_parameters"}
+    for form in (only_5, only_4):
+        assert config_from_hf(form, tied_head=config.tie_embeddings) == config

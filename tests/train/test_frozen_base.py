@@ -164,7 +164,7 @@ def test_qlora_run_trains_with_loss_scaling_and_a_bit_identical_nf4_base(qlora_r
 def test_qlora_base_equals_the_quantized_initial_weights(qlora_run):
     """The base at the end is nf4(init) exactly, and params/ holds its float values."""
     cfg, workdir, _ = qlora_run
-    tokenizer = Tokenizer.load(workdir / "tokenizer.model")
+    tokenizer = Tokenizer.load(workdir / "tokenizer")
     mcfg = model_config(cfg, tokenizer)
     model = build_model(mcfg)
     init_rng, _ = jax.random.split(jax.random.PRNGKey(cfg.seed))
@@ -205,7 +205,7 @@ def test_qlora_run_resumes_and_inits_another_run(qlora_run, data_dir, tmp_path):
     # init_from: float params in, requantized to exactly the same codes.
     child = qlora_config(data_dir, num_steps=1)
     child.init_from = str(workdir)
-    child.tokenizer.path = str(workdir / "tokenizer.model")
+    child.tokenizer.path = str(workdir / "tokenizer")
     train_and_evaluate(child, tmp_path)
     parent, new = (
         flat(restore_state(workdir, 7)["frozen"]),

@@ -46,7 +46,7 @@ def test_tiny_config_runs_end_to_end(data_dir, tmp_path):
         "metrics.jsonl",
         "loss.png",
         "model.json",
-        "tokenizer.model",
+        "tokenizer/tokenizer_config.json",
         "results.json",
         "config.json",
         "eval/scores.json",
@@ -66,7 +66,7 @@ def test_tiny_config_runs_end_to_end(data_dir, tmp_path):
             make_loader(
                 cfg.data.tasks,
                 "train",
-                Tokenizer.load(tmp_path / "tokenizer.model"),
+                Tokenizer.load(tmp_path / "tokenizer"),
                 loader_config(cfg, encoder_decoder=True),
                 data_dir=data_dir,
             )
@@ -143,7 +143,7 @@ def test_pissa_and_vocabulary_prompts_initialize_a_run(data_dir, tmp_path):
         for key, value in options.items():
             cfg.peft[method][key] = value
         train_and_evaluate(cfg, tmp_path / name)
-        tokenizer = Tokenizer.load(tmp_path / name / "tokenizer.model")
+        tokenizer = Tokenizer.load(tmp_path / name / "tokenizer")
         return flatten_dict(load_params(tmp_path / name, tokenizer), sep="/"), cfg
 
     params, cfg = run("pissa", "lora", init="pissa")

@@ -18,7 +18,7 @@ from flax import traverse_util
 from jax.sharding import NamedSharding
 
 from experiments.configs import finetune
-from flaxtune.data import Tokenizer
+from flaxtune.data import Tokenizer, load_tokenizer
 from flaxtune.data.user_data import register_user_task
 from flaxtune.interop import InteropError, export_hf, import_hf, save_flaxtune
 from flaxtune.peft import AdapterConfig, LoraConfig, PeftConfig
@@ -31,6 +31,7 @@ from flaxtune.train.pretrained import (
     start_values,
 )
 from flaxtune.train.run_config import model_config, pretrained_tokenizer
+from flaxtune.train.run_config_checks import RunConfigError
 from flaxtune.train.run_dir import restore_params, save_params
 from flaxtune.transformer import get_config
 from tests.interop.util import random_params
@@ -82,9 +83,7 @@ def write_run_dir(directory, config, params, tokenizer, spiece):
     """A finished run's files: params/, model.json and its tokenizer copies."""
     directory.mkdir(parents=True)
     save_params(directory, params, config, tokenizer)
-    shutil.copyfile(spiece, directory / "tokenizer.model")
-    (directory / "tokenizer").mkdir()
-    shutil.copyfile(spiece, directory / "tokenizer" / "tokenizer.model")
+    tokenizer.save(directory / "tokenizer")
     return directory
 
 
@@ -166,6 +165,8 @@ def test_a_run_trained_with_another_tokenizer_is_refused(tmp_path, checkpoint, s
     config, params = checkpoint
     other = Tokenizer.train(sentences(300, seed=1), vocab_size=280, num_extra_ids=5)
     run = write_run_dir(tmp_path / "run", config, params, other, spiece)
+    shutil.rmtree(run / "tokenizer")  # replaced by another tokenizer
+    Tokenizer.load(spiece).save(run / "tokenizer")
     with pytest.raises(Exception, match=r"was trained with tokenizer .* the run directory"):
         load_pretrained(run)
 
@@ -415,7 +416,7 @@ def test_a_one_step_run_starts_from_the_checkpoint_bit_for_bit(
     config, params = checkpoint
     workdir = tmp_path / "run"
     train_and_evaluate(one_step_config(layouts[layout], task), workdir)
-    assert Tokenizer.load(workdir / "tokenizer.model").fingerprint == tokenizer.fingerprint
+    assert load_tokenizer(workdir / "tokenizer").fingerprint == tokenizer.fingerprint
     assert_flat_equal(flat(restore_params(workdir)), flat(params))
     # The new run is itself a checkpoint with the same architecture.
     assert resolve_pretrained(workdir).config == config
@@ -443,8 +444,13 @@ def test_a_different_tokenizer_path_is_refused(layouts, task, tmp_path):
     Tokenizer.train(sentences(300, seed=1), vocab_size=280, num_extra_ids=5).save(other)
     cfg = one_step_config(layouts["import"], task)
     cfg.tokenizer.path = str(other)
-    with pytest.raises(PretrainedError, match=r"tokenizer\.path=.* is not the tokenizer of"):
+    # Refused by the run config's validation, before the run starts ...
+    with pytest.raises(RunConfigError, match=r"init_from=.* was trained with tokenizer .* run's"):
         train_and_evaluate(cfg, tmp_path / "run")
+    # ... and by the loop's own reader of the checkpoint's tokenizer.
+    source = resolve_pretrained(layouts["import"])
+    with pytest.raises(PretrainedError, match=r"tokenizer\.path=.* is not the tokenizer of"):
+        pretrained_tokenizer(cfg, tmp_path, source)
 
 
 def test_a_checkpoint_without_tokenizer_needs_tokenizer_path(
@@ -458,7 +464,7 @@ def test_a_checkpoint_without_tokenizer_needs_tokenizer_path(
         pretrained_tokenizer(cfg, tmp_path, source)
     cfg.tokenizer.path = str(spiece)
     assert pretrained_tokenizer(cfg, tmp_path, source).fingerprint == tokenizer.fingerprint
-    assert (tmp_path / "tokenizer.model").read_bytes() == spiece.read_bytes()
+    assert load_tokenizer(tmp_path / "tokenizer").fingerprint == tokenizer.fingerprint
     with pytest.raises(PretrainedError, match=r"holds no tokenizer \(one of"):
         load_pretrained(directory)
 

@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from flaxtune.transformer import (
@@ -100,3 +101,90 @@ def test_to_dict_is_json_friendly():
 
     d = get_config("tiny-llama", dtype="bfloat16").to_dict()
     assert json.loads(json.dumps(d))["dtype"] == "bfloat16"
+
+
+LLAMA3_SCALING = dict(
+    rope_scaling="llama3",
+    rope_scaling_factor=32.0,
+    rope_low_freq_factor=1.0,
+    rope_high_freq_factor=4.0,
+    rope_original_max_length=8192,
+)
+
+
+def test_llama_3_2_1b_preset_is_the_published_model():
+    # The fields of meta-llama/Llama-3.2-1B's config.json.
+    config = get_config("llama-3.2-1b")
+    expected = dict(
+        vocab_size=128256,
+        d_model=2048,
+        num_decoder_layers=16,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=64,
+        d_ff=8192,
+        tie_embeddings=True,
+        rescale_tied_logits=False,
+        rope_theta=500_000.0,
+        norm_eps=1e-5,
+        max_length=131_072,
+        activation="swiglu",
+        **LLAMA3_SCALING,
+    )
+    for field, value in expected.items():
+        assert getattr(config, field) == value, field
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            dict(rope_scaling="yarn"),
+            r"rope_scaling='yarn' is not one of \['none', 'linear', 'llama3'\]",
+        ),
+        (
+            dict(rope_scaling="linear", rope_scaling_factor=2.0, position_encoding="learned"),
+            "rope_scaling='linear' scales rotary frequencies, but position_encoding='learned'",
+        ),
+        (
+            dict(rope_scaling_factor=8.0),
+            r"rope_scaling_factor=8.0 is not read by rope_scaling='none'.*default 1.0",
+        ),
+        (
+            dict(rope_scaling="linear", rope_scaling_factor=2.0, rope_original_max_length=16),
+            "rope_original_max_length=16 is not read by rope_scaling='linear'",
+        ),
+        (
+            dict(rope_scaling="linear", rope_scaling_factor=0.0),
+            "rope_scaling_factor must be positive",
+        ),
+        (
+            dict(LLAMA3_SCALING, rope_low_freq_factor=4.0),
+            r"0 < rope_low_freq_factor < rope_high_freq_factor, got 4.0 and 4.0",
+        ),
+        (dict(LLAMA3_SCALING, rope_low_freq_factor=0.0), "0 < rope_low_freq_factor"),
+        (
+            dict(LLAMA3_SCALING, rope_original_max_length=0),
+            "rope_original_max_length must be positive, got 0",
+        ),
+    ],
+)
+def test_bad_rope_scaling_raises_clear_errors(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        get_config("tiny-llama", **overrides)
+
+
+def test_rope_scaling_survives_to_dict_and_changes_the_model():
+    config = get_config("tiny-llama", **dict(LLAMA3_SCALING, rope_original_max_length=8))
+    assert TransformerConfig(**config.to_dict()) == config
+    model = build_model(config)
+    tokens = jnp.arange(3, 43)[None] % config.vocab_size
+    params = model.init(jax.random.key(0), tokens)
+    unscaled = config.replace(
+        rope_scaling="none", rope_scaling_factor=1.0, rope_original_max_length=8192
+    )
+    scaled_logits = model.apply(params, tokens)
+    plain_logits = build_model(unscaled).apply(params, tokens)
+    # Position 0 does not turn under any rule; later positions turn more slowly when scaled.
+    np.testing.assert_allclose(scaled_logits[:, 0], plain_logits[:, 0], rtol=1e-6, atol=1e-6)
+    assert float(jnp.max(jnp.abs(scaled_logits[:, 10:] - plain_logits[:, 10:]))) > 1e-3

@@ -42,6 +42,23 @@ ALL = "all"
 CORPUS = "corpus"
 
 
+class _LocalDatasetInfo(tfds.core.DatasetInfo):
+    """DatasetInfo of a dataset that exists only where it is built.
+
+    TFDS constructs a builder's info, when the dataset is not prepared yet, by
+    first looking for precomputed metadata in its public bucket: it makes a
+    ``tempfile.mkdtemp("tfds")`` directory and only then finds that the
+    dataset is not there (or that bucket access is off), returning without
+    removing it. Every unprepared builder thus left an empty ``/tmp/tmp*tfds``
+    directory behind (one per bundled task of a mixture). The bundled dataset
+    is generated locally and never in that bucket, so there is nothing to look
+    up and nothing to create.
+    """
+
+    def initialize_from_bucket(self) -> None:
+        """Nothing: the bundled dataset's metadata is never published."""
+
+
 # tfds.core.BuilderConfig is a mutable dataclass, so a subclass cannot be frozen.
 @dataclasses.dataclass
 class BundledConfig(tfds.core.BuilderConfig):
@@ -70,7 +87,8 @@ class FlaxtuneBundled(tfds.core.GeneratorBasedBuilder):
 
     def _info(self) -> tfds.core.DatasetInfo:
         text = tfds.features.Text()
-        return self.dataset_info_from_configs(
+        return _LocalDatasetInfo(
+            builder=self,
             description=__doc__,
             features=tfds.features.FeaturesDict(
                 {"id": text, "task": text, "fields": text, "target": text, "combo": text}
