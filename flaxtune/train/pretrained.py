@@ -145,13 +145,16 @@ def resolve_pretrained(path: str | os.PathLike) -> PretrainedSource:
     """
     directory = Path(path).expanduser().absolute()
     if not directory.is_dir():
-        raise PretrainedError(f"init_from={str(path)!r}: no such directory.")
+        raise PretrainedError(
+            f"init_from={str(path)!r} is not a finished run, an import directory or a Hugging "
+            "Face model directory: no such directory ('' starts without one)."
+        )
     if (directory / MODEL_FILE).exists() or (directory / "checkpoints").is_dir():
         if not is_run_dir(directory):
             raise PretrainedError(
-                f"{directory} is a training run without final parameters ({MODEL_FILE} and "
-                "params/ are written when a run ends): let it finish (rerun its command to "
-                "resume it)."
+                f"init_from={str(path)!r} is not a finished run: a training run without final "
+                f"parameters ({MODEL_FILE} and params/ are written when a run ends); let it "
+                "finish (rerun its command to resume it)."
             )
         config, fingerprint = read_model_json(directory)
         return PretrainedSource(

@@ -247,7 +247,10 @@ def _check_model(cfg: ml_collections.ConfigDict):
     _in_section("model", lambda: run_config.check_model_source(cfg))
     if cfg.init_from:
         # The checkpoint's architecture; the run config may only agree with it.
-        source = _in_section("init_from", lambda: resolve_pretrained(cfg.init_from))
+        try:
+            source = resolve_pretrained(cfg.init_from)
+        except (FlaxtuneError, FileNotFoundError) as err:  # its message names init_from
+            raise RunConfigError(str(err)) from err
         return _in_section("model", lambda: run_config.checkpoint_model_config(cfg, source.config))
     return _in_section(
         "model",
