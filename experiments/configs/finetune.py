@@ -43,9 +43,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.eval_every = 100
     c.train.checkpoint_every = 100
     c.train.log_every = 10
-    # Validation loss picks the best checkpoint, and the final generation scores are on the
-    # validation split too (a user's data often has no test split).
-    c.train.best_metric = "eval/loss"
+    # Evaluation reads the validation split (a user's data often has no test split): the
+    # validation loss every eval_every steps and the final generation scores. No checkpoint
+    # is ranked by default, since data.train without data.validation has no validation loss;
+    # with data.validation, set train.best_metric="eval/loss" to keep the best one.
+    c.train.best_metric = ""
     c.eval.split = "validation"
     c.data.batch_size = 16
     return c
