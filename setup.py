@@ -22,6 +22,8 @@ INSTALL_REQUIRES = [
     "ml-collections>=0.1.1",
     "numpy>=1.26",
     "sentencepiece>=0.2.0",
+    # flaxtune.data: Hugging Face tokenizer.json files (LLaMA-3, GPT-2 byte-level BPE).
+    "tokenizers>=0.20",
     "safetensors>=0.4.0",
     "tensorboardX>=2.6",
     "tqdm>=4.66",

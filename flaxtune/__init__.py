@@ -10,11 +10,17 @@ in the subpackages, each with its own curated ``__all__``:
 * ``flaxtune.data`` — tokenizer, bundled dataset, templates, mixtures, loader
 * ``flaxtune.train`` — trainability, optimizers, state/step, checkpoints, the run loop
 * ``flaxtune.interop`` — Hugging Face checkpoints in and out
+* ``flaxtune.generate`` — a model on disk to generated text (``python -m flaxtune.generate``)
 
-The data, train and interop subpackages pull in heavier dependencies
-(TensorFlow Datasets, grain, orbax), so they are imported on use, not here.
+``flaxtune.load(path, adapter=None)`` returns ``Loaded(model, params,
+tokenizer, config)`` from a run directory, an import directory or a Hugging
+Face model directory (see ``flaxtune.generate``). Because it reads all
+three kinds, importing flaxtune also imports the data, train and interop
+subpackages (grain, orbax and the TensorFlow Datasets module, not TensorFlow
+itself: about a second more than the model code alone).
 """
 
+from flaxtune.generate import Loaded, generate_texts, load
 from flaxtune.peft import LoraConfig, PeftConfig
 from flaxtune.transformer import (
     DecodeConfig,
@@ -27,10 +33,13 @@ from flaxtune.version import __version__ as __version__
 
 __all__ = [
     "DecodeConfig",
+    "Loaded",
     "LoraConfig",
     "PeftConfig",
     "TransformerConfig",
     "build_model",
     "generate",
+    "generate_texts",
     "get_config",
+    "load",
 ]

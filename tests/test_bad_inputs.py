@@ -88,6 +88,11 @@ RUN_CONFIG_CASES = [
     ("log_every 0", {"train.log_every": 0}, r"train\.log_every=0: must be an integer >= 1"),
     ("checkpoint_every 0", {"train.checkpoint_every": 0}, r"train\.checkpoint_every=0: must"),
     ("keep_checkpoints 0", {"train.keep_checkpoints": 0}, r"train\.keep_checkpoints=0: must"),
+    (
+        "max_nonfinite_steps 0",
+        {"train.max_nonfinite_steps": 0},
+        r"train\.max_nonfinite_steps=0: must",
+    ),
     ("num_steps 0", {"train.num_steps": 0}, r"train\.num_steps=0: must be an integer >= 1"),
     (
         "num_steps == warmup_steps",

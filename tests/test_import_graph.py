@@ -21,8 +21,15 @@ The intended graph, bottom to top (an arrow is "may import")::
     train        -> quant, peft, transformer, data, eval, interop
                                         (interop: init_from reads imported and
                                         Hugging Face checkpoints)
-    interop      -> transformer
-    flaxtune     -> peft, transformer, version   (the package's own __init__)
+    interop      -> transformer, peft
+    generate     -> transformer, peft, data, eval, train, interop
+    flaxtune     -> peft, transformer, version, generate   (the package's own __init__)
+
+A package's ``__main__`` module (its command line) is a node of its own,
+``<package>.__main__``, above everything: nothing imports it, so it may
+import any node without making a cycle. ``python -m flaxtune.interop export
+--run-dir`` reads a training run with ``flaxtune.generate``'s loader, which
+itself reads Hugging Face directories through interop.
 
 Three properties are checked: every edge is one of the intended ones; the
 intended graph has no cycle (so neither does the real one); no module imports
@@ -57,8 +64,16 @@ INTENDED: dict[str, set[str]] = {
     "eval": {"version"},
     # interop: init_from and load_pretrained read imported and Hugging Face checkpoints.
     "train": {"quant", "peft", "transformer", "data", "eval", "interop"},
-    "interop": {"transformer"},
-    "flaxtune": {"peft", "transformer", "version"},
+    # peft: a merged export folds LoRA/DoRA with peft.merge and prefixes with fold_prefix.
+    "interop": {"transformer", "peft"},
+    # generate: loads run dirs (train), import and HF dirs (interop), scores with eval.
+    "generate": {"transformer", "peft", "data", "eval", "train", "interop"},
+    # flaxtune.load and generate_texts are the top-level entry points.
+    "flaxtune": {"peft", "transformer", "version", "generate"},
+    # Command lines (see the module docstring): nothing imports them.
+    "eval.__main__": {"eval"},
+    "interop.__main__": {"interop", "generate", "transformer"},
+    "generate.__main__": {"generate", "eval"},
 }
 
 # Every node may raise flaxtune's exceptions: ``errors`` is the bottom layer.
@@ -79,8 +94,11 @@ def module_name(path: pathlib.Path) -> str:
 
 
 def node_of(module: str) -> str:
-    """``flaxtune.quant.qdot`` -> ``quant``, ``flaxtune.matmul`` -> ``matmul``, ``flaxtune``."""
+    """``flaxtune.quant.qdot`` -> ``quant``, ``flaxtune.matmul`` -> ``matmul``, ``flaxtune``;
+    a command line ``flaxtune.interop.__main__`` -> ``interop.__main__``."""
     parts = module.split(".")
+    if len(parts) == 3 and parts[2] == "__main__":
+        return f"{parts[1]}.__main__"
     return parts[1] if len(parts) > 1 else parts[0]
 
 
@@ -206,6 +224,12 @@ def test_no_flaxtune_import_inside_a_function():
         if inside and (importer, target) not in FUNCTION_LOCAL_EXCEPTIONS
     ]
     assert not local, "flaxtune modules imported inside functions:\n" + "\n".join(local)
+
+
+def test_command_lines_are_nodes_that_nothing_imports():
+    assert node_of("flaxtune.interop.__main__") == "interop.__main__"
+    assert node_of("flaxtune.interop.peft_export") == "interop"
+    assert not [n for deps in INTENDED.values() for n in deps if n.endswith(".__main__")]
 
 
 @pytest.mark.parametrize(

@@ -188,6 +188,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.label_smoothing = 0.0
     # z-loss coefficient.
     c.train.z_loss = 0.0
+    # Non-finite steps in a row (loss, gradients or update; a float16 loss
+    # scale's skipped steps count) that stop the run with an error.
+    c.train.max_nonfinite_steps = 10
 
     c.eval = ml_collections.ConfigDict()
     # Validation batches per evaluation.

@@ -212,7 +212,7 @@ def chat_template_of(tokenizer: Any) -> tuple[str, dict[str, str]]:
     template = tokenizer.chat_template
     if not template:
         raise ChatError(
-            f"the data holds {CHAT_FIELD!r} conversations, but the tokenizer has no chat "
+            f"the input holds {CHAT_FIELD!r} conversations, but the tokenizer has no chat "
             "template. Use a tokenizer that ships one (a Hugging Face model directory with "
             "chat_template in tokenizer_config.json) or prompt/completion records."
         )

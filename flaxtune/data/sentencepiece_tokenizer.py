@@ -374,9 +374,16 @@ class SentencePieceTokenizer(Tokenizer):
         return (self._sp_no_prefix if no_prefix else self._sp).encode(text, out_type=int)
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        if self._split is None and not self._keeps_spaces:
-            return self._sp.encode(list(texts), out_type=int)
-        return [self.encode(t) for t in texts]
+        texts = list(texts)
+        if self._keeps_spaces:
+            return [self.encode(t) for t in texts]
+        # SentencePiece's batch call for all; texts with special strings again.
+        out = self._sp.encode(texts, out_type=int)
+        if self._split is not None:
+            for k, text in enumerate(texts):
+                if self._split.search(text):
+                    out[k] = self.encode(text)
+        return out
 
     def decode(self, ids: Iterable[int]) -> str:
         """Ids to text; stops at the first eos, drops pad/bos/unk/special ids.

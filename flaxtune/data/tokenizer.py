@@ -1,7 +1,7 @@
 """Loading any checkpoint's tokenizer: :func:`load_tokenizer`.
 
 ``load_tokenizer(path)`` takes a directory (a Hugging Face model directory,
-an import directory, a run's ``tokenizer/`` directory) or a single
+an import directory, a training run's directory or its ``tokenizer/``) or a single
 ``.model`` / ``tokenizer.json`` file and returns a
 :class:`~flaxtune.data.tokenizer_interface.Tokenizer` whose special ids come
 from the directory's files (:mod:`flaxtune.data.special_tokens`).
@@ -16,9 +16,9 @@ transformers 5's ``AutoTokenizer`` on the same directory:
   (``LlamaTokenizer``, ``T5Tokenizer``, ...): the ``.model``. transformers 5
   keeps only the vocabulary (and post-processor) of such a ``tokenizer.json``
   and rebuilds the normalizer and pre-tokenizer from the class, which is what
-  the SentencePiece backend reproduces from the model file; a legacy
-  ``tokenizer.json`` (LLaMA-2's prefixes ``▁`` after every special token) would
-  otherwise give different ids after special tokens.
+  the SentencePiece backend reproduces from the model file; running a
+  ``tokenizer.json`` written with the class's older (``legacy``) pipeline,
+  which prefixes ``▁`` after every special token, would give other ids there.
 * only a ``.model``: the SentencePiece backend (``spiece.model`` first for
   ``T5Tokenizer``, else ``tokenizer.model`` first).
 
@@ -70,6 +70,8 @@ __all__ = [
 
 MODEL_FILES = ("tokenizer.model", "spiece.model")
 GENERIC_CLASSES = (None, "PreTrainedTokenizerFast", "TokenizersBackend")
+# Where a training run keeps its tokenizer (written by Tokenizer.save).
+RUN_TOKENIZER_DIR = "tokenizer"
 
 
 def tokenizer_file(directory: str | os.PathLike, files: SpecialTokenFiles | None = None) -> Path:
@@ -94,9 +96,19 @@ def tokenizer_file(directory: str | os.PathLike, files: SpecialTokenFiles | None
     )
 
 
+def _has_tokenizer(directory: Path) -> bool:
+    return any((directory / name).is_file() for name in (*MODEL_FILES, "tokenizer.json"))
+
+
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """The tokenizer of a directory or of a single ``.model`` / ``tokenizer.json`` file."""
+    """The tokenizer of a directory or of a single ``.model`` / ``tokenizer.json`` file.
+
+    A training run's directory (its tokenizer in ``tokenizer/``) is read from
+    that subdirectory.
+    """
     path = Path(path)
+    if path.is_dir() and not _has_tokenizer(path) and _has_tokenizer(path / RUN_TOKENIZER_DIR):
+        path = path / RUN_TOKENIZER_DIR  # a training run's directory
     if path.is_dir():
         files = read_special_tokens(path)
         target = tokenizer_file(path, files)

@@ -239,14 +239,24 @@ def import_hf(
         check_checkpoint(mappings, reader, family)
         shardings = mesh_shardings(abstract, mesh, axis_rules) if mesh is not None else {}
         storage = np.dtype(config.param_dtype)
-        flat = {}
+        flat, non_finite = {}, []
         for m in mappings:
             array = reader.read(m.hf_name)
             _check_aliases(m, array, reader)
             value = np.asarray(m.to_flax(array), dtype=storage)
             del array
+            if jnp.issubdtype(value.dtype, jnp.inexact) and not np.isfinite(value).all():
+                non_finite.append(m.hf_name)
+                continue  # reported below, with every other such tensor
             placed = _place(value, shardings.get(m.flax_path))
             flat[m.flax_path] = transform(m.flax_path, placed) if transform else placed
+        if non_finite:
+            raise InteropError(
+                f"The checkpoint in {hf_dir} has NaN or infinite values in "
+                f"{len(non_finite)} tensor(s) (after casting to {storage}): "
+                f"{', '.join(non_finite[:20])}. The weights are damaged (or overflow "
+                "param_dtype); download or export them again."
+            )
     return ImportedModel(
         config=config,
         params=traverse_util.unflatten_dict(flat, sep="/"),

@@ -26,8 +26,12 @@ as a regular expression of the exact module paths (PEFT full-matches a
 string ``target_modules``), so that PEFT adds LoRA exactly where flaxtune has
 it.
 
-The hyper-parameters travel as an explicit :class:`LoraHyperparams`, which
-``flaxtune.peft`` fills from its own config.
+The hyper-parameters travel as an explicit :class:`LoraHyperparams`;
+:func:`lora_hyperparams` reads them from a run's ``LoraConfig``. DoRA's
+magnitude (``lora_magnitude [out...]``) is written as PEFT's
+``lora_magnitude_vector [out]`` with ``use_dora``: PEFT computes
+``m / ||W + scaling * B A||_row * (W x + scaling * B A x)``, the same
+column-wise rescaling as flaxtune.
 """
 
 from __future__ import annotations
@@ -55,13 +59,18 @@ from flaxtune.interop.names import (
     tensor_mappings,
 )
 from flaxtune.interop.safetensors_io import CheckpointReader, write_checkpoint
+from flaxtune.peft import LoraConfig
 from flaxtune.transformer import TransformerConfig
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _PEFT_PREFIX = "base_model.model."
+_MAGNITUDE = "lora_magnitude"
 _PEFT_NAME = re.compile(re.escape(_PEFT_PREFIX) + r"(?P<module>.+)\.lora_(?P<side>[AB])\.weight")
-_TASK_TYPES = {"t5": "SEQ_2_SEQ_LM", "llama": "CAUSAL_LM"}
+_PEFT_MAGNITUDE_NAME = re.compile(
+    re.escape(_PEFT_PREFIX) + r"(?P<module>.+)\.lora_magnitude_vector"
+)
+TASK_TYPES = {"t5": "SEQ_2_SEQ_LM", "llama": "CAUSAL_LM"}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -90,6 +99,41 @@ class LoraHyperparams:
     @property
     def scaling(self) -> float:
         return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+
+def _magnitude(flat: Mapping[str, np.ndarray], module: str, out_shape: tuple) -> np.ndarray:
+    """DoRA's magnitude ``[out...]`` as PEFT's ``lora_magnitude_vector [out]`` (row-major,
+    the order in which the kernel's output axes flatten into the torch weight's rows)."""
+    magnitude = flat.get(f"{module}/{_MAGNITUDE}")
+    if magnitude is None or tuple(magnitude.shape) != tuple(out_shape):
+        raise InteropError(
+            f"{module}: DoRA needs lora_magnitude of shape {tuple(out_shape)} in every LoRA "
+            f"layer; found {None if magnitude is None else magnitude.shape}."
+        )
+    return np.ascontiguousarray(magnitude.reshape(-1).astype(np.float32))
+
+
+def lora_hyperparams(config: LoraConfig) -> LoraHyperparams:
+    """The adapter hyper-parameters of a run's ``LoraConfig``.
+
+    Per-layer overrides and PiSSA have no faithful adapter form here and are
+    refused: PEFT would need per-module patterns, and a PiSSA run's frozen
+    kernels are residuals, not the base model's weights.
+    """
+    if config.overrides:
+        raise InteropError(
+            f"LoRA with per-layer overrides {list(config.overrides)} cannot be exported as an "
+            "adapter; export the merged model instead (without --adapter)."
+        )
+    if config.init == "pissa":
+        raise InteropError(
+            "a PiSSA run's frozen kernels are residuals of the base weights (the principal "
+            "part moved into A and B), so an adapter on the original base model would compute "
+            "something else; export the merged model instead (without --adapter)."
+        )
+    return LoraHyperparams(
+        rank=config.rank, alpha=config.alpha, use_rslora=config.use_rslora, dropout=config.dropout
+    )
 
 
 def _lora_modules(flat: Mapping[str, Any]) -> list[str]:
@@ -144,6 +188,12 @@ def merge_lora_flat(
             f"the parameters hold LoRA factors ({modules[:3]}...); pass lora=LoraHyperparams"
             "(rank=..., alpha=...) so that they can be merged with the right scaling."
         )
+    dora = [p for p in flat if p.endswith(f"/{_MAGNITUDE}")]
+    if dora:
+        raise InteropError(
+            f"the parameters hold DoRA magnitudes ({dora[:3]}...); merge them with "
+            "flaxtune.peft.merge and the model's LoraConfig, which rescales the columns."
+        )
     merged = {p: v for p, v in flat.items() if not p.endswith(("/lora_a", "/lora_b"))}
     for module in modules:
         kernel = flat[f"{module}/kernel"]
@@ -160,7 +210,8 @@ def merge_lora(params: Mapping[str, Any], lora: LoraHyperparams | None) -> dict[
     return traverse_util.unflatten_dict(merge_lora_flat(flat_numpy_params(params), lora), sep="/")
 
 
-def _base_mappings(config: TransformerConfig) -> dict[str, TensorMapping]:
+def base_mappings(config: TransformerConfig) -> dict[str, TensorMapping]:
+    """flaxtune path -> mapping of every base-model parameter (PEFT ones have none)."""
     base = config.replace(peft=None)
     return {m.flax_path: m for m in tensor_mappings(base, param_shapes(abstract_params(base)))}
 
@@ -195,8 +246,9 @@ def export_lora_adapter(
     modules = _lora_modules(flat)
     if not modules:
         raise InteropError("the parameters hold no lora_a/lora_b factors: nothing to export.")
-    mappings = _base_mappings(config)
+    mappings = base_mappings(config)
     tensors, hf_modules = {}, []
+    use_dora = any(f"{module}/{_MAGNITUDE}" in flat for module in modules)
     for module in modules:
         m = mappings.get(f"{module}/kernel")
         if m is None or not m.is_dense:
@@ -204,11 +256,15 @@ def export_lora_adapter(
         a, b = _factors(flat, module, lora, m.shape)
         tensors[f"{_PEFT_PREFIX}{m.hf_module}.lora_A.weight"] = np.ascontiguousarray(a.T)
         tensors[f"{_PEFT_PREFIX}{m.hf_module}.lora_B.weight"] = np.ascontiguousarray(b.T)
+        if use_dora:
+            tensors[f"{_PEFT_PREFIX}{m.hf_module}.lora_magnitude_vector"] = _magnitude(
+                flat, module, m.out_shape
+            )
         hf_modules.append(m.hf_module)
     dense = [m.hf_module for m in mappings.values() if m.is_dense]
     adapter_config = {
         "peft_type": "LORA",
-        "task_type": _TASK_TYPES[family_of_config(config)],
+        "task_type": TASK_TYPES[family_of_config(config)],
         "base_model_name_or_path": base_model_name_or_path,
         "r": lora.rank,
         "lora_alpha": lora.alpha,
@@ -217,7 +273,7 @@ def export_lora_adapter(
         "target_modules": _target_modules(hf_modules, dense),
         "bias": "none",
         "fan_in_fan_out": False,
-        "use_dora": False,
+        "use_dora": use_dora,
         "init_lora_weights": True,
         "inference_mode": True,
         "modules_to_save": None,
@@ -232,17 +288,8 @@ def export_lora_adapter(
     return out_dir
 
 
-def import_lora_adapter(
-    adapter_dir: str | os.PathLike, config: TransformerConfig
-) -> tuple[LoraHyperparams, dict[str, Any]]:
-    """Reads a PEFT LoRA adapter as flaxtune factors.
-
-    Returns ``(hyper-parameters, params)`` where ``params`` is a nested tree
-    holding only ``lora_a`` / ``lora_b`` leaves at the flaxtune paths of the
-    modules they adapt; merge it into the base parameters with
-    ``flax.core.copy`` or a dict update.
-    """
-    adapter_dir = Path(adapter_dir)
+def _adapter_settings(adapter_dir: Path) -> tuple[LoraHyperparams, bool]:
+    """The adapter's hyper-parameters and whether it is DoRA, checked for what flaxtune reads."""
     path = adapter_dir / ADAPTER_CONFIG
     if not path.exists():
         raise InteropError(f"{adapter_dir} has no {ADAPTER_CONFIG}: not a PEFT adapter directory.")
@@ -251,7 +298,6 @@ def import_lora_adapter(
     if c.get("peft_type") != "LORA":
         problems.append(f"peft_type={c.get('peft_type')!r} (only LORA is supported)")
     for key, ok in (
-        ("use_dora", False),
         ("fan_in_fan_out", False),
         ("bias", "none"),
         ("rank_pattern", {}),
@@ -269,33 +315,61 @@ def import_lora_adapter(
         use_rslora=bool(c.get("use_rslora", False)),
         dropout=float(c.get("lora_dropout", 0.0)),
     )
-    by_module = {m.hf_module: m for m in _base_mappings(config).values() if m.is_dense}
+    return lora, bool(c.get("use_dora", False))
+
+
+def _adapter_leaf(name: str, array: np.ndarray, m: TensorMapping, side: str, r: int):
+    """``(flaxtune leaf name, array in flaxtune layout)`` of one adapter tensor."""
+    if side == "A":  # flaxtune.peft's layout: the input axes flattened, [in, r]
+        expected, leaf = (r, math.prod(m.in_shape)), array.T
+    elif side == "B":
+        expected, leaf = (math.prod(m.out_shape), r), array.T.reshape(r, *m.out_shape)
+    else:  # DoRA's magnitude, one per output feature
+        expected, leaf = (math.prod(m.out_shape),), array.reshape(m.out_shape)
+    if array.shape != expected:
+        raise InteropError(f"{name} has shape {array.shape}, expected {expected}.")
+    return (_MAGNITUDE if side == "M" else f"lora_{side.lower()}"), np.ascontiguousarray(leaf)
+
+
+def import_lora_adapter(
+    adapter_dir: str | os.PathLike, config: TransformerConfig
+) -> tuple[LoraHyperparams, dict[str, Any]]:
+    """Reads a PEFT LoRA (or DoRA) adapter as flaxtune factors.
+
+    Returns ``(hyper-parameters, params)`` where ``params`` is a nested tree
+    holding only ``lora_a`` / ``lora_b`` leaves (and DoRA's ``lora_magnitude``)
+    at the flaxtune paths of the modules they adapt; merge it into the base
+    parameters with ``flax.core.copy`` or a dict update (and fold it with
+    ``flaxtune.peft.merge``, which applies DoRA's magnitudes too).
+    """
+    adapter_dir = Path(adapter_dir)
+    lora, use_dora = _adapter_settings(adapter_dir)
+    by_module = {m.hf_module: m for m in base_mappings(config).values() if m.is_dense}
     flat, unknown = {}, []
     with CheckpointReader(adapter_dir, single_file=ADAPTER_WEIGHTS) as reader:
         for name in reader.names():
             match = _PEFT_NAME.fullmatch(name)
+            side = match["side"] if match else None
+            if match is None and use_dora and (match := _PEFT_MAGNITUDE_NAME.fullmatch(name)):
+                side = "M"
             m = by_module.get(match["module"]) if match else None
             if m is None:
                 unknown.append(name)
                 continue
-            array = reader.read(name)
-            r = lora.rank
-            if match["side"] == "A":
-                # flaxtune.peft's layout: the input axes flattened, [in, r].
-                expected, leaf = (r, math.prod(m.in_shape)), array.T
-            else:
-                expected, leaf = (math.prod(m.out_shape), r), array.T.reshape(r, *m.out_shape)
-            if array.shape != expected:
-                raise InteropError(f"{name} has shape {array.shape}, expected {expected}.")
-            module = m.flax_path.removesuffix("/kernel")
-            flat[f"{module}/lora_{match['side'].lower()}"] = np.ascontiguousarray(leaf)
+            leaf, value = _adapter_leaf(name, reader.read(name), m, side, lora.rank)
+            flat[f"{m.flax_path.removesuffix('/kernel')}/{leaf}"] = value
     if unknown:
         raise InteropError(
             f"adapter tensors that match no LoRA-able module of this model: {unknown[:10]}."
         )
-    half = {p.rsplit("/", 1)[0] for p in flat if p.endswith("/lora_a")} ^ {
-        p.rsplit("/", 1)[0] for p in flat if p.endswith("/lora_b")
+    per_leaf = {
+        leaf: {p.rsplit("/", 1)[0] for p in flat if p.endswith(f"/{leaf}")}
+        for leaf in ("lora_a", "lora_b", _MAGNITUDE)
     }
+    half = per_leaf["lora_a"] ^ per_leaf["lora_b"]
     if half:
         raise InteropError(f"adapter modules with only one of lora_A/lora_B: {sorted(half)}.")
+    if use_dora and per_leaf[_MAGNITUDE] != per_leaf["lora_a"]:
+        missing = sorted(per_leaf["lora_a"] ^ per_leaf[_MAGNITUDE])
+        raise InteropError(f"a DoRA adapter needs lora_magnitude_vector beside A and B: {missing}.")
     return lora, traverse_util.unflatten_dict(flat, sep="/")

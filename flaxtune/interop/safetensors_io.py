@@ -12,10 +12,25 @@ Writing mirrors the layout: one file, or shards of at most
 name and renamed into place, so an interrupted export never leaves a
 truncated checkpoint under the real name. Files carry the metadata
 ``{"format": "pt"}`` that transformers expects of safetensors it loads.
+
+Damaged files are reported, never loaded:
+
+* A file that ``safetensors`` cannot parse (truncated, a garbled header,
+  offsets past its end) raises one ``CorruptSafetensorsError`` naming the
+  file and the library's reason, instead of a bare ``SafetensorError``.
+* **Checksums.** Files that this module writes also carry
+  ``"flaxtune_sha256"``: a JSON map from each tensor name to the sha256 of
+  its bytes (as stored: C order, little-endian). ``read`` verifies a tensor
+  against it when the file has one, so overwritten tensor bytes, which
+  parse fine and would load as NaN or garbage weights, are an error naming
+  the tensor and the file. Files from elsewhere (the Hub, transformers'
+  ``save_pretrained``) have no such entry and are read unverified; the
+  importer still rejects non-finite weights.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Mapping
@@ -23,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from flaxtune.interop.errors import InteropError
@@ -31,6 +46,28 @@ from flaxtune.interop.errors import InteropError
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _METADATA = {"format": "pt"}
+CHECKSUM_KEY = "flaxtune_sha256"
+
+
+class CorruptSafetensorsError(InteropError):
+    """A safetensors file is truncated, unparsable or fails its checksums."""
+
+
+def _open(path: Path) -> Any:
+    """``safe_open`` with a parse failure turned into one error naming the file."""
+    try:
+        return safe_open(path, framework="numpy")
+    except (SafetensorError, OSError) as e:
+        raise CorruptSafetensorsError(
+            f"{path} is not a readable safetensors file ({e}); it is truncated or damaged. "
+            "Download or export it again."
+        ) from None
+
+
+def _tensor_digest(array: np.ndarray) -> str:
+    # Through uint8: a bfloat16 (ml_dtypes) array exports no buffer format of its own.
+    raw = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+    return hashlib.sha256(raw).hexdigest()
 
 
 class CheckpointReader:
@@ -55,7 +92,7 @@ class CheckpointReader:
         if index.exists():
             self._file_of = self._read_index(index)
         elif single.exists():
-            with safe_open(single, framework="numpy") as f:
+            with _open(single) as f:
                 self._file_of = dict.fromkeys(f.keys(), single)
         else:
             present = (
@@ -73,6 +110,7 @@ class CheckpointReader:
                 f"no {single_file} or {index_file} in {self.directory} (found: {present}).{hint}"
             )
         self._handles: dict[Path, Any] = {}
+        self._checksums: dict[Path, dict[str, str]] = {}
 
     def _read_index(self, index: Path) -> dict[str, Path]:
         try:
@@ -93,7 +131,9 @@ class CheckpointReader:
             raise KeyError(f"no tensor {name!r} in the checkpoint at {self.directory}")
         path = self._file_of[name]
         if path not in self._handles:
-            self._handles[path] = safe_open(path, framework="numpy")
+            handle = _open(path)
+            self._handles[path] = handle
+            self._checksums[path] = _read_checksums(path, handle)
         return self._handles[path]
 
     def names(self) -> list[str]:
@@ -107,7 +147,23 @@ class CheckpointReader:
         return tuple(self._handle(name).get_slice(name).get_shape())
 
     def read(self, name: str) -> np.ndarray:
-        return self._handle(name).get_tensor(name)
+        """The tensor, verified against the file's checksum if it carries one."""
+        handle = self._handle(name)
+        path = self._file_of[name]
+        try:
+            array = handle.get_tensor(name)
+        except SafetensorError as e:
+            raise CorruptSafetensorsError(
+                f"{path}: tensor {name!r} cannot be read ({e}); the file is truncated or "
+                "damaged. Download or export it again."
+            ) from None
+        expected = self._checksums[path].get(name)
+        if expected is not None and _tensor_digest(array) != expected:
+            raise CorruptSafetensorsError(
+                f"{path}: the bytes of tensor {name!r} do not match the checksum written with "
+                "the file; it was damaged after export. Export it again."
+            )
+        return array
 
     def close(self) -> None:
         self._handles.clear()
@@ -119,9 +175,25 @@ class CheckpointReader:
         self.close()
 
 
+def _read_checksums(path: Path, handle: Any) -> dict[str, str]:
+    text = (handle.metadata() or {}).get(CHECKSUM_KEY)
+    if text is None:
+        return {}
+    try:
+        checksums = json.loads(text)
+    except ValueError:
+        raise CorruptSafetensorsError(
+            f"{path}: its {CHECKSUM_KEY} metadata is not JSON; the header is damaged."
+        ) from None
+    return {str(k): str(v) for k, v in checksums.items()}
+
+
 def _write_file(tensors: Mapping[str, np.ndarray], path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    save_file(dict(tensors), str(tmp), metadata=_METADATA)
+    tensors = {name: np.ascontiguousarray(a) for name, a in tensors.items()}
+    checksums = {name: _tensor_digest(a) for name, a in tensors.items()}
+    metadata = {**_METADATA, CHECKSUM_KEY: json.dumps(checksums, sort_keys=True)}
+    save_file(tensors, str(tmp), metadata=metadata)
     os.replace(tmp, path)
 
 

@@ -11,8 +11,10 @@ A run directory looks like::
         │   ├── state/              the TrainState (orbax StandardSave)
         │   ├── data/               data iterator state (JSON)
         │   ├── meta/               run metadata: tokenizer fingerprint, step (JSON)
-        │   └── metrics/            the metrics used to rank "best" (JSON)
+        │   ├── metrics/            the metrics used to rank "best" (JSON)
+        │   └── integrity.json      size and sha256 of every file above
         └── 400.orbax-checkpoint-tmp-1712345678/   an unfinished save
+    corrupt_checkpoints/200/        a step that failed its checksums (moved by restore)
 
 Decisions:
 
@@ -35,6 +37,18 @@ Decisions:
 * **Async.** Saves are asynchronous by default: device arrays are copied to
   host, then written in a background thread while training continues. The
   next save (or ``wait_until_finished``/``close``) waits for the previous.
+  ``async_save=False`` is the same machinery followed by a wait, so both
+  modes commit a checkpoint the same way.
+* **Integrity.** Every step directory carries ``integrity.json``, the size
+  and sha256 of each of its files (``checkpoint_integrity``), written by the
+  background thread before the rename that commits the step. ``restore``
+  verifies it before reading: a corrupt or truncated checkpoint is logged in
+  one sentence (step and reason), moved to ``workdir/corrupt_checkpoints/``
+  and the next older intact one is restored instead (the log says so); if
+  none is intact, one ``CheckpointCorruptError`` lists every step's reason
+  and nothing is moved. A checkpoint without a manifest (an older flaxtune)
+  is restored unverified, with a warning; if orbax cannot read it, it counts
+  as corrupt too.
 * **Restore is sharded.** ``restore(target)`` takes a state whose leaves are
   arrays or ``jax.ShapeDtypeStruct`` s with shardings, and every leaf is read
   straight into its sharding. Before reading, the checkpoint's tree is
@@ -50,12 +64,15 @@ Decisions:
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import json
 import logging
 import os
 import shutil
+import threading
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -64,19 +81,35 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from flaxtune.data import load_tokenizer
-from flaxtune.errors import CheckpointMismatchError, TokenizerMismatchError
+from flaxtune.errors import CheckpointMismatchError, FlaxtuneError, TokenizerMismatchError
+from flaxtune.train.checkpoint_integrity import verify_manifest, write_manifest
 from flaxtune.train.state import TrainState
 
 PyTree = Any
 
 __all__ = [
+    "CheckpointCorruptError",
     "CheckpointManager",
     "TokenizerMismatchError",
     "TrainCheckpointMismatchError",
     "file_fingerprint",
 ]
 
+logger = logging.getLogger(__name__)
+
+# Where restore moves checkpoints it found corrupt (inside the workdir), so
+# that the run can save those steps again and the evidence stays.
+CORRUPT_DIR = "corrupt_checkpoints"
+
 _STATE, _DATA, _META = "state", "data", "meta"
+
+
+class CheckpointCorruptError(FlaxtuneError):
+    """No checkpoint of the run can be restored: each one is corrupt or truncated.
+
+    Raised by ``CheckpointManager.restore`` with the reason for every step
+    (and for an explicitly requested step that fails its checksums).
+    """
 
 
 class TrainCheckpointMismatchError(CheckpointMismatchError):
@@ -253,10 +286,20 @@ class CheckpointManager:
             best_mode=best_mode,
             keep_checkpoints_without_metrics=False,
             preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
-            enable_async_checkpointing=async_save,
+            # Always async: the manifest is written in orbax's post-finalization
+            # callback, which only the async checkpointer runs. A synchronous
+            # manager waits right after each save instead.
+            enable_async_checkpointing=True,
+            async_options=ocp.AsyncOptions(post_finalization_callback=self._write_manifest),
             cleanup_tmp_directories=True,
             create=True,
         )
+        self._async_save = async_save
+        # Steps whose background write is under way, oldest first: orbax
+        # finishes saves in the order they were started.
+        self._pending: collections.deque[int] = collections.deque()
+        self._pending_lock = threading.Lock()
+        self._last_saved: int | None = None
         # Handlers are named up front so that a fresh process can read an
         # existing checkpoint's metadata before anything is restored.
         self._manager = ocp.CheckpointManager(
@@ -355,6 +398,8 @@ class CheckpointManager:
             step = int(jax.device_get(state.step))
         if not force and not self.should_save(step):
             return False
+        if step == self._last_saved or step in self.all_steps():
+            return False  # already saved (e.g. a forced save right after an interval one)
         state_step = int(jax.device_get(state.step))  # a checkpoint waits for the state anyway
         if step != state_step:
             raise ValueError(f"save(step={step}) but the state is at step {state_step}.")
@@ -368,18 +413,58 @@ class CheckpointManager:
                     f"got {sorted(metrics)}."
                 )
         meta = {"step": step, "tokenizer_fingerprint": self.tokenizer_fingerprint}
-        return self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                **{
-                    _STATE: ocp.args.StandardSave(state),
-                    _DATA: ocp.args.JsonSave(dict(data_state or {})),
-                    _META: ocp.args.JsonSave(meta),
-                }
-            ),
-            metrics=metrics,
-            force=force,
+        with self._pending_lock:
+            self._pending.append(step)
+        try:
+            saved = self._manager.save(
+                step,
+                args=ocp.args.Composite(
+                    **{
+                        _STATE: ocp.args.StandardSave(state),
+                        _DATA: ocp.args.JsonSave(dict(data_state or {})),
+                        _META: ocp.args.JsonSave(meta),
+                    }
+                ),
+                metrics=metrics,
+                force=force,
+            )
+        except BaseException:
+            self._forget_pending(step)
+            raise
+        if not saved:
+            self._forget_pending(step)
+            return False
+        self._last_saved = step
+        if not self._async_save:
+            self._manager.wait_until_finished()
+        return True
+
+    def _forget_pending(self, step: int) -> None:
+        with self._pending_lock:
+            if self._pending and self._pending[-1] == step:
+                self._pending.pop()
+
+    def _write_manifest(self) -> None:
+        """orbax's post-finalization callback: the oldest pending step's manifest.
+
+        Runs in the background thread once every item of the step is written,
+        while the step still sits in its temporary directory; the rename that
+        follows commits the manifest with the arrays.
+        """
+        with self._pending_lock:
+            step = self._pending.popleft()
+        candidates = sorted(
+            p
+            for p in self.directory.iterdir()
+            if p.name.startswith(f"{step}.orbax-checkpoint-tmp") and p.is_dir()
         )
+        if not candidates:
+            raise FileNotFoundError(f"the temporary directory of step {step} is gone")
+        write_manifest(os.fspath(candidates[-1]))
+
+    def saved_step(self) -> int | None:
+        """The step of the last save this manager started (committed or in flight)."""
+        return self._last_saved
 
     def check_compatible(self, target: TrainState, step: int) -> None:
         """Raises ``TrainCheckpointMismatchError`` if ``step``'s tree does not fit ``target``."""
@@ -401,22 +486,83 @@ class CheckpointManager:
     def restore(
         self, target: TrainState, step: int | None = None
     ) -> tuple[TrainState, dict[str, Any]]:
-        """Restores ``(state, data_state)`` from ``step`` (default: the latest).
+        """Restores ``(state, data_state)`` from ``step`` (default: the newest intact one).
 
         Args:
           target: a ``TrainState`` of arrays or ``jax.ShapeDtypeStruct`` s
             carrying shardings; leaves are restored into those shardings.
-          step: which checkpoint; ``None`` for the latest.
+          step: which checkpoint; ``None`` for the newest one that passes its
+            checksums (corrupt newer ones are reported, moved aside and skipped).
+
+        Raises:
+          FileNotFoundError: no checkpoint (or not ``step``).
+          CheckpointCorruptError: ``step``, or every checkpoint, is corrupt.
+          TrainCheckpointMismatchError, TokenizerMismatchError: the checkpoint
+            is intact but belongs to another model or tokenizer.
         """
-        if step is None:
-            step = self.latest_step()
-            if step is None:
-                raise FileNotFoundError(f"No complete checkpoint in {self.directory}.")
-        elif step not in self.all_steps():
-            raise FileNotFoundError(
-                f"No complete checkpoint for step {step} in {self.directory}; "
-                f"available: {self.all_steps()}."
+        steps = self.all_steps()
+        if step is not None:
+            if step not in steps:
+                raise FileNotFoundError(
+                    f"No complete checkpoint for step {step} in {self.directory}; "
+                    f"available: {steps}."
+                )
+            restored, problem = self._try_restore(target, step)
+            if problem is not None:
+                raise CheckpointCorruptError(
+                    f"Checkpoint step {step} in {self.directory} is unusable: {problem}."
+                )
+            return restored
+        if not steps:
+            raise FileNotFoundError(f"No complete checkpoint in {self.directory}.")
+        problems: list[tuple[int, str]] = []
+        for candidate in sorted(steps, reverse=True):
+            restored, problem = self._try_restore(target, candidate)
+            if problem is None:
+                if problems:
+                    self._quarantine([s for s, _ in problems])
+                    logger.warning(
+                        "Resuming from step %d, the newest intact checkpoint; the corrupt "
+                        "ones (steps %s) were moved to %s.",
+                        candidate,
+                        ", ".join(str(s) for s, _ in problems),
+                        self.workdir / CORRUPT_DIR,
+                    )
+                return restored
+            logger.warning("Checkpoint step %d is corrupt: %s.", candidate, problem)
+            problems.append((candidate, problem))
+        listing = "; ".join(f"step {s}: {p}" for s, p in problems)
+        raise CheckpointCorruptError(
+            f"No intact checkpoint in {self.directory} ({listing}). Move the checkpoints "
+            "directory away to start the run over, or restore it from a backup."
+        )
+
+    def _try_restore(
+        self, target: TrainState, step: int
+    ) -> tuple[tuple[TrainState, dict[str, Any]] | None, str | None]:
+        """``(restored, None)``, or ``(None, why the checkpoint is unusable)``.
+
+        Mismatch errors (another model or tokenizer) are raised, not
+        returned: the checkpoint is fine, the run is not.
+        """
+        problem = verify_manifest(self.directory / str(step))
+        if problem == "unverified":
+            logger.warning(
+                "Checkpoint step %d has no integrity manifest (written by an older "
+                "flaxtune); restoring it unverified.",
+                step,
             )
+        elif problem is not None:
+            return None, problem
+        try:
+            return self._restore_step(target, step), None
+        except (CheckpointMismatchError, TokenizerMismatchError):
+            raise
+        except Exception as e:  # any read failure means an unusable checkpoint
+            first_line = (str(e).strip().splitlines() or [""])[0][:200]
+            return None, f"orbax could not read it ({type(e).__name__}: {first_line})"
+
+    def _restore_step(self, target: TrainState, step: int) -> tuple[TrainState, dict[str, Any]]:
         meta = self._manager.restore(
             step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()})
         )
@@ -440,6 +586,17 @@ class CheckpointManager:
             ),
         )
         return restored[_STATE], dict(restored[_DATA] or {})
+
+    def _quarantine(self, steps: list[int]) -> None:
+        """Moves corrupt step directories out of orbax's sight (the run saves those steps anew)."""
+        quarantine = self.workdir / CORRUPT_DIR
+        quarantine.mkdir(exist_ok=True)
+        for step in steps:
+            target = quarantine / str(step)
+            if target.exists():
+                target = quarantine / f"{step}.{time.time_ns()}"
+            os.replace(os.fspath(self.directory / str(step)), os.fspath(target))
+        self._manager.reload()
 
     def wait_until_finished(self) -> None:
         self._manager.wait_until_finished()

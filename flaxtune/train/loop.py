@@ -30,13 +30,29 @@ dropout keys derive from the step). ``init_from`` starts a new run from a
 checkpoint (``flaxtune.train.pretrained``: a finished run, an import directory
 or a Hugging Face model directory), whose architecture, vocabulary and
 tokenizer the run takes over.
+
+Reliability (each piece is its own module; the loop only wires them in):
+
+* one run per workdir: ``workdir_lock`` (``WORKDIR/.lock``, an flock that a
+  killed run releases by itself);
+* checkpoints verified on restore, with a fallback to the newest intact one
+  (``checkpoints``, ``checkpoint_integrity``);
+* SIGTERM/SIGINT: a checkpoint at the current step, then exit 143/130 with
+  a message to rerun the same command (``preemption``);
+* a loss that stays non-finite stops the run with an error, without saving
+  the bad state (``nonfinite_guard``, ``train.max_nonfinite_steps``);
+* ``metrics.jsonl`` holds one record set per step after any number of
+  resumes (``MetricsWriter(resume_step=...)``);
+* ``results.json`` is merged across the processes of a run and records how
+  the last one ended (``status``, and ``error`` with type and message), so a
+  failure or a re-run of a finished workdir never loses what was there
+  (``results_file``).
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import logging
 import time
 from collections.abc import Iterator
@@ -53,8 +69,11 @@ from flaxtune.train.frozen_base import dequantize_frozen
 from flaxtune.train.losses import eval_loss
 from flaxtune.train.mesh import make_mesh, mesh_context, shard_batch
 from flaxtune.train.metrics_writer import MetricsWriter, ProgressBar, plot_curves
+from flaxtune.train.nonfinite_guard import NonFiniteGuard
 from flaxtune.train.partition import merge_params
+from flaxtune.train.preemption import RunPreempted, StopSignals
 from flaxtune.train.pretrained import continues_adapter, resolve_pretrained, start_values
+from flaxtune.train.results_file import update_results
 from flaxtune.train.run_config import (
     check_model_source,
     data_directory,
@@ -72,6 +91,7 @@ from flaxtune.train.scoring import generation_scores
 from flaxtune.train.state import TrainState
 from flaxtune.train.step_memory import StepMemory
 from flaxtune.train.trainer import Trainer, trainer_spec
+from flaxtune.train.workdir_lock import WorkdirLock
 
 logger = logging.getLogger(__name__)
 
@@ -96,19 +116,33 @@ class _Run:
 
 
 def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
-    """Trains as ``cfg`` says, in ``workdir``; returns the final metrics and scores."""
+    """Trains as ``cfg`` says, in ``workdir``; returns the run's merged ``results.json``.
+
+    Raises ``WorkdirLockedError`` if another process trains in ``workdir``,
+    ``NonFiniteLossError`` if the loss stays non-finite, ``RunPreempted`` (a
+    ``SystemExit``) after SIGTERM/SIGINT and a checkpoint. Whatever ends the
+    run, ``results.json`` gets what it had, with ``status`` (and ``error``).
+    """
     validate_run_config(cfg, workdir, read_data=True)
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
-    run = _setup(cfg, workdir)
-    state, iterator = _resume(run)
-    results: dict[str, Any] = {
-        "trainable": run.trainer.summary,
-        "frozen_base": run.trainer.frozen_info,
-    }
-    state = _train(run, state, iterator, results)
-    _finish(run, state, results)
-    return results
+    with WorkdirLock(workdir):
+        results: dict[str, Any] = {}
+        try:
+            run = _setup(cfg, workdir)
+            state, iterator = _resume(run)
+            results["trainable"] = run.trainer.summary
+            results["frozen_base"] = run.trainer.frozen_info
+            state = _train(run, state, iterator, results)
+            return _finish(run, state, results)
+        except RunPreempted as stop:
+            update_results(workdir, {**results, "status": "preempted"})
+            logger.warning("%s.", stop)
+            raise
+        except BaseException as e:
+            error = {"type": type(e).__name__, "message": str(e)}
+            update_results(workdir, {**results, "status": "failed", "error": error})
+            raise
 
 
 # --------------------------------------------------------------------------
@@ -191,51 +225,94 @@ def _resume(run: _Run) -> tuple[TrainState, Any]:
 # Training and evaluation
 # --------------------------------------------------------------------------
 def _train(run: _Run, state: TrainState, iterator: Any, results: dict[str, Any]) -> TrainState:
-    """Steps until ``train.num_steps``: logs, evaluates and checkpoints on the way."""
+    """Steps until ``train.num_steps``: logs, evaluates and checkpoints on the way.
+
+    SIGTERM/SIGINT end the loop after the current step with a checkpoint
+    (``preemption``); a loss that stays non-finite ends it with an error and
+    no checkpoint of the bad state (``nonfinite_guard``).
+    """
     cfg, ckpt = run.cfg, run.ckpt
     mcfg = run.model_config
     target_tokens = cfg.data.targets_length
     source_tokens = cfg.data.inputs_length if mcfg.is_encoder_decoder else 0
     log_tokens = cfg.data.batch_size * (target_tokens + source_tokens) * cfg.train.log_every
-    with (
-        MetricsWriter(run.workdir) as writer,
-        ProgressBar(cfg.train.num_steps, initial=int(state.step)) as bar,
-    ):
-        last = time.perf_counter()
-        # Steps are counted here, not read from ``state.step``: reading it would
-        # wait for each step to finish before the next batch is even made. As it
-        # is, the host prepares batch k+1 while the device computes step k; a
-        # step more than ``MAX_STEPS_IN_FLIGHT`` behind is waited for, so the
-        # host never runs far ahead (logging steps wait for their metrics anyway).
-        first = step = int(state.step)
-        in_flight: collections.deque[jax.Array] = collections.deque()
-        while step < cfg.train.num_steps:
-            batch = shard_batch(next(iterator), run.trainer.mesh)
-            if step == first:
-                _record_step_memory(run, state, batch, results)
-            state, metrics = run.trainer.step(state, batch)
-            step += 1
-            in_flight.append(metrics["loss"])
-            if len(in_flight) > MAX_STEPS_IN_FLIGHT:
-                in_flight.popleft().block_until_ready()
-            final = step == cfg.train.num_steps
-            if step % cfg.train.log_every == 0 or final:
-                last = _log_train_metrics(writer, bar, step, metrics, log_tokens, last)
-            else:
-                bar.update(step)
-            eval_metrics = None
-            if step % cfg.train.eval_every == 0 or final:
-                eval_metrics = _evaluate(run, state, step, writer, results)
-            ckpt.save(
-                state,
-                metrics=eval_metrics,
-                data_state=lambda: {"loader": iterator.get_state()},
-                force=final,
-                step=step,
-            )
-    ckpt.wait_until_finished()
-    ckpt.close()
+    first = step = int(state.step)
+    guard = NonFiniteGuard(cfg.train.get("max_nonfinite_steps", 10), first)
+    try:
+        with (
+            MetricsWriter(run.workdir, resume_step=first) as writer,
+            ProgressBar(cfg.train.num_steps, initial=first) as bar,
+            StopSignals() as stop,
+        ):
+            last = time.perf_counter()
+            # Steps are counted here, not read from ``state.step``: reading it would
+            # wait for each step to finish before the next batch is even made. As it
+            # is, the host prepares batch k+1 while the device computes step k; a
+            # step more than ``MAX_STEPS_IN_FLIGHT`` behind is waited for, so the
+            # host never runs far ahead (logging steps wait for their metrics anyway).
+            in_flight: collections.deque[jax.Array] = collections.deque()
+            while step < cfg.train.num_steps:
+                batch = shard_batch(next(iterator), run.trainer.mesh)
+                if step == first:
+                    _record_step_memory(run, state, batch, results)
+                state, metrics = run.trainer.step(state, batch)
+                step += 1
+                guard.update(metrics)
+                in_flight.append(metrics["loss"])
+                if len(in_flight) > MAX_STEPS_IN_FLIGHT:
+                    in_flight.popleft().block_until_ready()
+                final = step == cfg.train.num_steps
+                if step % cfg.train.log_every == 0 or final:
+                    guard.check(last_checkpoint=ckpt.saved_step())
+                    last = _log_train_metrics(writer, bar, step, metrics, log_tokens, last)
+                else:
+                    bar.update(step)
+                eval_metrics = None
+                if step % cfg.train.eval_every == 0 or final:
+                    # Evaluation waits for the state anyway; a NaN run stops first.
+                    guard.check(last_checkpoint=ckpt.saved_step())
+                    eval_metrics = _evaluate(run, state, step, writer, results)
+                stopping = stop.requested is not None
+                _checkpoint(run, state, step, iterator, guard, eval_metrics, final or stopping)
+                if stopping:
+                    ckpt.wait_until_finished()
+                    raise RunPreempted(stop.requested, step)
+            ckpt.wait_until_finished()
+    finally:
+        _close_checkpoints(ckpt)
     return state
+
+
+def _checkpoint(
+    run: _Run,
+    state: TrainState,
+    step: int,
+    iterator: Any,
+    guard: NonFiniteGuard,
+    eval_metrics: dict[str, float] | None,
+    force: bool,
+) -> None:
+    """Saves ``state`` if the interval (or ``force``) says so, never a non-finite one."""
+    ckpt = run.ckpt
+    if not force and not ckpt.should_save(step):
+        return
+    # A save waits for the state anyway: checking it here costs no extra sync.
+    guard.check(last_checkpoint=ckpt.saved_step(), trainable=state.trainable)
+    ckpt.save(
+        state,
+        metrics=eval_metrics,
+        data_state=lambda: {"loader": iterator.get_state()},
+        force=force,
+        step=step,
+    )
+
+
+def _close_checkpoints(ckpt: CheckpointManager) -> None:
+    """Lets the save in flight commit (it holds a good state), whatever ended the loop."""
+    try:
+        ckpt.wait_until_finished()
+    finally:
+        ckpt.close()
 
 
 def _record_step_memory(run: _Run, state: TrainState, batch: Any, results: dict[str, Any]) -> None:
@@ -317,8 +394,8 @@ def _evaluate(
 # --------------------------------------------------------------------------
 # The end of the run
 # --------------------------------------------------------------------------
-def _finish(run: _Run, state: TrainState, results: dict[str, Any]) -> None:
-    """Final params, test-split generation scores, loss curve and ``results.json``."""
+def _finish(run: _Run, state: TrainState, results: dict[str, Any]) -> dict[str, Any]:
+    """Final params, test-split generation scores, loss curve; returns the merged results."""
     cfg, workdir = run.cfg, run.workdir
     params = jax.device_get(merge_params(state.trainable, dequantize_frozen(state.frozen)))
     save_params(
@@ -337,4 +414,4 @@ def _finish(run: _Run, state: TrainState, results: dict[str, Any]) -> None:
             )
         results["scores"] = scores
     plot_curves(workdir / "metrics.jsonl", workdir / "loss.png", train_key="train/loss")
-    (workdir / "results.json").write_text(json.dumps(results, indent=2, default=float))
+    return update_results(workdir, {**results, "status": "finished"}, drop=("error",))

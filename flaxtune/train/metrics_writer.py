@@ -7,6 +7,13 @@
   file is the source of truth: it is flushed per call, so a killed run loses
   at most the line being written; readers skip such a torn last line and the
   next writer (the resumed run) truncates it before appending.
+* **One record per step, however often the run resumes.** A resumed run
+  repeats the steps after its checkpoint, so ``MetricsWriter(workdir,
+  resume_step=s)`` first drops every record past step ``s`` (rewriting the
+  file atomically) and asks TensorBoard to purge its events past ``s``
+  (``purge_step``, which TensorBoard applies when it loads the events).
+  Records are grouped by step and a step's records are written before the
+  checkpoint of that step starts, so records up to ``s`` are complete.
 * ``ProgressBar`` wraps ``tqdm`` with the step count, ETA and a few metrics.
 * ``plot_curves(metrics_jsonl, out_png)`` draws train (and eval) loss vs
   step with matplotlib's Agg backend (no display needed).
@@ -48,18 +55,30 @@ class MetricsWriter:
     Args:
       workdir: the run directory (created if missing).
       tensorboard: also write TensorBoard events to ``workdir/tensorboard``.
+      resume_step: the step the run (re)starts from; records past it, written
+        by an earlier process that did not checkpoint them, are dropped.
+        ``None`` keeps every record.
     """
 
-    def __init__(self, workdir: str | os.PathLike, *, tensorboard: bool = True) -> None:
+    def __init__(
+        self,
+        workdir: str | os.PathLike,
+        *,
+        tensorboard: bool = True,
+        resume_step: int | None = None,
+    ) -> None:
         os.makedirs(workdir, exist_ok=True)
         self.path = os.path.join(workdir, "metrics.jsonl")
         _drop_torn_last_line(self.path)
+        if resume_step is not None:
+            _drop_records_after(self.path, resume_step)
         self._file = open(self.path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
         self._tb = None
         if tensorboard:
             from tensorboardX import SummaryWriter  # deferred: a heavy import
 
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            purge = None if resume_step is None else resume_step + 1
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=purge)
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
         values = {k: _scalar(v) for k, v in jax.device_get(dict(scalars)).items()}
@@ -101,6 +120,21 @@ def _drop_torn_last_line(path: str) -> None:
         if data.endswith(b"\n"):
             return
         f.truncate(data.rfind(b"\n") + 1)
+
+
+def _drop_records_after(path: str, step: int) -> None:
+    """Rewrites ``path`` without the records of steps after ``step`` (atomically)."""
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines(keepends=True)
+    kept = [line for line in lines if not line.strip() or json.loads(line)["step"] <= step]
+    if len(kept) == len(lines):
+        return
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:

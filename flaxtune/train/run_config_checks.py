@@ -160,7 +160,13 @@ def _task_list(value: str) -> list[str]:
 def _check_train(cfg: ml_collections.ConfigDict) -> None:
     t = cfg.train
     num_steps = _int("train.num_steps", t.num_steps, 1)
-    for key in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
+    for key in (
+        "log_every",
+        "eval_every",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "max_nonfinite_steps",
+    ):
         _int(f"train.{key}", t[key], 1)
     _number("train.label_smoothing", t.label_smoothing, 0.0, 1.0)
     if t.label_smoothing >= 1.0:

@@ -3,7 +3,8 @@
 ``save_params`` writes them at the end of ``train_and_evaluate``;
 ``read_model_json`` and ``restore_params`` read them back
 (``flaxtune.train.pretrained`` builds ``init_from``, generation and export
-on them), and ``load_params`` refuses a run trained with another tokenizer.
+on them); ``restore_params`` refuses parameters with NaN or infinite values
+(naming them), and ``load_params`` a run trained with another tokenizer.
 """
 
 from __future__ import annotations
@@ -13,15 +14,20 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from flaxtune.data import Tokenizer
-from flaxtune.errors import TokenizerMismatchError
+from flaxtune.errors import FlaxtuneError, TokenizerMismatchError
 from flaxtune.peft import PeftConfig
 from flaxtune.transformer import TransformerConfig
 
 MODEL_FILE = "model.json"
 PARAMS_DIR = "params"
+
+
+class NonFiniteParamsError(FlaxtuneError, ValueError):
+    """Saved parameters that hold NaN or infinite values."""
 
 
 def save_params(
@@ -87,8 +93,11 @@ def read_model_json(run_dir: Path) -> tuple[TransformerConfig, str]:
 
 def restore_params(run_dir: Path) -> dict[str, Any]:
     """The parameter tree in ``run_dir/params`` (host arrays, as saved)."""
+    directory = Path(run_dir).absolute() / PARAMS_DIR
     with ocp.StandardCheckpointer() as ckpt:
-        return ckpt.restore(Path(run_dir).absolute() / PARAMS_DIR)
+        params = ckpt.restore(directory)
+    _check_finite(params, directory)
+    return params
 
 
 def load_params(run_dir: Path, tokenizer: Tokenizer) -> dict[str, Any]:
@@ -101,3 +110,18 @@ def load_params(run_dir: Path, tokenizer: Tokenizer) -> dict[str, Any]:
             f"uses {tokenizer.fingerprint}; set tokenizer.path to {run_dir}/tokenizer."
         )
     return restore_params(run_dir)
+
+
+def _check_finite(params: Any, where: Path) -> None:
+    """Raises naming every parameter with NaN or infinite values (a damaged or diverged run)."""
+    bad = [
+        "/".join(str(getattr(k, "key", k)) for k in path)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+        if jnp.issubdtype(leaf.dtype, jnp.inexact) and not bool(jnp.isfinite(leaf).all())
+    ]
+    if bad:
+        raise NonFiniteParamsError(
+            f"{where} holds NaN or infinite values in {len(bad)} parameter(s): "
+            f"{', '.join(bad[:20])}. The run diverged or the files are damaged; "
+            "start from another run."
+        )

@@ -39,18 +39,33 @@ from flaxtune.train.run_config import data_directory, validation_data
 from flaxtune.transformer import DecodeConfig, generate
 
 
-def prompt_ids(tokenizer: Tokenizer, prompt: str, *, encoder_decoder: bool, length: int):
-    """The token ids a model reads for ``prompt``, at most ``length`` of them (see above)."""
+def prompt_ids(
+    tokenizer: Tokenizer,
+    prompt: str,
+    *,
+    encoder_decoder: bool,
+    length: int | None = None,
+    keep_end: bool = False,
+) -> list[int]:
+    """The token ids a model reads for ``prompt``, at most ``length`` of them (see above).
+
+    A prompt longer than ``length`` keeps its start (training's default
+    truncation), or with ``keep_end`` its end: the text a decoder-only
+    continuation follows (bos, where added, stays first either way).
+    """
     ids = tokenizer.encode(prompt)
     if encoder_decoder:
-        return [*ids[: length - 1], tokenizer.eos_id]
+        body = ids if length is None else ids[: max(length - 1, 0)]
+        return [*body, tokenizer.eos_id]
     bos_id = tokenizer.bos_id
     add_bos = tokenizer.add_bos and not (ids and ids[0] == bos_id)
     head = [bos_id] if add_bos else []
-    row = [*head, *ids[: length - len(head)]]
+    if length is not None:
+        room = max(length - len(head), 0)
+        ids = (ids[len(ids) - room :] if room else []) if keep_end else ids[:room]
     # An empty prompt without bos would give the model nothing to read; eos (the
     # document separator such models train with) is then the whole context.
-    return row or [tokenizer.eos_id]
+    return [*head, *ids] or [tokenizer.eos_id]
 
 
 def make_predict_fn(

@@ -1,12 +1,32 @@
-"""Tokenizer: round trips, special ids, sentinels, fingerprints, loading."""
+"""Tokenizer: round trips, special ids, sentinels, fingerprints, loading, every backend.
 
+Transformers-free: the backends are checked on tokenizers built here (a
+LLaMA-layout SentencePiece model, a byte-level BPE ``tokenizer.json``, our
+own); their parity with ``AutoTokenizer`` is in test_tokenizer_hf_parity.py.
+"""
+
+import hashlib
+import io
 import itertools
+import json
 import os
 
 import pytest
+import sentencepiece as spm
+from tokenizers import Tokenizer as HfTokenizer
+from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from flaxtune.data.bundled import iter_corpus_text
-from flaxtune.data.tokenizer import Tokenizer, TokenizerMismatchError, check_fingerprint
+from flaxtune.data.tokenizer import (
+    JsonTokenizer,
+    SentencePieceTokenizer,
+    Tokenizer,
+    TokenizerFilesError,
+    TokenizerMismatchError,
+    TokenizerNotFoundError,
+    check_fingerprint,
+    load_tokenizer,
+)
 
 SENTENCES = [
     "I feel great today.",
@@ -114,3 +134,187 @@ def test_vocab_too_small_is_rejected():
         Tokenizer.train(_small_corpus(), vocab_size=500, num_extra_ids=10)
     with pytest.raises(ValueError, match="at most"):
         Tokenizer.train(["tiny text"] * 10, vocab_size=2000, num_extra_ids=10)
+
+
+# ---------------------------------------------------------------- every backend
+
+
+def _llama_layout_dir(tmp_path, **config):
+    """A LLaMA-layout SentencePiece model (unk 0, bos 1, eos 2) with its config files."""
+    out = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_small_corpus()),
+        model_writer=out,
+        model_type="bpe",
+        vocab_size=600,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        byte_fallback=True,
+        character_coverage=1.0,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        minloglevel=2,
+        num_threads=1,
+    )
+    directory = tmp_path / "llama"
+    directory.mkdir(parents=True)
+    (directory / "tokenizer.model").write_bytes(out.getvalue())
+    defaults = {"tokenizer_class": "LlamaTokenizerFast", "bos_token": "<s>", "eos_token": "</s>"}
+    (directory / "tokenizer_config.json").write_text(json.dumps(defaults | config))
+    return directory
+
+
+def test_llama_layout_is_read_from_the_files(tmp_path):
+    tok = load_tokenizer(_llama_layout_dir(tmp_path, add_bos_token=True))
+    assert isinstance(tok, SentencePieceTokenizer)
+    assert (tok.unk_id, tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, 2, 2)
+    assert tok.add_bos and not tok.add_eos and tok.num_extra_ids == 0
+    assert tok.special_tokens == {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    # Special-token strings written in text are their ids.
+    hello = tok.encode("hello")
+    wrapped = tok.encode("<s>hello</s>")
+    assert (wrapped[0], wrapped[-1], tok.decode(wrapped)) == (1, 2, "hello")
+    assert tok.encode("hello</s>") == [*hello, 2]
+    assert tok.decode([1, *hello, 2, *hello]) == "hello"
+    for text in SENTENCES:
+        assert tok.decode(tok.encode(text)) == text
+
+
+def test_llama_layout_saves_and_loads_with_the_same_fingerprint(tmp_path):
+    tok = load_tokenizer(_llama_layout_dir(tmp_path, add_bos_token=True))
+    tok.save(tmp_path / "saved")
+    config = json.loads((tmp_path / "saved" / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "LlamaTokenizer" and config["add_bos_token"] is True
+    assert (tmp_path / "saved" / "tokenizer.model").exists()
+    again = load_tokenizer(tmp_path / "saved")
+    assert again.fingerprint == tok.fingerprint
+    assert again.encode(SENTENCES[5]) == tok.encode(SENTENCES[5])
+    # The special layout is part of the fingerprint: without bos it is another tokenizer.
+    no_bos = load_tokenizer(_llama_layout_dir(tmp_path / "b", add_bos_token=False))
+    assert not no_bos.add_bos and no_bos.fingerprint != tok.fingerprint
+
+
+def test_our_tokenizer_maps_special_strings_and_keeps_its_ids(tokenizer, tmp_path):
+    assert tokenizer.encode("positive</s>") == [*tokenizer.encode("positive"), 1]
+    assert tokenizer.encode("<pad>x") == [0, *tokenizer.encode("x")]
+    assert (tokenizer.bos_id, tokenizer.add_bos, tokenizer.add_eos) == (None, False, False)
+    tokenizer.save(tmp_path / "dir")
+    assert sorted(os.listdir(tmp_path / "dir")) == [
+        "special_tokens_map.json",
+        "tokenizer.model",
+        "tokenizer_config.json",
+    ]
+    again = load_tokenizer(tmp_path / "dir")
+    # A run directory keeps it in tokenizer/; the run directory itself loads too.
+    tokenizer.save(tmp_path / "run" / "tokenizer")
+    assert load_tokenizer(tmp_path / "run").fingerprint == tokenizer.fingerprint
+    # The fingerprint is the proto's sha256, as before the directory form.
+    assert (
+        again.fingerprint
+        == tokenizer.fingerprint
+        == hashlib.sha256(tokenizer.model_proto).hexdigest()
+    )
+    assert again.encode(SENTENCES[3]) == tokenizer.encode(SENTENCES[3])
+
+
+def test_t5_virtual_extra_ids_survive_save(tmp_path):
+    plain = Tokenizer.train(_small_corpus(), vocab_size=750, num_extra_ids=0)
+    plain.save(tmp_path / "spiece.model")
+    t5 = load_tokenizer(tmp_path / "spiece.model")
+    t5.save(tmp_path / "saved")
+    config = json.loads((tmp_path / "saved" / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "T5Tokenizer" and config["extra_ids"] == 100
+    again = load_tokenizer(tmp_path / "saved")
+    assert (again.vocab_size, again.sentinel_id(0), again.fingerprint) == (
+        850,
+        849,
+        t5.fingerprint,
+    )
+    assert again.encode("a<extra_id_3>b")[1:2] == [846]
+
+
+def _bpe_json(tmp_path, *, post_processor=True, **config):
+    tok = HfTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_small_corpus(), trainer)
+    if post_processor:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", 0)]
+        )
+    directory = tmp_path / "bpe"
+    directory.mkdir(parents=True)
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    return directory
+
+
+def test_tokenizer_json_backend(tmp_path):
+    directory = _bpe_json(tmp_path, eos_token="<|eot_id|>", chat_template="{{ messages }}")
+    tok = load_tokenizer(directory)
+    assert isinstance(tok, JsonTokenizer)
+    # bos from the post-processor, eos from tokenizer_config.json.
+    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.add_bos) == (0, 2, 2, True)
+    assert tok.chat_template == "{{ messages }}"
+    hello = tok.encode("hello 你好 😀")
+    assert tok.encode("<|begin_of_text|>hello 你好 😀<|eot_id|>") == [0, *hello, 2]
+    assert tok.decode([0, *hello, 2, *hello]) == "hello 你好 😀"
+    for text in SENTENCES:
+        assert tok.decode(tok.encode(text)) == text
+    tok.save(tmp_path / "saved")
+    again = load_tokenizer(tmp_path / "saved")
+    assert again.fingerprint == tok.fingerprint
+    assert (tmp_path / "saved" / "chat_template.jinja").read_text() == "{{ messages }}"
+    # add_bos_token in tokenizer_config.json replaces the post-processor (transformers 5).
+    off = load_tokenizer(_bpe_json(tmp_path / "off", eos_token="<|eot_id|>", add_bos_token=False))
+    assert not off.add_bos and off.fingerprint != tok.fingerprint
+
+
+def test_directory_with_both_files_picks_as_transformers_does(tmp_path):
+    directory = _llama_layout_dir(tmp_path)
+    (directory / "tokenizer.json").write_text(
+        (_bpe_json(tmp_path, eos_token="<|eot_id|>") / "tokenizer.json").read_text()
+    )
+    # A model-specific class: transformers rebuilds its pipeline around the vocabulary.
+    assert isinstance(load_tokenizer(directory), SentencePieceTokenizer)
+    config = json.loads((directory / "tokenizer_config.json").read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config["eos_token"] = "<|eot_id|>"
+    del config["bos_token"]
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    # The generic class runs tokenizer.json as it is.
+    assert isinstance(load_tokenizer(directory), JsonTokenizer)
+
+
+def test_tokenizer_file_errors_name_the_problem(tmp_path):
+    with pytest.raises(TokenizerNotFoundError, match=r"expected tokenizer\.json, tokenizer\.model"):
+        load_tokenizer(tmp_path)
+    lone = _bpe_json(tmp_path / "lone") / "tokenizer.json"
+    with pytest.raises(TokenizerFilesError, match="must name eos_token"):
+        load_tokenizer(lone)
+    directory = _llama_layout_dir(tmp_path, eos_token="<|im_end|>")
+    with pytest.raises(TokenizerFilesError, match=r"eos_token '<\|im_end\|>', which is not in"):
+        load_tokenizer(directory)
+    directory = _llama_layout_dir(tmp_path / "c")
+    (directory / "config.json").write_text(json.dumps({"eos_token_id": 7}))
+    with pytest.raises(TokenizerFilesError, match=r"eos_token '</s>' has id 2.*config.json"):
+        load_tokenizer(directory)
+    directory = _llama_layout_dir(
+        tmp_path / "d", added_tokens_decoder={"1": {"content": "<|begin|>"}}
+    )
+    with pytest.raises(TokenizerFilesError, match=r"id 1 is '<\|begin\|>'.*has '<s>'"):
+        load_tokenizer(directory)
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "tokenizer.model").write_bytes(b"not a model")
+    (tmp_path / "broken" / "tokenizer_config.json").write_text("{")
+    with pytest.raises(TokenizerFilesError, match=r"tokenizer_config\.json is not valid JSON"):
+        load_tokenizer(tmp_path / "broken")

@@ -18,8 +18,9 @@ from flaxtune.interop import (
     merge_lora,
 )
 from flaxtune.interop.__main__ import main
-from flaxtune.interop.peft_export import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from flaxtune.interop.peft_export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, lora_hyperparams
 from flaxtune.interop.safetensors_io import SINGLE_FILE
+from flaxtune.peft import LoraConfig
 from tests.interop.util import (
     add_lora,
     assert_trees_equal,
@@ -164,3 +165,35 @@ def test_cli_reports_bad_input_without_a_traceback(tmp_path, capsys):
     args = ["export", "--flaxtune-dir", str(tmp_path / "ft"), "--out", str(tmp_path / "a")]
     assert main([*args, "--adapter-only"]) == 2
     assert "--lora-rank" in capsys.readouterr().err
+    assert main([*args, "--adapter"]) == 2
+    assert "--adapter reads a run (--run-dir)" in capsys.readouterr().err
+    assert main(["export", "--run-dir", str(tmp_path / "ft"), "--out", str(tmp_path / "b")]) == 2
+    assert "is not a finished run directory" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # one source only
+        main([*args, "--run-dir", str(tmp_path)])
+
+
+def test_dora_magnitudes_are_not_dropped_by_a_plain_lora_merge():
+    config = tiny_config("llama")
+    params = add_lora(random_params(config), rank=2)
+    query = params["decoder"]["layers_0"]["attention"]["query"]
+    query["lora_magnitude"] = np.ones(query["kernel"].shape[1:], np.float32)
+    with pytest.raises(InteropError, match="DoRA magnitudes"):
+        merge_lora(params, LoraHyperparams(rank=2, alpha=4.0))
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (dict(overrides=((".*query", 4, 8.0),)), "per-layer overrides"),
+        (dict(init="pissa"), "PiSSA run's frozen kernels are residuals"),
+    ],
+)
+def test_lora_settings_without_a_faithful_adapter_are_refused(changes, message):
+    with pytest.raises(InteropError, match=message):
+        lora_hyperparams(LoraConfig(rank=2, alpha=4.0, **changes))
+
+
+def test_lora_settings_of_a_run_become_the_adapter_hyperparameters():
+    got = lora_hyperparams(LoraConfig(rank=3, alpha=5.0, use_rslora=True, dropout=0.1))
+    assert got == LoraHyperparams(rank=3, alpha=5.0, use_rslora=True, dropout=0.1)

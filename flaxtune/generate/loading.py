@@ -1,0 +1,178 @@
+"""One call from a directory on disk to a model ready to generate.
+
+::
+
+    load(path, adapter=None) -> Loaded(model, params, tokenizer, config)
+
+``path`` is any of the three directories flaxtune reads models from:
+
+* a run directory (``train_and_evaluate``'s workdir): ``model.json`` (the
+  model config with its PEFT config), ``params/`` (orbax, float inference
+  parameters) and the run's tokenizer;
+* an import directory (``python -m flaxtune.interop import``):
+  ``flaxtune_config.json`` and ``params.safetensors``;
+* a Hugging Face T5 / LLaMA directory (``config.json`` + safetensors).
+
+``adapter`` names a PEFT LoRA or DoRA adapter directory (``export
+--adapter`` or peft's ``save_pretrained``); its factors are merged into the
+base kernels with the adapter's own scaling (``flaxtune.peft.merge``), so
+generation pays nothing for them. It
+applies to a base model: a run that carries PEFT parameters of its own is
+refused rather than stacked with it.
+
+Prefix tuning's reparameterization MLP is evaluated here, once
+(``flaxtune.peft.fold_prefix``), and the config switched to plain prefixes:
+otherwise every decode step would run the MLP again for the same values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+from flaxtune.data import Tokenizer, load_tokenizer
+from flaxtune.errors import FlaxtuneError
+from flaxtune.interop.importer import import_hf, read_hf_config
+from flaxtune.interop.native import CONFIG_FILE as IMPORT_CONFIG_FILE
+from flaxtune.interop.native import load_flaxtune
+from flaxtune.interop.peft_export import import_lora_adapter
+from flaxtune.peft import LoraConfig, PeftConfig, fold_prefix, merge
+from flaxtune.train.run_dir import load_params
+from flaxtune.transformer import TransformerConfig, build_model
+
+RUN_MODEL_FILE = "model.json"
+RUN_CONFIG_FILE = "config.json"
+
+
+class GenerateError(FlaxtuneError, ValueError):
+    """A model directory, adapter, prompt file or option that generation cannot use."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Loaded:
+    """What :func:`load` returns: everything generation needs.
+
+    Attributes:
+      model: the flax module (``build_model(config)``).
+      params: its ``params`` collection (adapter merged, prefixes folded).
+      tokenizer: the tokenizer the model was trained or imported with.
+      config: the model config ``model`` was built from.
+    """
+
+    model: nn.Module
+    params: Any
+    tokenizer: Tokenizer
+    config: TransformerConfig
+
+
+def is_run_dir(path: str | os.PathLike) -> bool:
+    return (Path(path) / RUN_MODEL_FILE).exists()
+
+
+def run_config(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """The run config (``config.json``) of a run directory, as a dict."""
+    path = Path(run_dir) / RUN_CONFIG_FILE
+    if not is_run_dir(run_dir) or not path.exists():
+        raise GenerateError(
+            f"{run_dir} is not a finished run directory (it needs {RUN_MODEL_FILE} and "
+            f"{RUN_CONFIG_FILE}); pass the workdir of a run that train_and_evaluate completed."
+        )
+    return json.loads(path.read_text())
+
+
+def model_config_from_dict(record: dict[str, Any]) -> TransformerConfig:
+    """The ``TransformerConfig`` of a ``to_dict()`` record (``model.json``'s ``model``)."""
+    fields = dict(record)
+    if fields.get("peft") is not None:
+        fields["peft"] = PeftConfig.from_dict(fields["peft"])
+    return TransformerConfig(**fields)
+
+
+def _load_pretrained(
+    path: str | os.PathLike, *, param_dtype: Any = None
+) -> tuple[TransformerConfig, Any, Tokenizer]:
+    # lead: replace with pretrained.load_pretrained after merge
+    path = Path(path)
+    if is_run_dir(path):
+        tokenizer = load_tokenizer(path)
+        meta = json.loads((path / RUN_MODEL_FILE).read_text())
+        config = model_config_from_dict(meta["model"])
+        params = load_params(path, tokenizer)
+    elif (path / IMPORT_CONFIG_FILE).exists():
+        config, params = load_flaxtune(path)
+        tokenizer = load_tokenizer(path)
+    elif (path / "config.json").exists():
+        if "model_type" not in read_hf_config(path):
+            raise GenerateError(
+                f"{path}/config.json has no model_type, so it is not a Hugging Face model; "
+                f"if {path} is a training run, it has not finished ({RUN_MODEL_FILE} and "
+                "params/ are written at its end)."
+            )
+        imported = import_hf(path)
+        config, params, tokenizer = imported.config, imported.params, load_tokenizer(path)
+    else:
+        raise GenerateError(
+            f"{path} is neither a run directory ({RUN_MODEL_FILE}), an import directory "
+            f"({IMPORT_CONFIG_FILE}) nor a Hugging Face model directory (config.json)."
+        )
+    if param_dtype is not None:
+        config = config.replace(param_dtype=param_dtype)
+        params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, config.param_dtype), params)
+    return config, params, tokenizer
+
+
+def _with_adapter(
+    config: TransformerConfig, params: Any, adapter: str | os.PathLike
+) -> tuple[TransformerConfig, Any]:
+    """``params`` with the LoRA adapter at ``adapter`` merged into its kernels."""
+    if config.peft is not None:
+        raise GenerateError(
+            f"--adapter applies to a base model, but this model already carries PEFT "
+            f"parameters ({', '.join(config.peft.methods)}); load the run without --adapter, "
+            "or export it merged first and apply the adapter to that."
+        )
+    hyper, lora_params = import_lora_adapter(adapter, config)
+    flat = traverse_util.flatten_dict(nn.meta.unbox(params), sep="/")
+    flat.update(traverse_util.flatten_dict(lora_params, sep="/"))
+    # peft.merge folds each layer with this rank/alpha/rsLoRA scaling and, where
+    # the adapter carries magnitudes (DoRA), rescales the merged columns.
+    lora = LoraConfig(rank=hyper.rank, alpha=hyper.alpha, use_rslora=hyper.use_rslora)
+    merged, _ = merge(traverse_util.unflatten_dict(flat, sep="/"), lora)
+    return config, merged
+
+
+def _folded(config: TransformerConfig, params: Any) -> tuple[TransformerConfig, Any]:
+    """Prefix tuning's MLP evaluated once: plain prefixes from then on."""
+    if config.peft is None or config.peft.prefix_tuning is None:
+        return config, params
+    params, peft = fold_prefix(nn.meta.unbox(params), config.peft)
+    return config.replace(peft=peft), params
+
+
+def load(
+    path: str | os.PathLike,
+    adapter: str | os.PathLike | None = None,
+    *,
+    param_dtype: Any = None,
+) -> Loaded:
+    """The model, parameters, tokenizer and config stored at ``path``.
+
+    Args:
+      path: a run directory, an import directory or a Hugging Face model
+        directory (see the module docstring).
+      adapter: a PEFT LoRA adapter directory, merged into the base kernels.
+      param_dtype: cast the parameters to this dtype (default: as stored).
+    """
+    config, params, tokenizer = _load_pretrained(path, param_dtype=param_dtype)
+    if adapter is not None:
+        config, params = _with_adapter(config, params, adapter)
+    config, params = _folded(config, params)
+    return Loaded(build_model(config), params, tokenizer, config)
