@@ -41,6 +41,7 @@ from flaxtune.quant.loss_scale import (
 from flaxtune.train import memory
 from flaxtune.train.loop import train_and_evaluate
 from flaxtune.train.optimizer import OptimizerConfig, OptimizerConfigError
+from flaxtune.train.run_config import model_config
 from flaxtune.train.run_config_checks import METRIC_NAMES, RunConfigError, validate_run_config
 from flaxtune.transformer import DecodeConfig
 from flaxtune.transformer.config import ConfigError
@@ -519,8 +520,11 @@ def finished_run(tmp_path, tokenizer):
     step.mkdir(parents=True)
     (step / "meta.json").write_text(json.dumps({"step": 6}))
     (workdir / "metrics.jsonl").write_text('{"step": 6, "train/loss": 3.0}\n')
+    # A finished run's final parameters (an empty tree: only the files are read).
+    (workdir / "params").mkdir()
+    model = model_config(tiny_config(), tokenizer).to_dict()
     (workdir / "model.json").write_text(
-        json.dumps({"tokenizer_fingerprint": tokenizer.fingerprint, "model": {}})
+        json.dumps({"tokenizer_fingerprint": tokenizer.fingerprint, "model": model}, default=str)
     )
     return workdir
 

@@ -18,7 +18,9 @@ The intended graph, bottom to top (an arrow is "may import")::
     transformer  -> module_param, matmul, quant, peft
     data                                independent of the model code
     eval         -> version             independent of the model code
-    train        -> quant, peft, transformer, data, eval
+    train        -> quant, peft, transformer, data, eval, interop
+                                        (interop: init_from reads imported and
+                                        Hugging Face checkpoints)
     interop      -> transformer, peft
     generate     -> transformer, peft, data, eval, train, interop
     flaxtune     -> peft, transformer, version, generate   (the package's own __init__)
@@ -60,7 +62,8 @@ INTENDED: dict[str, set[str]] = {
     "transformer": {"module_param", "matmul", "quant", "peft"},
     "data": set(),
     "eval": {"version"},
-    "train": {"quant", "peft", "transformer", "data", "eval"},
+    # interop: init_from and load_pretrained read imported and Hugging Face checkpoints.
+    "train": {"quant", "peft", "transformer", "data", "eval", "interop"},
     # peft: a merged export folds LoRA/DoRA with peft.merge and prefixes with fold_prefix.
     "interop": {"transformer", "peft"},
     # generate: loads run dirs (train), import and HF dirs (interop), scores with eval.

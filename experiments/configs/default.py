@@ -16,13 +16,17 @@ def get_config() -> ml_collections.ConfigDict:
     c.seed = 0
     # Compute policy: fp32 | bf16 | mixed_bf16 | fp16, or a string like "p=f32,c=bf16,o=f32".
     c.policy = "fp32"
-    # Workdir of a finished run whose final parameters initialize this one ("" = none).
+    # A checkpoint whose parameters initialize this run ("" = none): a finished run's workdir,
+    # a `python -m flaxtune.interop import` directory or a Hugging Face model directory. Its
+    # architecture, vocabulary and tokenizer apply (flaxtune/train/pretrained.py).
     c.init_from = ""
 
     c.model = ml_collections.ConfigDict()
-    # A preset of flaxtune.transformer (see preset_names()).
+    # A preset of flaxtune.transformer (see preset_names()); "" = init_from's architecture.
     c.model.preset = "tiny-t5"
-    # Field overrides of the preset (the vocabulary size always comes from the tokenizer).
+    # Field overrides of the preset (the vocabulary size comes from the tokenizer). With
+    # init_from, the preset and every override but dropout, max_length (not of learned
+    # positions), float32_attention_logits and int8_activations must agree with the checkpoint.
     c.model.overrides = ml_collections.ConfigDict(
         dict(
             d_model=128,

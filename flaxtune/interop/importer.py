@@ -123,6 +123,21 @@ def _head_is_tied(family: str, hf_config: Mapping[str, Any], reader: CheckpointR
     return bool(np.array_equal(reader.read(_HEAD), reader.read(embedding)))
 
 
+def hf_checkpoint_config(hf_dir: str | os.PathLike, **config_overrides: Any) -> TransformerConfig:
+    """The config :func:`import_hf` gives ``hf_dir``, without converting its weights.
+
+    Only config.json and the file headers are read, plus the head and the
+    embedding when the config does not say whether they are tied. A caller
+    that must know the architecture before it loads anything (a training
+    run's ``init_from``) starts here.
+    """
+    hf_config = read_hf_config(hf_dir)
+    family = family_of(hf_config)
+    with CheckpointReader(hf_dir) as reader:
+        tied = _head_is_tied(family, hf_config, reader)
+    return config_from_hf(hf_config, tied_head=tied, **config_overrides)
+
+
 def check_checkpoint(
     mappings: Sequence[TensorMapping], reader: CheckpointReader, family: str
 ) -> None:

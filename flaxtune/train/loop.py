@@ -26,8 +26,10 @@ metadata), ``checkpoints/`` and, at the end, ``params/`` with the inference
 parameters and ``model.json`` with the model config. Restarting the same
 command resumes from the last complete checkpoint and reproduces the losses
 of an uninterrupted run (the data iterator's state is in the checkpoint, the
-dropout keys derive from the step). ``init_from`` starts a new run from
-another run's final parameters (pretraining, then fine-tuning).
+dropout keys derive from the step). ``init_from`` starts a new run from a
+checkpoint (``flaxtune.train.pretrained``: a finished run, an import directory
+or a Hugging Face model directory), whose architecture, vocabulary and
+tokenizer the run takes over.
 
 Reliability (each piece is its own module; the loop only wires them in):
 
@@ -60,7 +62,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-from flax import traverse_util
 
 from flaxtune.data import LoaderConfig, Tokenizer, make_loader
 from flaxtune.train.checkpoints import CheckpointManager
@@ -71,18 +72,21 @@ from flaxtune.train.metrics_writer import MetricsWriter, ProgressBar, plot_curve
 from flaxtune.train.nonfinite_guard import NonFiniteGuard
 from flaxtune.train.partition import merge_params
 from flaxtune.train.preemption import RunPreempted, StopSignals
+from flaxtune.train.pretrained import continues_adapter, resolve_pretrained, start_values
 from flaxtune.train.results_file import update_results
 from flaxtune.train.run_config import (
+    check_model_source,
     data_directory,
     load_or_train_tokenizer,
     loader_config,
     model_config,
+    pretrained_tokenizer,
     train_data,
     trainer_options,
     validation_data,
 )
 from flaxtune.train.run_config_checks import validate_run_config
-from flaxtune.train.run_dir import load_params, save_params
+from flaxtune.train.run_dir import save_params
 from flaxtune.train.scoring import generation_scores
 from flaxtune.train.state import TrainState
 from flaxtune.train.step_memory import StepMemory
@@ -155,8 +159,16 @@ def _example_batch(
 
 def _setup(cfg: ml_collections.ConfigDict, workdir: Path) -> _Run:
     """The tokenizer, the trainer and the checkpoint manager of the run."""
-    tokenizer = load_or_train_tokenizer(cfg, workdir)
-    mcfg = model_config(cfg, tokenizer)
+    check_model_source(cfg)  # before a tokenizer is trained for nothing
+    # init_from: the architecture, the vocabulary and the tokenizer are the
+    # checkpoint's (read from its JSON now; its weights once the run is known
+    # to be new).
+    source = resolve_pretrained(cfg.init_from) if cfg.init_from else None
+    if source is None:
+        tokenizer = load_or_train_tokenizer(cfg, workdir)
+    else:
+        tokenizer = pretrained_tokenizer(cfg, workdir, source)
+    mcfg = model_config(cfg, tokenizer, None if source is None else source.config)
     mesh = make_mesh(data=cfg.mesh.data, fsdp=cfg.mesh.fsdp, tensor=cfg.mesh.tensor)
     data_dir = data_directory(cfg)
     lcfg = loader_config(cfg, encoder_decoder=mcfg.is_encoder_decoder)
@@ -176,20 +188,21 @@ def _setup(cfg: ml_collections.ConfigDict, workdir: Path) -> _Run:
         tokenizer_path=workdir / "tokenizer",
     )
     resuming = ckpt.latest_step() is not None
-    # A new run from a finished one starts from its params (float, before the
-    # base is quantized); a resumed run restores its own state instead.
     init_values = None
-    if not resuming and cfg.init_from:
-        init_values = traverse_util.flatten_dict(
-            load_params(Path(cfg.init_from), tokenizer), sep="/"
-        )
     if not resuming:
-        # PiSSA and prompts from vocabulary tokens start from the base
-        # parameters (init_from's, else the draws).
-        init_values = spec.peft_initial_values(init_values)
+        # A new run from a checkpoint starts from its float parameters (a
+        # Hugging Face checkpoint's placed on the mesh as they are read); the
+        # trainer quantizes a QLoRA base afterwards. PiSSA and prompts from
+        # vocabulary tokens start from that base (else from the draws), unless
+        # the run continues the checkpoint's own adapter. A resumed run
+        # restores its own state instead.
+        if source is not None:
+            init_values = start_values(source, mcfg.peft, mesh=mesh)
+        if source is None or not continues_adapter(source, mcfg.peft):
+            init_values = spec.peft_initial_values(init_values)
     trainer = spec.build(init_values)
-    if not resuming and cfg.init_from:
-        logger.info("initialized from %s", cfg.init_from)
+    if not resuming and source is not None:
+        logger.info("initialized from %s (%s)", source.path, source.kind)
     return _Run(cfg, workdir, tokenizer, mcfg, lcfg, data_dir, trainer, ckpt, resuming)
 
 

@@ -23,7 +23,13 @@ from flaxtune.data.user_data import resolve_data
 from flaxtune.quant.policy import get_policy
 from flaxtune.train.frozen_base import BaseQuantConfig
 from flaxtune.train.optimizer import OptimizerConfig
-from flaxtune.transformer import get_config
+from flaxtune.train.pretrained import (
+    PretrainedError,
+    PretrainedSource,
+    load_checkpoint_tokenizer,
+    resolve_pretrained,
+)
+from flaxtune.transformer import TransformerConfig, get_config, preset_names
 
 logger = logging.getLogger(__name__)
 
@@ -137,17 +143,203 @@ def data_directory(cfg: ml_collections.ConfigDict) -> str:
     return str(Path(cfg.data.data_dir or DEFAULT_DATA_DIR).expanduser())
 
 
-def model_config(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer):
+# TransformerConfig fields a run may set on a pretrained checkpoint: they change
+# how the model trains or what it caches, not what it computes from given weights.
+# (max_length bounds a learned position table, so there it is architecture.)
+RUNTIME_FIELDS = (
+    "dropout_rate",
+    "attention_dropout_rate",
+    "max_length",
+    "float32_attention_logits",
+    "int8_activations",
+)
+# Fields the run config sets elsewhere: the dtypes through ``policy``, PEFT through ``peft``.
+_SET_ELSEWHERE = {"dtype": "policy", "param_dtype": "policy", "peft": "peft.method"}
+# Fields a preset carries but does not choose, never compared with a checkpoint's:
+# runs always took the vocabulary size from the tokenizer, and no preset names
+# special ids (the checkpoint's apply).
+_NOT_FROM_PRESETS = ("vocab_size", "pad_id", "eos_id", "decoder_start_id")
+
+
+def _set_overrides(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+    """``cfg.model.overrides`` without its unset placeholders (None)."""
+    return {k: v for k, v in cfg.model.overrides.items() if v is not None}
+
+
+def check_model_source(cfg: ml_collections.ConfigDict) -> None:
+    """The run config names an architecture: ``model.preset``, or ``init_from`` for ``""``."""
+    if not cfg.model.preset and not cfg.init_from:
+        raise PretrainedError(
+            "model.preset='' takes the architecture from init_from, and init_from is not set: "
+            "set init_from=PATH (a finished run's workdir, an import directory or a Hugging "
+            f"Face model directory), or name a preset (one of {preset_names()})."
+        )
+
+
+def model_config(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer, checkpoint=None):
+    """The run's ``TransformerConfig``: a preset with overrides, or ``init_from``'s architecture.
+
+    Without ``init_from``: ``model.preset`` with ``model.overrides``, the
+    vocabulary size from the tokenizer. With it: the checkpoint's config
+    (``checkpoint``, else read from ``init_from``; see
+    :func:`pretrained_model_config`).
+    """
+    check_model_source(cfg)
+    if cfg.init_from:
+        if checkpoint is None:
+            checkpoint = resolve_pretrained(cfg.init_from).config
+        return pretrained_model_config(cfg, tokenizer, checkpoint)
     policy = get_policy(cfg.policy)
-    overrides = dict(cfg.model.overrides)
     return get_config(
         cfg.model.preset,
         vocab_size=tokenizer.vocab_size,
         dtype=policy.compute_dtype.name,
         param_dtype=policy.param_dtype.name,
         peft=peft_config(cfg),
-        **overrides,
+        **_set_overrides(cfg),
     )
+
+
+def pretrained_model_config(
+    cfg: ml_collections.ConfigDict, tokenizer: Tokenizer, checkpoint: TransformerConfig
+) -> TransformerConfig:
+    """``checkpoint``'s architecture with what the run config may change.
+
+    The architecture, the vocabulary size (the embedding's rows) and the
+    special ids are the checkpoint's. The run sets its dtypes (``policy``),
+    its PEFT config (``peft``) and the :data:`RUNTIME_FIELDS` it overrides.
+    A ``model.preset`` or an architectural override is allowed only where it
+    agrees with the checkpoint (:func:`check_against_checkpoint`); the
+    tokenizer may have fewer ids than the embedding has rows, never more.
+    """
+    if tokenizer.vocab_size > checkpoint.vocab_size:
+        raise PretrainedError(
+            f"the tokenizer has {tokenizer.vocab_size} ids, but the checkpoint's embedding "
+            f"(init_from={cfg.init_from}) has {checkpoint.vocab_size} rows: ids from "
+            f"{checkpoint.vocab_size} on have no embedding. Use the checkpoint's own tokenizer "
+            "(leave tokenizer.path empty)."
+        )
+    return checkpoint_model_config(cfg, checkpoint)
+
+
+def checkpoint_model_config(
+    cfg: ml_collections.ConfigDict, checkpoint: TransformerConfig
+) -> TransformerConfig:
+    """:func:`pretrained_model_config` before a tokenizer exists (no vocabulary check)."""
+    check_against_checkpoint(cfg, checkpoint)
+    runtime = {k: v for k, v in _set_overrides(cfg).items() if k in _runtime_fields(checkpoint)}
+    policy = get_policy(cfg.policy)
+    return checkpoint.replace(
+        dtype=policy.compute_dtype.name,
+        param_dtype=policy.param_dtype.name,
+        peft=peft_config(cfg),
+        **runtime,
+    )
+
+
+def _runtime_fields(checkpoint: TransformerConfig) -> tuple[str, ...]:
+    if checkpoint.position_encoding == "learned":
+        return tuple(f for f in RUNTIME_FIELDS if f != "max_length")
+    return RUNTIME_FIELDS
+
+
+def _unread_fields(config: TransformerConfig) -> set[str]:
+    """Fields ``config``'s model never reads (a preset's defaults there say nothing)."""
+    unread = set()
+    if config.position_encoding != "relative":
+        unread |= {"relative_num_buckets", "relative_max_distance"}
+    if config.position_encoding != "rope":
+        unread.add("rope_theta")
+    if not config.tie_embeddings:
+        unread.add("rescale_tied_logits")
+    return unread
+
+
+def _family(config: TransformerConfig) -> str:
+    return (
+        "encoder-decoder (T5 family)"
+        if config.is_encoder_decoder
+        else "decoder-only (LLaMA family)"
+    )
+
+
+def check_against_checkpoint(cfg: ml_collections.ConfigDict, checkpoint: TransformerConfig) -> None:
+    """Raises one error listing every field where the run config contradicts ``checkpoint``.
+
+    Compared: each field that ``model.overrides`` sets (but the runtime ones),
+    and each architectural field of ``model.preset`` that no override
+    replaces (not the vocabulary size and special ids, which presets do not
+    choose, nor fields the checkpoint's model never reads). A preset of the
+    other family is reported alone.
+    """
+    where = f"(init_from={cfg.init_from})"
+    overrides = _set_overrides(cfg)
+    problems = []
+    for key, value in overrides.items():
+        if key in _SET_ELSEWHERE:
+            problems.append(f"model.overrides.{key} is set by {_SET_ELSEWHERE[key]}; remove it")
+        elif not hasattr(checkpoint, key):
+            problems.append(f"model.overrides.{key} is not a TransformerConfig field; remove it")
+        elif key not in _runtime_fields(checkpoint) and value != getattr(checkpoint, key):
+            theirs = getattr(checkpoint, key)
+            problems.append(
+                f"model.overrides.{key}={value!r} contradicts the checkpoint's {theirs!r} "
+                f"{where}; remove it or set it to {theirs!r}"
+            )
+    if cfg.model.preset:
+        preset = get_config(cfg.model.preset)
+        if preset.is_encoder_decoder != checkpoint.is_encoder_decoder:
+            raise PretrainedError(
+                f"model.preset={cfg.model.preset!r} is {_family(preset)}, the checkpoint "
+                f"{where} is {_family(checkpoint)}: the family contradicts it; set "
+                "model.preset='' to take the architecture from the checkpoint."
+            )
+        skip = {*overrides, *RUNTIME_FIELDS, *_SET_ELSEWHERE, *_NOT_FROM_PRESETS}
+        skip |= _unread_fields(checkpoint)
+        for field in (f.name for f in dataclasses.fields(checkpoint)):
+            ours, theirs = getattr(preset, field), getattr(checkpoint, field)
+            if field not in skip and ours != theirs:
+                problems.append(
+                    f"model.preset={cfg.model.preset!r} has {field}={ours!r}, which contradicts "
+                    f"the checkpoint's {theirs!r} {where}; set model.preset='' (the "
+                    "checkpoint's architecture) or override it"
+                )
+    if problems:
+        raise PretrainedError(
+            "the run config contradicts the checkpoint it starts from:\n"
+            + "\n".join(f"  - {p}" for p in problems)
+        )
+
+
+def pretrained_tokenizer(
+    cfg: ml_collections.ConfigDict, workdir: Path, source: PretrainedSource
+) -> Tokenizer:
+    """The tokenizer of a run that starts from ``source``: the checkpoint's own.
+
+    ``tokenizer.path`` may name it again (the same fingerprint), or name the
+    tokenizer of a checkpoint that has none; a different one is an error. The
+    run keeps it in ``workdir/tokenizer/`` like every run.
+    """
+    own = workdir / "tokenizer"
+    named = load_tokenizer(cfg.tokenizer.path) if cfg.tokenizer.path else None
+    if source.tokenizer_dir is None and named is None:
+        raise PretrainedError(
+            f"init_from={cfg.init_from} holds no tokenizer: set tokenizer.path to the "
+            "tokenizer its model was trained with (or copy it next to the weights)."
+        )
+    tokenizer = named
+    if source.tokenizer_dir is not None:
+        tokenizer = load_checkpoint_tokenizer(source)
+        if named is not None and named.fingerprint != tokenizer.fingerprint:
+            raise PretrainedError(
+                f"tokenizer.path={cfg.tokenizer.path} (fingerprint {named.fingerprint[:12]}…) is "
+                f"not the tokenizer of init_from={cfg.init_from} ({source.tokenizer_dir}, "
+                f"fingerprint {tokenizer.fingerprint[:12]}…); leave tokenizer.path empty to use "
+                "the checkpoint's."
+            )
+    if not own.is_dir():
+        tokenizer.save(own)
+    return tokenizer
 
 
 def base_quant_config(cfg: ml_collections.ConfigDict) -> BaseQuantConfig | None:

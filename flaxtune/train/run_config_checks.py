@@ -19,7 +19,8 @@ orbax. This module reads every piece at once, before a file is written:
   the mesh and (with ``read_data``) against the size of the training data;
 * with a ``workdir``: the state already there. A tokenizer in the workdir that
   differs from ``tokenizer.path``, a ``num_steps`` below the step a run already
-  reached, and an ``init_from`` that is not a finished run are errors.
+  reached, and an ``init_from`` that is no checkpoint (or whose tokenizer is
+  not the run's) are errors.
 
 Every failure is one :class:`RunConfigError` (a ``FlaxtuneError`` and a
 ``ValueError``) whose message names the key, the value and the fix. The checks
@@ -29,7 +30,6 @@ read no parameters and build no arrays; only ``read_data`` opens the datasets
 
 from __future__ import annotations
 
-import json
 import math
 import numbers
 import re
@@ -47,6 +47,7 @@ from flaxtune.errors import FlaxtuneError
 from flaxtune.quant.policy import get_policy
 from flaxtune.train import run_config
 from flaxtune.train.mesh import make_mesh
+from flaxtune.train.pretrained import load_checkpoint_tokenizer, resolve_pretrained
 from flaxtune.transformer import DecodeConfig, get_config
 from flaxtune.transformer.decoding import METHODS as DECODE_METHODS
 
@@ -249,6 +250,14 @@ def _check_model(cfg: ml_collections.ConfigDict):
     peft = _in_section("peft", lambda: run_config.peft_config(cfg), keys=list(cfg.peft.keys()))
     _in_section("peft", lambda: run_config.selective_config(cfg), keys=list(cfg.peft.keys()))
     _int("tokenizer.vocab_size", cfg.tokenizer.vocab_size, 1)
+    _in_section("model", lambda: run_config.check_model_source(cfg))
+    if cfg.init_from:
+        # The checkpoint's architecture; the run config may only agree with it.
+        try:
+            source = resolve_pretrained(cfg.init_from)
+        except (FlaxtuneError, FileNotFoundError) as err:  # its message names init_from
+            raise RunConfigError(str(err)) from err
+        return _in_section("model", lambda: run_config.checkpoint_model_config(cfg, source.config))
     return _in_section(
         "model",
         lambda: get_config(
@@ -391,13 +400,7 @@ def _check_paths(cfg: ml_collections.ConfigDict) -> None:
             f"tokenizer.path={cfg.tokenizer.path!r} does not exist; give a SentencePiece "
             "model file, or '' to train one on the bundled corpus."
         )
-    if cfg.init_from:
-        model_json = Path(cfg.init_from).expanduser() / "model.json"
-        if not model_json.exists():
-            raise RunConfigError(
-                f"init_from={cfg.init_from!r} is not a finished run ({model_json} is "
-                "missing); name the workdir of a run that completed, or '' to start fresh."
-            )
+    # init_from was resolved with the model (_check_model).
 
 
 def _check_data_size(cfg: ml_collections.ConfigDict) -> None:
@@ -456,11 +459,13 @@ def _workdir_tokenizer(workdir: Path) -> Path | None:
 
 
 def _check_init_from_tokenizer(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer) -> None:
-    recorded = json.loads((Path(cfg.init_from).expanduser() / "model.json").read_text())
-    fingerprint = recorded.get("tokenizer_fingerprint")
-    if fingerprint != tokenizer.fingerprint:
+    source = resolve_pretrained(cfg.init_from)
+    if source.tokenizer_dir is None:
+        return  # the checkpoint has none: tokenizer.path supplies it
+    theirs = load_checkpoint_tokenizer(source)
+    if theirs.fingerprint != tokenizer.fingerprint:
         raise RunConfigError(
-            f"init_from={cfg.init_from!r} was trained with tokenizer {fingerprint}, this run's "
-            f"is {tokenizer.fingerprint}; set tokenizer.path to that run's tokenizer in a new "
-            "workdir (a workdir keeps the tokenizer it started with)."
+            f"init_from={cfg.init_from!r} was trained with tokenizer {theirs.fingerprint}, this "
+            f"run's is {tokenizer.fingerprint}; leave tokenizer.path empty (the checkpoint's "
+            "tokenizer applies) in a new workdir (a workdir keeps the tokenizer it started with)."
         )

@@ -1,9 +1,10 @@
 """A finished run's inference parameters on disk: ``params/`` and ``model.json``.
 
 ``save_params`` writes them at the end of ``train_and_evaluate``;
-``load_params`` reads them back for ``init_from``, generation, export and the
-seed study, and refuses a run trained with another tokenizer and parameters
-with NaN or infinite values (naming them).
+``read_model_json`` and ``restore_params`` read them back
+(``flaxtune.train.pretrained`` builds ``init_from``, generation and export
+on them); ``restore_params`` refuses parameters with NaN or infinite values
+(naming them), and ``load_params`` a run trained with another tokenizer.
 """
 
 from __future__ import annotations
@@ -18,6 +19,11 @@ import orbax.checkpoint as ocp
 
 from flaxtune.data import Tokenizer
 from flaxtune.errors import FlaxtuneError, TokenizerMismatchError
+from flaxtune.peft import PeftConfig
+from flaxtune.transformer import TransformerConfig
+
+MODEL_FILE = "model.json"
+PARAMS_DIR = "params"
 
 
 class NonFiniteParamsError(FlaxtuneError, ValueError):
@@ -43,30 +49,67 @@ def save_params(
     """
     directory = directory.absolute()
     with ocp.StandardCheckpointer() as ckpt:
-        ckpt.save(directory / "params", jax.device_get(params), force=True)
+        ckpt.save(directory / PARAMS_DIR, jax.device_get(params), force=True)
     meta = {"model": model_cfg.to_dict(), "tokenizer_fingerprint": tokenizer.fingerprint}
     if frozen_base is not None:
         meta["frozen_base"] = frozen_base
-    (directory / "model.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
+    (directory / MODEL_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
+
+
+def is_run_dir(directory: Path) -> bool:
+    """Whether ``directory`` holds a finished run's ``model.json`` and ``params/``."""
+    return (Path(directory) / MODEL_FILE).exists() and (Path(directory) / PARAMS_DIR).is_dir()
+
+
+def _tuples(value: Any) -> Any:
+    """JSON's lists back to the tuples the frozen config classes hold."""
+    if isinstance(value, list):
+        return tuple(_tuples(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _tuples(v) for k, v in value.items()}
+    return value
+
+
+def read_model_json(run_dir: Path) -> tuple[TransformerConfig, str]:
+    """``(model config, tokenizer fingerprint)`` recorded in a finished run's ``model.json``.
+
+    The config is the one the run trained: its dtypes and its PEFT config
+    (whose parameters ``params/`` holds next to the base ones).
+    """
+    meta_path = Path(run_dir).absolute() / MODEL_FILE
+    if not meta_path.exists():
+        raise FileNotFoundError(
+            f"{meta_path} is missing: {run_dir} is not a finished run's workdir (a run writes "
+            "model.json and params/ when it ends)."
+        )
+    meta = json.loads(meta_path.read_text())
+    fields = dict(meta["model"])
+    peft = fields.pop("peft", None)
+    config = TransformerConfig(
+        **fields, peft=None if peft is None else PeftConfig.from_dict(_tuples(peft))
+    )
+    return config, meta["tokenizer_fingerprint"]
+
+
+def restore_params(run_dir: Path) -> dict[str, Any]:
+    """The parameter tree in ``run_dir/params`` (host arrays, as saved)."""
+    directory = Path(run_dir).absolute() / PARAMS_DIR
+    with ocp.StandardCheckpointer() as ckpt:
+        params = ckpt.restore(directory)
+    _check_finite(params, directory)
+    return params
 
 
 def load_params(run_dir: Path, tokenizer: Tokenizer) -> dict[str, Any]:
+    """A finished run's parameters, refused if ``tokenizer`` is not the run's."""
     run_dir = Path(run_dir).absolute()
-    meta_path = run_dir / "model.json"
-    if not meta_path.exists():
-        raise FileNotFoundError(
-            f"{meta_path} is missing: init_from must name a finished run's workdir."
-        )
-    meta = json.loads(meta_path.read_text())
-    if meta["tokenizer_fingerprint"] != tokenizer.fingerprint:
+    _, fingerprint = read_model_json(run_dir)
+    if fingerprint != tokenizer.fingerprint:
         raise TokenizerMismatchError(
-            f"{run_dir} was trained with tokenizer {meta['tokenizer_fingerprint']}, this run "
+            f"{run_dir} was trained with tokenizer {fingerprint}, this run "
             f"uses {tokenizer.fingerprint}; set tokenizer.path to {run_dir}/tokenizer."
         )
-    with ocp.StandardCheckpointer() as ckpt:
-        params = ckpt.restore(run_dir / "params")
-    _check_finite(params, run_dir / "params")
-    return params
+    return restore_params(run_dir)
 
 
 def _check_finite(params: Any, where: Path) -> None:
