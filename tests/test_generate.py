@@ -172,10 +172,10 @@ def test_cli_input_file_output_file_and_scores(run, tmp_path, capsys):
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["--model", str(tmp_path), "--prompt", "x"]) == 2
-    assert "is neither a run directory" in capsys.readouterr().err
-    (tmp_path / "config.json").write_text('{"seed": 0}')  # a run that has not finished
+    assert "is not a checkpoint flaxtune reads" in capsys.readouterr().err
+    (tmp_path / "config.json").write_text('{"seed": 0}')  # not a Hugging Face config
     assert main(["--model", str(tmp_path), "--prompt", "x"]) == 2
-    assert "config.json has no model_type" in capsys.readouterr().err
+    assert "unknown architecture: model_type=None" in capsys.readouterr().err
     (tmp_path / "in.jsonl").write_text('{"input": "a"}\n[1]\n')
     assert main(["--model", str(tmp_path), "--input", str(tmp_path / "in.jsonl")]) == 2
     assert "in.jsonl:2: expected a JSON object" in capsys.readouterr().err

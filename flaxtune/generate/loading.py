@@ -34,18 +34,13 @@ from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
-import jax
-import jax.numpy as jnp
 from flax import traverse_util
 
-from flaxtune.data import Tokenizer, load_tokenizer
+from flaxtune.data import Tokenizer
 from flaxtune.errors import FlaxtuneError
-from flaxtune.interop.importer import import_hf, read_hf_config
-from flaxtune.interop.native import CONFIG_FILE as IMPORT_CONFIG_FILE
-from flaxtune.interop.native import load_flaxtune
 from flaxtune.interop.peft_export import import_lora_adapter
-from flaxtune.peft import LoraConfig, PeftConfig, fold_prefix, merge
-from flaxtune.train.run_dir import load_params
+from flaxtune.peft import LoraConfig, fold_prefix, merge
+from flaxtune.train.pretrained import load_pretrained
 from flaxtune.transformer import TransformerConfig, build_model
 
 RUN_MODEL_FILE = "model.json"
@@ -86,47 +81,6 @@ def run_config(run_dir: str | os.PathLike) -> dict[str, Any]:
             f"{RUN_CONFIG_FILE}); pass the workdir of a run that train_and_evaluate completed."
         )
     return json.loads(path.read_text())
-
-
-def model_config_from_dict(record: dict[str, Any]) -> TransformerConfig:
-    """The ``TransformerConfig`` of a ``to_dict()`` record (``model.json``'s ``model``)."""
-    fields = dict(record)
-    if fields.get("peft") is not None:
-        fields["peft"] = PeftConfig.from_dict(fields["peft"])
-    return TransformerConfig(**fields)
-
-
-def _load_pretrained(
-    path: str | os.PathLike, *, param_dtype: Any = None
-) -> tuple[TransformerConfig, Any, Tokenizer]:
-    # lead: replace with pretrained.load_pretrained after merge
-    path = Path(path)
-    if is_run_dir(path):
-        tokenizer = load_tokenizer(path)
-        meta = json.loads((path / RUN_MODEL_FILE).read_text())
-        config = model_config_from_dict(meta["model"])
-        params = load_params(path, tokenizer)
-    elif (path / IMPORT_CONFIG_FILE).exists():
-        config, params = load_flaxtune(path)
-        tokenizer = load_tokenizer(path)
-    elif (path / "config.json").exists():
-        if "model_type" not in read_hf_config(path):
-            raise GenerateError(
-                f"{path}/config.json has no model_type, so it is not a Hugging Face model; "
-                f"if {path} is a training run, it has not finished ({RUN_MODEL_FILE} and "
-                "params/ are written at its end)."
-            )
-        imported = import_hf(path)
-        config, params, tokenizer = imported.config, imported.params, load_tokenizer(path)
-    else:
-        raise GenerateError(
-            f"{path} is neither a run directory ({RUN_MODEL_FILE}), an import directory "
-            f"({IMPORT_CONFIG_FILE}) nor a Hugging Face model directory (config.json)."
-        )
-    if param_dtype is not None:
-        config = config.replace(param_dtype=param_dtype)
-        params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, config.param_dtype), params)
-    return config, params, tokenizer
 
 
 def _with_adapter(
@@ -171,7 +125,7 @@ def load(
       adapter: a PEFT LoRA adapter directory, merged into the base kernels.
       param_dtype: cast the parameters to this dtype (default: as stored).
     """
-    config, params, tokenizer = _load_pretrained(path, param_dtype=param_dtype)
+    config, params, tokenizer = load_pretrained(path, param_dtype=param_dtype)
     if adapter is not None:
         config, params = _with_adapter(config, params, adapter)
     config, params = _folded(config, params)
