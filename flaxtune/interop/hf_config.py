@@ -346,10 +346,13 @@ def config_to_hf(config: TransformerConfig, *, dtype: Any = None) -> dict[str, A
             "relative_attention_num_buckets": config.relative_num_buckets,
             "relative_attention_max_distance": config.relative_max_distance,
             "dropout_rate": config.dropout_rate,
-            # Read as "tied and scaled" by transformers 4 and 5 alike; an
-            # untied head is written as lm_head.weight with no scaling.
+            # An untied head is written as lm_head.weight with no scaling. A
+            # tied head is scaled or not as the config says: transformers 5
+            # reads scale_decoder_outputs (its T5 v1.1 default is tied and
+            # unscaled); transformers 4 reads tied as scaled, so a tied
+            # unscaled head needs transformers 5.
             "tie_word_embeddings": config.tie_embeddings,
-            "scale_decoder_outputs": config.tie_embeddings,
+            "scale_decoder_outputs": config.tie_embeddings and config.rescale_tied_logits,
             "pad_token_id": config.pad_id,
             "eos_token_id": config.eos_id,
             "decoder_start_token_id": config.decoder_start_id,
@@ -388,8 +391,6 @@ def _export_problems(config: TransformerConfig, family: str) -> list[str]:
     )
     if family == "t5":
         expected.update(position_encoding="relative", scale_attention_logits=False)
-        if config.tie_embeddings:
-            expected.update(rescale_tied_logits=True)
         expected.update(num_kv_heads=config.num_heads)
     else:
         expected.update(position_encoding="rope", activation="swiglu", scale_attention_logits=True)

@@ -178,10 +178,15 @@ def test_export_refuses_configs_hugging_face_cannot_reproduce():
         assert field in str(err.value)
 
 
-def test_t5_tied_head_without_scaling_cannot_be_exported():
-    # HF T5 scales a tied head; flaxtune's rescale_tied_logits=False has no T5 equivalent.
-    with pytest.raises(InteropError, match="rescale_tied_logits"):
-        config_to_hf(tiny_config("t5-v1.0", rescale_tied_logits=False))
+def test_t5_tied_head_scaling_is_written_for_transformers_5():
+    # transformers 5 reads scale_decoder_outputs apart from tying (its T5 v1.1
+    # default is a tied, unscaled head); both settings of a tied head export.
+    for rescale in (True, False):
+        hf = config_to_hf(tiny_config("t5-v1.0", rescale_tied_logits=rescale))
+        assert hf["tie_word_embeddings"] is True
+        assert hf["scale_decoder_outputs"] is rescale
+    untied = config_to_hf(tiny_config("t5-v1.1"))
+    assert untied["tie_word_embeddings"] is False and untied["scale_decoder_outputs"] is False
 
 
 def test_dense_layout_splits_heads_like_hugging_face():
