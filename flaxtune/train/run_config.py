@@ -287,7 +287,10 @@ def check_against_checkpoint(cfg: ml_collections.ConfigDict, checkpoint: Transfo
                 f"{where}; remove it or set it to {theirs!r}"
             )
     if cfg.model.preset:
-        preset = get_config(cfg.model.preset)
+        # The preset as the overrides change it: fields derived from an
+        # overridden one (num_kv_heads from num_heads) follow it, as they do
+        # in a run without init_from.
+        preset = _preset_with(cfg.model.preset, overrides, checkpoint)
         if preset.is_encoder_decoder != checkpoint.is_encoder_decoder:
             raise PretrainedError(
                 f"model.preset={cfg.model.preset!r} is {_family(preset)}, the checkpoint "
@@ -309,6 +312,22 @@ def check_against_checkpoint(cfg: ml_collections.ConfigDict, checkpoint: Transfo
             "the run config contradicts the checkpoint it starts from:\n"
             + "\n".join(f"  - {p}" for p in problems)
         )
+
+
+def _preset_with(
+    preset: str, overrides: dict[str, Any], checkpoint: TransformerConfig
+) -> TransformerConfig:
+    """``preset`` with the architectural ``overrides`` that name config fields; the
+    preset alone if they do not make a valid config (the comparison reports them)."""
+    fields = {
+        key: value
+        for key, value in overrides.items()
+        if key not in _SET_ELSEWHERE and hasattr(checkpoint, key)
+    }
+    try:
+        return get_config(preset, **fields)
+    except (TypeError, ValueError):
+        return get_config(preset)
 
 
 def pretrained_tokenizer(

@@ -10,6 +10,8 @@ from ml_collections import config_flags
 from experiments.configs import seed_study as study_config
 from experiments.study.config import method_config, method_label, pretrain_config, resolve
 from flaxtune.peft import RECIPES
+from flaxtune.train.run_config import check_against_checkpoint
+from flaxtune.transformer import get_config
 
 PRETRAIN = Path("/tmp/pretrain")
 
@@ -180,3 +182,17 @@ def test_config_errors_name_the_problem():
     cfg.quick_overrides = ml_collections.ConfigDict({"run": {"model": 3}})
     with pytest.raises(KeyError, match=r"quick_overrides\.run\.model: 'run\.model' is a section"):
         resolve(cfg)
+
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_every_method_config_agrees_with_the_pretrained_checkpoint(quick):
+    # Each fine-tuning run starts from the pretraining run (init_from), whose
+    # architecture is the preset plus the shared overrides; a method config
+    # that the checkpoint check refuses would fail every fine-tuning job.
+    cfg = study_config.get_config()
+    cfg.quick = quick
+    cfg = resolve(cfg)
+    pre = pretrain_config(cfg)
+    checkpoint = get_config(pre.model.preset, vocab_size=2000, **dict(pre.model.overrides))
+    for name in [m for m in cfg.methods.split(",") if m]:
+        check_against_checkpoint(method_config(cfg, name, Path("/pretrain")), checkpoint)
