@@ -36,7 +36,18 @@ def _defined_classes() -> dict[str, type]:
 
 
 CLASSES = _defined_classes()
-EXCEPTIONS = {name: cls for name, cls in CLASSES.items() if issubclass(cls, BaseException)}
+# Errors are Exceptions. A SystemExit subclass is a clean stop with an exit
+# status, not an error (RunPreempted: SIGTERM/SIGINT after a checkpoint), and
+# must not be caught by ``except FlaxtuneError`` handlers that print "error:".
+EXCEPTIONS = {name: cls for name, cls in CLASSES.items() if issubclass(cls, Exception)}
+STOPS = {name: cls for name, cls in CLASSES.items() if issubclass(cls, SystemExit)}
+
+
+def test_the_only_stops_are_preemption():
+    assert set(STOPS) == {"flaxtune.train.preemption.RunPreempted"}
+    assert set(CLASSES) - set(EXCEPTIONS) - set(STOPS) == {
+        name for name, cls in CLASSES.items() if not issubclass(cls, BaseException)
+    }
 
 
 def test_the_walk_finds_the_known_exceptions():

@@ -41,7 +41,7 @@ import tensorboardX  # noqa: F401
 from experiments.baselines import baselines as trivial_baselines
 from experiments.study import plots, scoring
 from experiments.study.config import method_config, method_label, pretrain_config
-from flaxtune.data import Tokenizer
+from flaxtune.data import load_tokenizer
 from flaxtune.train.loop import train_and_evaluate
 from flaxtune.train.run_config import data_directory
 
@@ -91,7 +91,7 @@ def train_phase(cfg: ml_collections.ConfigDict, workdir: Path) -> dict[str, Any]
 
 def pretrained_row(cfg: ml_collections.ConfigDict, root: Path) -> Row:
     """Scores and objective loss of the pretrained model: the starting point."""
-    tokenizer = Tokenizer.load(root / "pretrain" / "tokenizer")
+    tokenizer = load_tokenizer(root / "pretrain" / "tokenizer")
     scoring_cfg = method_config(cfg, "full", root / "pretrain")  # templates and lengths
     model = scoring.load_model(scoring_cfg, root / "pretrain", tokenizer)
     scores = scoring.task_scores(model, tokenizer, scoring_cfg, cfg.eval_examples)
@@ -109,7 +109,7 @@ def method_row(cfg: ml_collections.ConfigDict, name: str, root: Path) -> Row:
     run_cfg = method_config(cfg, name, root / "pretrain")
     run_dir = root / "methods" / name
     out = train_phase(run_cfg, run_dir)
-    tokenizer = Tokenizer.load(run_dir / "tokenizer")
+    tokenizer = load_tokenizer(run_dir / "tokenizer")
     model = scoring.load_model(run_cfg, run_dir, tokenizer)
     batches = scoring.objective_batches(pretrain_config(cfg), tokenizer, cfg.forgetting_batches)
     row = {
@@ -129,7 +129,7 @@ def method_row(cfg: ml_collections.ConfigDict, name: str, root: Path) -> Row:
 
 def _fine_tuned(cfg: ml_collections.ConfigDict, name: str, root: Path):
     run_dir = root / "methods" / name
-    tokenizer = Tokenizer.load(run_dir / "tokenizer")
+    tokenizer = load_tokenizer(run_dir / "tokenizer")
     run_cfg = method_config(cfg, name, root / "pretrain")
     return scoring.load_model(run_cfg, run_dir, tokenizer), tokenizer
 

@@ -25,9 +25,8 @@ transformers 5's ``AutoTokenizer`` on the same directory:
 A single file is read without sibling files: its own ids (the proto's, or a
 ``tokenizer.json``'s post-processor) are the special ids.
 
-``Tokenizer.train`` (our own tokenizer on the bundled corpus),
-``Tokenizer.load`` (this function) and ``Tokenizer.from_proto`` are attached
-here, where the backends are importable.
+Our own tokenizer is trained with ``SentencePieceTokenizer.train`` (the
+bundled corpus: ``flaxtune.data.bundled.train_bundled_tokenizer``).
 """
 
 from __future__ import annotations
@@ -123,12 +122,6 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         return load_json_tokenizer(target, files)
     return load_sentencepiece(target, files)
 
-
-# The interface module cannot import its backends (they import it), so the
-# constructors that pick a backend are attached here.
-Tokenizer.train = SentencePieceTokenizer.train
-Tokenizer.load = staticmethod(load_tokenizer)
-Tokenizer.from_proto = SentencePieceTokenizer.from_proto
 
 # PAD_ID / EOS_ID / UNK_ID are our own trained tokenizer's layout (T5's); code
 # handed a loaded tokenizer reads its pad_id / eos_id / unk_id instead.

@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import abc
 import os
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any, ClassVar
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from flaxtune.errors import TokenizerMismatchError
 
@@ -58,14 +58,9 @@ def check_fingerprint(expected: str, actual: str) -> None:
 class Tokenizer(abc.ABC):
     """Text <-> ids with the special ids a model was trained with.
 
-    ``Tokenizer.train(...)`` trains our own SentencePiece tokenizer and
-    ``Tokenizer.load(path)`` is :func:`flaxtune.data.load_tokenizer`; both
-    are attached by :mod:`flaxtune.data.tokenizer`, which imports the
-    backends (this module cannot: they import it).
+    :func:`flaxtune.data.load_tokenizer` reads any backend from disk;
+    ``SentencePieceTokenizer.train`` trains our own tokenizer.
     """
-
-    train: ClassVar[Callable[..., Tokenizer]]
-    load: ClassVar[Callable[..., Tokenizer]]
 
     # ---------------------------------------------------------------- ids
 

@@ -20,7 +20,6 @@ from flaxtune.data.bundled import iter_corpus_text
 from flaxtune.data.tokenizer import (
     JsonTokenizer,
     SentencePieceTokenizer,
-    Tokenizer,
     TokenizerFilesError,
     TokenizerMismatchError,
     TokenizerNotFoundError,
@@ -73,7 +72,7 @@ def test_sentinels_are_the_top_ids(tokenizer):
 def test_save_load_keeps_fingerprint(tokenizer, tmp_path):
     path = tmp_path / "tok.model"
     tokenizer.save(path)
-    loaded = Tokenizer.load(path)
+    loaded = load_tokenizer(path)
     assert loaded.fingerprint == tokenizer.fingerprint
     assert len(tokenizer.fingerprint) == 64
     assert loaded.encode(SENTENCES[3]) == tokenizer.encode(SENTENCES[3])
@@ -84,15 +83,15 @@ def _small_corpus(n=400):
 
 
 def test_training_is_deterministic_and_fingerprint_tracks_the_model():
-    a = Tokenizer.train(_small_corpus(), vocab_size=800, num_extra_ids=10)
-    b = Tokenizer.train(_small_corpus(), vocab_size=800, num_extra_ids=10)
-    c = Tokenizer.train(_small_corpus(), vocab_size=820, num_extra_ids=10)
+    a = SentencePieceTokenizer.train(_small_corpus(), vocab_size=800, num_extra_ids=10)
+    b = SentencePieceTokenizer.train(_small_corpus(), vocab_size=800, num_extra_ids=10)
+    c = SentencePieceTokenizer.train(_small_corpus(), vocab_size=820, num_extra_ids=10)
     assert a.fingerprint == b.fingerprint
     assert a.fingerprint != c.fingerprint
 
 
 def test_fingerprint_mismatch_names_both(tokenizer):
-    other = Tokenizer.train(_small_corpus(), vocab_size=800, num_extra_ids=10)
+    other = SentencePieceTokenizer.train(_small_corpus(), vocab_size=800, num_extra_ids=10)
     check_fingerprint(tokenizer.fingerprint, tokenizer.fingerprint)
     with pytest.raises(TokenizerMismatchError) as err:
         check_fingerprint(tokenizer.fingerprint, other.fingerprint)
@@ -101,17 +100,19 @@ def test_fingerprint_mismatch_names_both(tokenizer):
 
 
 def test_bpe_model_round_trips_chinese():
-    tok = Tokenizer.train(_small_corpus(), vocab_size=800, model_type="bpe", num_extra_ids=10)
+    tok = SentencePieceTokenizer.train(
+        _small_corpus(), vocab_size=800, model_type="bpe", num_extra_ids=10
+    )
     assert tok.decode(tok.encode(SENTENCES[4])) == SENTENCES[4]
 
 
 def test_hf_t5_directory_gets_virtual_extra_ids(tmp_path):
     # A T5-style spiece.model has no sentinels inside the proto.
-    plain = Tokenizer.train(_small_corpus(), vocab_size=750, num_extra_ids=0)
+    plain = SentencePieceTokenizer.train(_small_corpus(), vocab_size=750, num_extra_ids=0)
     hf_dir = tmp_path / "t5-local"
     os.makedirs(hf_dir)
     plain.save(hf_dir / "spiece.model")
-    t5 = Tokenizer.load(hf_dir)
+    t5 = load_tokenizer(hf_dir)
     assert t5.vocab_size == 750 + 100
     assert t5.sentinel_id(0) == 849
     assert t5.decode([*t5.encode("apples"), t5.sentinel_id(0)]) == "apples<extra_id_0>"
@@ -122,18 +123,18 @@ def test_hf_t5_directory_gets_virtual_extra_ids(tmp_path):
 
 def test_load_errors_name_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"spiece\.model"):
-        Tokenizer.load(tmp_path)
+        load_tokenizer(tmp_path)
     with pytest.raises(FileNotFoundError, match=r"nothing\.model"):
-        Tokenizer.load(tmp_path / "nothing.model")
+        load_tokenizer(tmp_path / "nothing.model")
 
 
 def test_vocab_too_small_is_rejected():
     with pytest.raises(ValueError, match="increase vocab_size"):
-        Tokenizer.train(_small_corpus(), vocab_size=300, num_extra_ids=100)
+        SentencePieceTokenizer.train(_small_corpus(), vocab_size=300, num_extra_ids=100)
     with pytest.raises(ValueError, match="needs at least"):
-        Tokenizer.train(_small_corpus(), vocab_size=500, num_extra_ids=10)
+        SentencePieceTokenizer.train(_small_corpus(), vocab_size=500, num_extra_ids=10)
     with pytest.raises(ValueError, match="at most"):
-        Tokenizer.train(["tiny text"] * 10, vocab_size=2000, num_extra_ids=10)
+        SentencePieceTokenizer.train(["tiny text"] * 10, vocab_size=2000, num_extra_ids=10)
 
 
 # ---------------------------------------------------------------- every backend
@@ -220,7 +221,7 @@ def test_our_tokenizer_maps_special_strings_and_keeps_its_ids(tokenizer, tmp_pat
 
 
 def test_t5_virtual_extra_ids_survive_save(tmp_path):
-    plain = Tokenizer.train(_small_corpus(), vocab_size=750, num_extra_ids=0)
+    plain = SentencePieceTokenizer.train(_small_corpus(), vocab_size=750, num_extra_ids=0)
     plain.save(tmp_path / "spiece.model")
     t5 = load_tokenizer(tmp_path / "spiece.model")
     t5.save(tmp_path / "saved")

@@ -10,7 +10,7 @@ import pytest
 from flax import traverse_util
 
 from flaxtune import peft as peft_lib
-from flaxtune.data import Tokenizer
+from flaxtune.data import load_tokenizer
 from flaxtune.quant import dequantize
 from flaxtune.train.frozen_base import (
     BaseQuantConfig,
@@ -164,7 +164,7 @@ def test_qlora_run_trains_with_loss_scaling_and_a_bit_identical_nf4_base(qlora_r
 def test_qlora_base_equals_the_quantized_initial_weights(qlora_run):
     """The base at the end is nf4(init) exactly, and params/ holds its float values."""
     cfg, workdir, _ = qlora_run
-    tokenizer = Tokenizer.load(workdir / "tokenizer")
+    tokenizer = load_tokenizer(workdir / "tokenizer")
     mcfg = model_config(cfg, tokenizer)
     model = build_model(mcfg)
     init_rng, _ = jax.random.split(jax.random.PRNGKey(cfg.seed))

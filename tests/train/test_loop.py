@@ -8,7 +8,7 @@ import pytest
 from flax.traverse_util import flatten_dict
 
 from experiments.configs import tiny
-from flaxtune.data import Tokenizer, make_loader
+from flaxtune.data import load_tokenizer, make_loader
 from flaxtune.peft import LoraConfig, PeftConfig, SelectiveConfig
 from flaxtune.train.loop import train_and_evaluate
 from flaxtune.train.metrics_writer import read_metrics
@@ -66,7 +66,7 @@ def test_tiny_config_runs_end_to_end(data_dir, tmp_path):
             make_loader(
                 cfg.data.tasks,
                 "train",
-                Tokenizer.load(tmp_path / "tokenizer"),
+                load_tokenizer(tmp_path / "tokenizer"),
                 loader_config(cfg, encoder_decoder=True),
                 data_dir=data_dir,
             )
@@ -143,7 +143,7 @@ def test_pissa_and_vocabulary_prompts_initialize_a_run(data_dir, tmp_path):
         for key, value in options.items():
             cfg.peft[method][key] = value
         train_and_evaluate(cfg, tmp_path / name)
-        tokenizer = Tokenizer.load(tmp_path / name / "tokenizer")
+        tokenizer = load_tokenizer(tmp_path / name / "tokenizer")
         return flatten_dict(load_params(tmp_path / name, tokenizer), sep="/"), cfg
 
     params, cfg = run("pissa", "lora", init="pissa")

@@ -18,7 +18,7 @@ from flax import traverse_util
 from jax.sharding import NamedSharding
 
 from experiments.configs import finetune
-from flaxtune.data import Tokenizer, load_tokenizer
+from flaxtune.data import SentencePieceTokenizer, load_tokenizer
 from flaxtune.data.user_data import register_user_task
 from flaxtune.interop import InteropError, export_hf, import_hf, save_flaxtune
 from flaxtune.peft import AdapterConfig, LoraConfig, PeftConfig
@@ -50,7 +50,7 @@ def sentences(n, seed=0):
 @pytest.fixture(scope="module")
 def spiece(tmp_path_factory):
     """A small T5-layout SentencePiece model saved as ``spiece.model``."""
-    tokenizer = Tokenizer.train(sentences(400), vocab_size=VOCAB, num_extra_ids=5)
+    tokenizer = SentencePieceTokenizer.train(sentences(400), vocab_size=VOCAB, num_extra_ids=5)
     path = tmp_path_factory.mktemp("tok") / "spiece.model"
     tokenizer.save(path)
     return path
@@ -58,7 +58,7 @@ def spiece(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tokenizer(spiece):
-    return Tokenizer.load(spiece)
+    return load_tokenizer(spiece)
 
 
 @pytest.fixture(scope="module")
@@ -163,10 +163,10 @@ def test_a_directory_that_is_no_checkpoint_says_what_each_layout_needs(tmp_path)
 
 def test_a_run_trained_with_another_tokenizer_is_refused(tmp_path, checkpoint, spiece):
     config, params = checkpoint
-    other = Tokenizer.train(sentences(300, seed=1), vocab_size=280, num_extra_ids=5)
+    other = SentencePieceTokenizer.train(sentences(300, seed=1), vocab_size=280, num_extra_ids=5)
     run = write_run_dir(tmp_path / "run", config, params, other, spiece)
     shutil.rmtree(run / "tokenizer")  # replaced by another tokenizer
-    Tokenizer.load(spiece).save(run / "tokenizer")
+    load_tokenizer(spiece).save(run / "tokenizer")
     with pytest.raises(Exception, match=r"was trained with tokenizer .* the run directory"):
         load_pretrained(run)
 
@@ -441,7 +441,9 @@ def test_a_lora_run_from_a_checkpoint_keeps_its_base_and_names_its_tokenizer(
 
 def test_a_different_tokenizer_path_is_refused(layouts, task, tmp_path):
     other = tmp_path / "other.model"
-    Tokenizer.train(sentences(300, seed=1), vocab_size=280, num_extra_ids=5).save(other)
+    SentencePieceTokenizer.train(sentences(300, seed=1), vocab_size=280, num_extra_ids=5).save(
+        other
+    )
     cfg = one_step_config(layouts["import"], task)
     cfg.tokenizer.path = str(other)
     # Refused by the run config's validation, before the run starts ...

@@ -27,8 +27,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from flaxtune.data.bundled.generators import TASK_SPECS, Sample
+from flaxtune.data.sentencepiece_tokenizer import SentencePieceTokenizer
 from flaxtune.data.templates import TEMPLATES
-from flaxtune.data.tokenizer import Tokenizer
+from flaxtune.data.tokenizer_interface import Tokenizer
 
 SPLITS = ("train", "validation", "test")
 DEFAULT_SIZES = {"train": 3000, "validation": 300, "test": 300}
@@ -129,7 +130,7 @@ def generate_corpus(seed: int, sizes: dict[str, int] | None = None) -> dict[str,
 
 
 def iter_corpus_text(seed: int = 0, split: str = "train") -> Iterator[str]:
-    """Corpus documents as plain strings (e.g. for :meth:`Tokenizer.train`)."""
+    """Corpus documents as plain strings (e.g. for :meth:`SentencePieceTokenizer.train`)."""
     for record in generate_corpus(seed)[split]:
         yield record.fields["text"]
 
@@ -143,7 +144,7 @@ def train_bundled_tokenizer(
     pieces of the upper-case SQL keywords (``SELECT`` -> ``S E L E C T``),
     which makes SQL targets ~1.7x longer than with BPE.
     """
-    return Tokenizer.train(
+    return SentencePieceTokenizer.train(
         tokenizer_training_text(seed),
         vocab_size=vocab_size,
         model_type=model_type,
