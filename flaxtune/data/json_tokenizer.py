@@ -35,7 +35,7 @@ from flaxtune.data.special_tokens import (
     TokenizerFilesError,
     write_tokenizer_files,
 )
-from flaxtune.data.tokenizer_interface import Tokenizer
+from flaxtune.data.tokenizer_interface import ResolvedSpecialIds
 
 __all__ = ["JsonTokenizer", "load_json_tokenizer"]
 
@@ -44,7 +44,7 @@ _CLEAN_UP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (
 _CLEAN_UP += ((" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
 
 
-class JsonTokenizer(Tokenizer):
+class JsonTokenizer(ResolvedSpecialIds):
     """A ``tokenizers.Tokenizer`` with the special ids its checkpoint files name.
 
     Args:
@@ -130,31 +130,6 @@ class JsonTokenizer(Tokenizer):
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
-
-    @property
-    def pad_id(self) -> int:
-        pad = self._ids["pad_token"]
-        return self.eos_id if pad is None else pad
-
-    @property
-    def eos_id(self) -> int:
-        return self._ids["eos_token"]
-
-    @property
-    def bos_id(self) -> int | None:
-        return self._ids["bos_token"]
-
-    @property
-    def unk_id(self) -> int | None:
-        return self._ids["unk_token"]
-
-    @property
-    def add_bos(self) -> bool:
-        return self._add_bos and self.bos_id is not None
-
-    @property
-    def add_eos(self) -> bool:
-        return self._add_eos
 
     @property
     def num_extra_ids(self) -> int:

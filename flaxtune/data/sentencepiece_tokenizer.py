@@ -55,7 +55,7 @@ from flaxtune.data.special_tokens import (
     hf_class,
     write_tokenizer_files,
 )
-from flaxtune.data.tokenizer_interface import Tokenizer
+from flaxtune.data.tokenizer_interface import ResolvedSpecialIds
 
 __all__ = ["EOS_ID", "PAD_ID", "UNK_ID", "SentencePieceTokenizer", "load_sentencepiece"]
 
@@ -72,7 +72,7 @@ def _first_only_prefix(files: SpecialTokenFiles) -> bool:
     return hf_class(files) in ("LlamaTokenizer", "CodeLlamaTokenizer") and files.legacy is not True
 
 
-class SentencePieceTokenizer(Tokenizer):
+class SentencePieceTokenizer(ResolvedSpecialIds):
     """A SentencePiece model with the special ids its checkpoint files name.
 
     Construct with :meth:`train`, :func:`load_sentencepiece` (through
@@ -267,31 +267,6 @@ class SentencePieceTokenizer(Tokenizer):
     @property
     def vocab_size(self) -> int:
         return self._piece_size + self._num_virtual + len(self._added)
-
-    @property
-    def pad_id(self) -> int:
-        pad = self._ids["pad_token"]
-        return self.eos_id if pad is None else pad
-
-    @property
-    def eos_id(self) -> int:
-        return self._ids["eos_token"]
-
-    @property
-    def bos_id(self) -> int | None:
-        return self._ids["bos_token"]
-
-    @property
-    def unk_id(self) -> int | None:
-        return self._ids["unk_token"]
-
-    @property
-    def add_bos(self) -> bool:
-        return bool(self._add_bos) and self.bos_id is not None
-
-    @property
-    def add_eos(self) -> bool:
-        return bool(self._add_eos)
 
     @property
     def num_extra_ids(self) -> int:

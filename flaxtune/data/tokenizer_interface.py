@@ -154,3 +154,39 @@ class Tokenizer(abc.ABC):
             f"eos={self.eos_id}, bos={self.bos_id}, add_bos={self.add_bos}, "
             f"extra_ids={self.num_extra_ids}, fingerprint={self.fingerprint[:12]}…)"
         )
+
+
+class ResolvedSpecialIds(Tokenizer):
+    """The special-id half of :class:`Tokenizer` for backends that resolve their
+    special tokens once, at construction: ``_ids`` maps ``pad_token`` /
+    ``eos_token`` / ``bos_token`` / ``unk_token`` to an id or None, and
+    ``_add_bos`` / ``_add_eos`` say what Hugging Face's ``encode`` adds."""
+
+    _ids: dict[str, int | None]
+    _add_bos: bool
+    _add_eos: bool
+
+    @property
+    def pad_id(self) -> int:
+        pad = self._ids["pad_token"]
+        return self.eos_id if pad is None else pad
+
+    @property
+    def eos_id(self) -> int:
+        return self._ids["eos_token"]
+
+    @property
+    def bos_id(self) -> int | None:
+        return self._ids["bos_token"]
+
+    @property
+    def unk_id(self) -> int | None:
+        return self._ids["unk_token"]
+
+    @property
+    def add_bos(self) -> bool:
+        return bool(self._add_bos) and self.bos_id is not None
+
+    @property
+    def add_eos(self) -> bool:
+        return bool(self._add_eos)
