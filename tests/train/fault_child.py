@@ -24,7 +24,7 @@ from flax import traverse_util
 from flaxtune.train.checkpoints import CheckpointManager
 from flaxtune.train.mesh import jit_train_step, make_mesh, shard_batch, sharded_train_state
 from flaxtune.train.metrics_writer import MetricsWriter
-from flaxtune.train.optimizer import OptimizerConfig, make_optimizer, make_schedule
+from flaxtune.train.optimizer import make_optimizer, make_schedule
 from flaxtune.train.partition import label_params
 from flaxtune.train.preemption import RunPreempted, StopSignals
 from flaxtune.train.step import make_train_step
@@ -32,14 +32,7 @@ from flaxtune.train.workdir_lock import WorkdirLock
 from tests.train import toy
 
 STEP_SECONDS = 0.05
-CONFIG = OptimizerConfig(
-    name="adamw",
-    learning_rate=1e-2,
-    schedule="warmup_cosine",
-    warmup_steps=2,
-    total_steps=50,
-    weight_decay=0.01,
-)
+CONFIG = toy.CONFIG
 
 
 def train(workdir: str, total_steps: int) -> None:

@@ -23,19 +23,12 @@ from flaxtune.train.mesh import (
     shard_batch,
     sharded_train_state,
 )
-from flaxtune.train.optimizer import OptimizerConfig, make_optimizer, make_schedule
+from flaxtune.train.optimizer import make_optimizer, make_schedule
 from flaxtune.train.partition import label_params
 from flaxtune.train.step import make_train_step
 from tests.train import toy
 
-CONFIG = OptimizerConfig(
-    name="adamw",
-    learning_rate=1e-2,
-    schedule="warmup_cosine",
-    warmup_steps=2,
-    total_steps=50,
-    weight_decay=0.01,
-)
+CONFIG = toy.CONFIG
 
 
 def main(workdir: str, total_steps: int, losses_path: str) -> None:

@@ -14,6 +14,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxtune.train.losses import cross_entropy_with_logits, token_accuracy
+from flaxtune.train.optimizer import OptimizerConfig
+
+# The optimizer of the resume and fault-injection child processes.
+CONFIG = OptimizerConfig(
+    name="adamw",
+    learning_rate=1e-2,
+    schedule="warmup_cosine",
+    warmup_steps=2,
+    total_steps=50,
+    weight_decay=0.01,
+)
 
 VOCAB = 16
 EMBED = 8
