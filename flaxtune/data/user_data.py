@@ -45,9 +45,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 from flaxtune.data.chat import ASSISTANT, CHAT_FIELD, ChatError, check_messages
 from flaxtune.data.mixtures import list_mixtures
 from flaxtune.data.tasks import Example, Task, get_task, list_tasks, register_task
@@ -128,6 +125,12 @@ def _csv_rows(path: str) -> Iterator[tuple[str, dict | None]]:
 
 
 def _parquet_rows(path: str) -> Iterator[tuple[str, dict | None]]:
+    # Imported here, not at the top: importing pyarrow starts a thread that
+    # allocates, and so claims a second glibc malloc arena before an entry
+    # point can limit the process to one (flaxtune.train.host_memory).
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     try:
         table = pq.read_table(path)
     except pa.ArrowException as err:

@@ -29,7 +29,13 @@ step thousands of times.
 glibc decides a thread's arena when the thread first allocates, so the call
 must come before JAX initializes its backends (the first computation or
 ``jax.devices()``); afterwards it would not reach XLA's threads, so it logs a
-warning and changes nothing. It does nothing where an accelerator plugin is
+warning and changes nothing. For the same reason no thread may allocate
+before it: a thread that allocates takes an arena of its own, and XLA's
+threads, started later, may be handed that arena, where a block over 64 MiB
+always comes from ``mmap``. Importing flaxtune starts no such thread (a test
+checks it; ``pyarrow``, which starts one on import, is imported only where a
+Parquet file is read), and the call warns when it finds more than one arena.
+It does nothing where an accelerator plugin is
 installed (there the temporaries live in device memory) or off glibc. The entry points
 (``experiments.main``, the study workers, and the benchmarks that time
 compiled steps) call it first thing; ``FLAXTUNE_RETAIN_HOST_MEMORY=0`` in
@@ -70,6 +76,26 @@ def _backends_initialized() -> bool:
     return xla_bridge.backends_are_initialized()
 
 
+def malloc_arena_count(libc: ctypes.CDLL | None = None) -> int:
+    """The number of glibc malloc arenas (heaps) of this process, from ``malloc_info``."""
+    libc = libc or ctypes.CDLL(None)
+    libc.open_memstream.restype = ctypes.c_void_p
+    libc.open_memstream.argtypes = [
+        ctypes.POINTER(ctypes.c_char_p),
+        ctypes.POINTER(ctypes.c_size_t),
+    ]
+    libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+    libc.fclose.argtypes = [ctypes.c_void_p]
+    buffer, size = ctypes.c_char_p(), ctypes.c_size_t()
+    stream = libc.open_memstream(ctypes.byref(buffer), ctypes.byref(size))
+    libc.malloc_info(0, stream)
+    libc.fclose(stream)  # flushes into ``buffer``
+    text = ctypes.string_at(buffer, size.value).decode()
+    libc.free.argtypes = [ctypes.c_void_p]
+    libc.free(ctypes.cast(buffer, ctypes.c_void_p))
+    return text.count("<heap nr=")
+
+
 def retain_freed_host_memory(*, respect_env: bool = True) -> bool:
     """Configures glibc malloc to keep freed memory (see the module docstring).
 
@@ -100,6 +126,15 @@ def retain_freed_host_memory(*, respect_env: bool = True) -> bool:
             (_M_TRIM_THRESHOLD, _INT_MAX),
         )
     )
+    arenas = malloc_arena_count(libc)
+    if arenas > 1:
+        logger.warning(
+            "retain_freed_host_memory(): %d malloc arenas exist already (a thread allocated "
+            "before this call, usually one started by an import); XLA threads handed one of "
+            "them still map every large temporary afresh. Call it before importing the "
+            "library that starts the thread.",
+            arenas,
+        )
     if applied:
         logger.info("glibc malloc keeps freed memory (one arena, no mmap, no trim below 2 GiB).")
     return applied

@@ -46,6 +46,40 @@ def test_retained_memory_reuses_the_pages():
     assert statistics.median(row["faults"]) < 100, row["faults"]
 
 
+def _arenas_after(code: str) -> int:
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code + "\nfrom flaxtune.train.host_memory import "
+            "malloc_arena_count\nprint(malloc_arena_count())",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def test_a_thread_that_allocates_is_counted_as_a_second_arena():
+    code = (
+        "import threading\nt = threading.Thread(target=lambda: bytes(10**6))\nt.start(); t.join()"
+    )
+    assert _arenas_after("") == 1
+    assert _arenas_after(code) == 2
+
+
+def test_importing_the_entry_points_starts_no_allocating_thread():
+    # Otherwise XLA's threads may share that thread's arena, which maps every
+    # large temporary afresh whatever mallopt says (see the module docstring).
+    code = (
+        "import experiments.main, experiments.study.pool, benchmarks.train_step, "
+        "benchmarks.decode, flaxtune.generate.__main__, flaxtune.interop.__main__"
+    )
+    assert _arenas_after(code) == 1
+
+
 def test_refused_after_the_backends_started(caplog):
     jax.devices()  # the suite's process has them running anyway
     with caplog.at_level("WARNING"):
