@@ -44,6 +44,8 @@ INSTALL_REQUIRES = [
 EXTRAS_REQUIRE = {
     "test": [
         "pytest>=8.0",
+        # The README's test command runs the suite on every core (-n auto).
+        "pytest-xdist>=3.5",
         "hypothesis>=6.100",
         "ruff>=0.6",
         "rouge-score==0.1.2",
