@@ -8,6 +8,7 @@ prefix tuning and IA3), and KV-cached greedy decoding. ``cudnn`` needs an
 NVIDIA GPU; on this CPU its resolution rules and its error are tested.
 """
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,7 +21,7 @@ from flaxtune.transformer.attention import (
     fused_dot_product_attention,
     resolved_attention_impl,
 )
-from tests.transformer.util import cached_logits, init_params, random_tokens
+from tests.transformer.util import cached_logits, random_tokens
 
 RTOL, ATOL = 1e-5, 1e-6
 BF16_GPU = dict(backend="gpu", dtype=jnp.bfloat16)
@@ -48,7 +49,10 @@ def einsum_and_xla(name, **overrides):
     config = get_config(name, attention_impl="einsum", **overrides)
     fused = config.replace(attention_impl="xla")
     model = build_model(config)
-    return model, build_model(fused), init_params(model, config)
+    enc, dec = jnp.ones((1, 4), jnp.int32), jnp.ones((1, 3), jnp.int32)
+    args = (enc, dec) if config.is_encoder_decoder else (dec,)
+    params = jax.jit(lambda key: model.init(key, *args)["params"])(jax.random.key(0))
+    return model, build_model(fused), nn.meta.unbox(params)
 
 
 def loss_and_grads(model, params, *inputs, **kw):
@@ -63,8 +67,14 @@ def loss_and_grads(model, params, *inputs, **kw):
     return logits, grads
 
 
-def test_t5_xla_equals_einsum_outputs_and_gradients():
-    einsum, xla, params = einsum_and_xla("tiny-t5", **ONE_LAYER_EACH)
+@pytest.fixture(scope="module")
+def t5():
+    """Tiny T5 (3 heads of 5), one block per stack."""
+    return einsum_and_xla("tiny-t5", **ONE_LAYER_EACH)
+
+
+def test_t5_xla_equals_einsum_outputs_and_gradients(t5):
+    einsum, xla, params = t5
     rng = np.random.RandomState(0)
     # Row 1 is padded: the encoder's padding mask and cross-attention mask apply.
     enc = random_tokens(rng, (2, 7), 101).at[1, 4:].set(0)
@@ -90,14 +100,13 @@ def test_llama_xla_equals_einsum_with_gqa_prefix_ia3_and_masked_rows(llama):
     einsum, xla, params = llama
     rng = np.random.RandomState(1)
     tokens = random_tokens(rng, (2, 6), 103)
-    # Left padding in row 1: with the causal mask its first two query rows
-    # see only padding (the prefix aside) -- and without the prefix none at all.
+    # Row 0 is unpadded; row 1 is left-padded, so that with the causal mask its
+    # first two query rows see no token (only the prefix's keys).
     input_mask = jnp.ones((2, 6), bool).at[1, :2].set(False)
-    for kw in ({}, {"input_mask": input_mask}):
-        logits, grads = loss_and_grads(einsum, params, tokens, **kw)
-        fused_logits, fused_grads = loss_and_grads(xla, params, tokens, **kw)
-        np.testing.assert_allclose(fused_logits, logits, rtol=RTOL, atol=ATOL)
-        assert_trees_close(fused_grads, grads)
+    logits, grads = loss_and_grads(einsum, params, tokens, input_mask=input_mask)
+    fused_logits, fused_grads = loss_and_grads(xla, params, tokens, input_mask=input_mask)
+    np.testing.assert_allclose(fused_logits, logits, rtol=RTOL, atol=ATOL)
+    assert_trees_close(fused_grads, grads)
     prefix = fused_grads["decoder"]["layers_0"]["attention"]
     assert float(jnp.abs(prefix["prefix_key"]).max()) > 0
     assert float(jnp.abs(prefix["ia3_value"]).max()) > 0
@@ -123,18 +132,47 @@ def test_functions_agree_on_fully_masked_rows_and_input_gradients():
             q, k, v, mask=mask, bias=bias, scale=8**-0.5, implementation="xla"
         )
 
-    expected, actual = einsum(q, k, v, bias), xla(q, k, v, bias)
+    probe = jax.random.normal(jax.random.key(5), q.shape)
+
+    def value_and_grads(f):
+        loss = lambda *a: (jnp.sum(f(*a) * probe), f(*a))
+        grad = jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True)
+        (_, out), grads = jax.jit(grad)(q, k, v, bias)
+        return out, grads
+
+    expected, expected_grads = value_and_grads(einsum)
+    actual, actual_grads = value_and_grads(xla)
     np.testing.assert_allclose(actual, expected, rtol=RTOL, atol=ATOL)
     mean_value = jnp.broadcast_to(v[1].mean(0), (3, 8))
     np.testing.assert_allclose(actual[1, 0], mean_value, rtol=RTOL, atol=ATOL)
-    probe = jax.random.normal(jax.random.key(5), expected.shape)
-    grad = lambda f: jax.grad(lambda *a: jnp.sum(f(*a) * probe), argnums=(0, 1, 2, 3))
-    assert_trees_close(grad(xla)(q, k, v, bias), grad(einsum)(q, k, v, bias))
+    assert_trees_close(actual_grads, expected_grads)
 
 
+def inputs_of(model, name):
+    """Padded encoder inputs (T5) or right-padded prompts with their lengths (LLaMA)."""
+    rng = np.random.RandomState(2)
+    vocab = model.config.vocab_size
+    if name == "tiny-t5":
+        return random_tokens(rng, (2, 6), vocab).at[1, 4:].set(0), None
+    return random_tokens(rng, (2, 5), vocab), jnp.array([5, 3])
+
+
+@pytest.mark.parametrize("name", ["tiny-t5", pytest.param("tiny-llama", marks=pytest.mark.slow)])
+def test_xla_cached_greedy_decoding_equals_einsum(name, t5, llama):
+    """Prefill, self- and cross-attention caches and per-token steps, in the fused layout."""
+    einsum, xla, params = llama if name == "tiny-llama" else t5
+    inputs, lengths = inputs_of(einsum, name)
+    decode = DecodeConfig(max_new_tokens=6)
+    reference = generate(einsum, params, inputs, decode, prompt_lengths=lengths)
+    out = generate(xla, params, inputs, decode, prompt_lengths=lengths)
+    np.testing.assert_array_equal(out.tokens, reference.tokens)
+    np.testing.assert_allclose(out.scores, reference.scores, rtol=RTOL)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["tiny-t5", "tiny-llama"])
-def test_xla_cached_decoding_equals_einsum(name, llama):
-    einsum, xla, params = llama if name == "tiny-llama" else einsum_and_xla(name, **ONE_LAYER_EACH)
+def test_xla_cached_logits_equal_einsum_full_forward(name, t5, llama):
+    einsum, xla, params = llama if name == "tiny-llama" else t5
     rng = np.random.RandomState(2)
     vocab = einsum.config.vocab_size
     enc = random_tokens(rng, (2, 6), vocab).at[1, 4:].set(0)
@@ -146,11 +184,6 @@ def test_xla_cached_decoding_equals_einsum(name, llama):
     )
     cached = cached_logits(xla.config, xla, params, enc, dec, (3, 1, 1))
     np.testing.assert_allclose(cached, full, rtol=RTOL, atol=2e-5)
-    inputs, lengths = (enc, None) if einsum.config.is_encoder_decoder else (dec, jnp.array([5, 3]))
-    decode = DecodeConfig(max_new_tokens=6)
-    reference = generate(einsum, params, inputs, decode, prompt_lengths=lengths)
-    out = generate(xla, params, inputs, decode, prompt_lengths=lengths)
-    np.testing.assert_array_equal(out.tokens, reference.tokens)
 
 
 def test_resolution_rules():
@@ -193,23 +226,32 @@ def test_explicit_fused_choice_that_cannot_serve_is_one_clear_error():
         get_config("tiny-t5", attention_impl="fast")
 
 
-def test_models_apply_the_resolution():
-    """In a model: cuDNN on CPU fails, dropout and captured weights pick or demand einsum."""
+def test_models_apply_the_resolution(t5):
+    """In a model: cuDNN on CPU fails, dropout and captured weights pick or demand einsum.
+
+    Traced only (``jax.eval_shape`` / ``jax.make_jaxpr``): the choice is made
+    at trace time, and attention dropout is tiny-t5's only random op.
+    """
+    model, _, params = t5
+    config = model.config.replace(attention_dropout_rate=0.3)
     rng = np.random.RandomState(3)
     enc, dec = random_tokens(rng, (1, 4), 101), random_tokens(rng, (1, 3), 101)
-    config = get_config("tiny-t5", attention_dropout_rate=0.3)
-    model = build_model(config)
-    params = init_params(model, config)
-    run = lambda cfg, **kw: build_model(cfg).apply({"params": params}, enc, dec, **kw)
-    with pytest.raises(ConfigError, match="attention_impl='cudnn' cannot run here"):
-        run(config.replace(attention_impl="cudnn"))
     rngs = {"dropout": jax.random.key(4)}
-    dropped = run(config, deterministic=False, rngs=rngs)
-    auto = config.replace(attention_impl="auto")
-    np.testing.assert_array_equal(run(auto, deterministic=False, rngs=rngs), dropped)
+
+    def trace(impl, **kw):
+        module = build_model(config.replace(attention_impl=impl))
+        return jax.make_jaxpr(lambda: module.apply({"params": params}, enc, dec, **kw))()
+
+    with pytest.raises(ConfigError, match="attention_impl='cudnn' cannot run here"):
+        trace("cudnn")
     with pytest.raises(ConfigError, match="drop attention weights while training"):
-        run(config.replace(attention_impl="xla"), deterministic=False, rngs=rngs)
-    _, state = run(auto, mutable=["intermediates"])
-    assert "attention_weights" in state["intermediates"]["encoder"]["layers_0"]["attention"]
+        trace("xla", deterministic=False, rngs=rngs)
     with pytest.raises(ConfigError, match="return the attention weights"):
-        run(config.replace(attention_impl="xla"), mutable=["intermediates"])
+        trace("xla", mutable=["intermediates"])
+    assert "random_bits" in str(trace("auto", deterministic=False, rngs=rngs))
+    assert "random_bits" not in str(trace("xla"))
+    auto = build_model(config.replace(attention_impl="auto"))
+    _, state = jax.eval_shape(
+        lambda: auto.apply({"params": params}, enc, dec, mutable=["intermediates"])
+    )
+    assert state["intermediates"]["encoder"]["layers_0"]["attention"]["attention_weights"]
