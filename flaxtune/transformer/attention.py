@@ -30,6 +30,45 @@ output once, on the first decode call that receives it, and later calls pass
 ``kv=None`` to reuse the cached projections. A call that finds no cache yet
 only creates it (zeros, sized by its inputs): decoding runs such a call
 under ``jax.eval_shape`` to learn the cache's shapes (``decoding._zeros_cache``).
+
+**Implementations** (``TransformerConfig.attention_impl``). The product
+``softmax(q k^T * scale + bias, masked) v`` has two implementations:
+
+* ``einsum``: the hand-written one below (``dot_product_attention``). The
+  only one that drops attention weights (``attention_dropout_rate`` while
+  training), returns them (sown as ``intermediates/attention_weights``, which
+  the attention picture reads) and computes the softmax in a 16-bit dtype
+  (``float32_attention_logits=False``).
+* ``xla`` and ``cudnn``: ``jax.nn.dot_product_attention`` with that
+  ``implementation``; ``cudnn`` is cuDNN's flash attention, which never
+  materializes the ``[l, s]`` weights. The relative-position bias goes in as
+  ``bias``, the mask as boolean ``mask``, grouped key/value heads as they are
+  (no repeat), T5's unscaled logits as ``scale=1.0``.
+* ``auto`` picks, per call: ``einsum`` when the call needs one of the three
+  things above, else ``cudnn`` where its constraints hold, else ``xla``.
+
+``resolved_attention_impl`` is that choice as a function, so that a trainer
+or a benchmark can record which implementation ran; an explicit fused
+choice that cannot do what the call needs is one ``ConfigError`` naming the
+fix, never a silent fallback. cuDNN's constraints (from JAX's cuDNN
+bindings): an NVIDIA GPU, float16 or bfloat16 activations, ``head_dim`` a
+multiple of 8 and at most 128 (256 from Hopper on), and, when training with
+a mask or bias (flaxtune always passes a mask), even query and key lengths.
+
+Numerics. In float32 the implementations agree to rounding (the tests hold
+them to 1e-5): both compute logits and softmax in float32, and a masked
+logit is replaced (not offset) by a large negative number, so a query row
+whose keys are all masked (a left-padding position in batched generation)
+gets uniform weights over every key in both, and no gradient flows through
+its logits. The einsum path multiplies the queries by ``head_dim**-0.5`` in
+the compute dtype; the fused ones scale the float32 logits, which in 16-bit
+compute rounds slightly differently. ``cudnn`` adds the mask as a large
+negative bias in the compute dtype (with ``bias`` cast to it), so a fully
+masked row is uniform only up to that rounding.
+
+The fused implementations read keys and values ``[b, s, kv, d]``, so with
+them the KV cache is kept in that layout (``[b, max_len, kv, d]``) instead
+of heads-major: each layout is the one its implementation reads in place.
 """
 
 from __future__ import annotations
@@ -41,11 +80,162 @@ import jax
 import jax.numpy as jnp
 
 from flaxtune.peft import modules as peft_modules
-from flaxtune.transformer.config import TransformerConfig
+from flaxtune.transformer.config import ConfigError, TransformerConfig
 from flaxtune.transformer.layers import Dense, Dropout, _kernel_fan_in_init, project_together
 from flaxtune.transformer.positions import apply_rope
 
 Array = jax.Array
+
+# The implementations that go through jax.nn.dot_product_attention.
+FUSED_IMPLS = ("xla", "cudnn")
+_CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def resolved_attention_impl(
+    config: TransformerConfig,
+    *,
+    backend: str | None = None,
+    training: bool = False,
+    need_weights: bool = False,
+    dtype: Any = None,
+    lengths: tuple[int, int] | None = None,
+) -> str:
+    """The implementation (``einsum``, ``xla`` or ``cudnn``) attention runs with.
+
+    Args:
+      config: the model config; its ``attention_impl`` is the request.
+      backend: JAX's platform name (default: ``jax.default_backend()``).
+      training: dropout is on (the models' ``deterministic=False``).
+      need_weights: the attention weights are wanted (captured intermediates).
+      dtype: the compute dtype (default: ``config.dtype``).
+      lengths: ``(query length, key length)`` of a training step, for
+        cuDNN's even-length rule; ``None`` leaves that rule unchecked.
+
+    Raises:
+      ConfigError: an explicit ``xla``/``cudnn`` that cannot serve the call.
+    """
+    requested = config.attention_impl
+    if requested == "einsum":
+        return "einsum"
+    backend = jax.default_backend() if backend is None else backend
+    dtype = jnp.dtype(config.dtype if dtype is None else dtype)
+    needs = _einsum_only_needs(config, training=training, need_weights=need_weights, dtype=dtype)
+    cudnn_problem = _cudnn_problem(
+        config, backend=backend, dtype=dtype, training=training, lengths=lengths
+    )
+    if requested == "auto":
+        if needs:
+            return "einsum"
+        return "xla" if cudnn_problem else "cudnn"
+    if needs:
+        what, fix = needs[0]
+        raise ConfigError(
+            f"attention_impl={requested!r} (jax.nn.dot_product_attention) cannot {what}; "
+            f"set attention_impl='auto' or 'einsum' (the hand-written path), or {fix}."
+        )
+    if requested == "cudnn" and cudnn_problem:
+        raise ConfigError(
+            f"attention_impl='cudnn' cannot run here: {cudnn_problem}. Use "
+            "attention_impl='auto' (cuDNN where it can run, XLA elsewhere) or 'xla'."
+        )
+    return requested
+
+
+def _einsum_only_needs(
+    config: TransformerConfig, *, training: bool, need_weights: bool, dtype: jnp.dtype
+) -> list[tuple[str, str]]:
+    """What this call needs that only the hand-written path does: ``(what, fix)`` pairs."""
+    needs = []
+    if training and config.attention_dropout_rate > 0:
+        needs.append(
+            (
+                f"drop attention weights while training (attention_dropout_rate="
+                f"{config.attention_dropout_rate})",
+                "attention_dropout_rate=0.0",
+            )
+        )
+    if need_weights:
+        needs.append(
+            (
+                "return the attention weights (the 'intermediates' collection is mutable, "
+                "as for the attention picture)",
+                "apply the model without mutable=['intermediates']",
+            )
+        )
+    if not config.float32_attention_logits and dtype != jnp.dtype(jnp.float32):
+        needs.append(
+            (
+                f"compute the softmax in {dtype.name} (float32_attention_logits=False): "
+                "it always computes logits and softmax in float32",
+                "float32_attention_logits=True",
+            )
+        )
+    return needs
+
+
+def _cudnn_problem(
+    config: TransformerConfig,
+    *,
+    backend: str,
+    dtype: jnp.dtype,
+    training: bool,
+    lengths: tuple[int, int] | None,
+) -> str | None:
+    """Why cuDNN flash attention cannot run this call, or None when it can."""
+    if backend != "gpu":
+        return f"cuDNN attention needs an NVIDIA GPU and JAX's backend is {backend!r}"
+    if dtype not in _CUDNN_DTYPES:
+        return (
+            f"cuDNN flash attention takes float16 or bfloat16 activations and the compute "
+            f"dtype is {dtype.name} (use a bf16 or fp16 precision policy)"
+        )
+    d = config.head_dim
+    if d % 8 or d > 256:
+        return (
+            f"cuDNN flash attention needs head_dim a multiple of 8 and at most 256 (128 "
+            f"before Hopper); head_dim is {d}"
+        )
+    if d > 128 and _cuda_capability() < (9, 0):
+        return f"head_dim {d} > 128 needs a Hopper or later GPU for cuDNN flash attention"
+    if training and lengths is not None and any(n % 2 for n in lengths):
+        return (
+            "with a mask or bias, cuDNN's backward pass needs even query and key lengths; "
+            f"got {lengths[0]} and {lengths[1]} (pad to even lengths)"
+        )
+    return None
+
+
+def _cuda_capability() -> tuple[int, ...]:
+    """The first GPU's CUDA compute capability, ``()`` when it reports none."""
+    capability = getattr(jax.devices("gpu")[0], "compute_capability", "")
+    try:
+        return tuple(int(part) for part in str(capability).split("."))
+    except ValueError:  # not a CUDA device
+        return ()
+
+
+def fused_dot_product_attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    *,
+    mask: Array | None,
+    bias: Array | None,
+    scale: float,
+    implementation: str,
+) -> Array:
+    """``[b, l, h, d]`` through ``jax.nn.dot_product_attention``.
+
+    ``k``/``v`` are ``[b, s, kv, d]``; they are cast to the queries' dtype
+    (the function takes one dtype for all three), and for cuDNN so is the
+    bias.
+    """
+    k, v = k.astype(q.dtype), v.astype(q.dtype)
+    if bias is not None and implementation == "cudnn":
+        bias = bias.astype(q.dtype)
+    return jax.nn.dot_product_attention(
+        q, k, v, bias=bias, mask=mask, scale=scale, implementation=implementation
+    )
 
 
 def dot_product_attention(
@@ -136,11 +326,18 @@ class MultiHeadAttention(nn.Module):
         key = self._dense((kv, d), ("embed", "heads", "kv"), "key")
         value = self._dense((kv, d), ("embed", "heads", "kv"), "value")
 
-        # Keys and values read from the cache come heads-major [b, kv, s, d].
-        heads_major = decode
+        impl = resolved_attention_impl(
+            cfg,
+            training=not deterministic,
+            need_weights=self.is_mutable_collection("intermediates"),
+            lengths=self._lengths(x, kv_input),
+        )
+        # The cache's layout is the one the implementation reads in place:
+        # heads-major [b, kv, s, d] for einsum, [b, s, kv, d] for the fused ones.
+        heads_major = decode and impl == "einsum"
         if self.is_cross:
             q = query(x, deterministic=deterministic)
-            k, v = self._cross_keys_values(key, value, kv_input, decode, deterministic)
+            k, v = self._cross_keys_values(key, value, kv_input, decode, deterministic, heads_major)
         else:
             q, k, v = project_together([query, key, value], x, deterministic=deterministic)
             k, v = self._ia3(k, v)
@@ -148,12 +345,24 @@ class MultiHeadAttention(nn.Module):
                 q = apply_rope(q, *rope)
                 k = apply_rope(k, *rope)
             if decode:
-                k, v = self._update_self_cache(k, v, cache_slot)
+                k, v = self._update_self_cache(k, v, cache_slot, heads_major)
         if cfg.peft is not None and cfg.peft.prefix_tuning is not None:
             k, v, mask, bias = self._prepend_prefix(k, v, mask, bias, heads_major)
-        if cfg.scale_attention_logits:
-            q = q * jnp.asarray(d**-0.5, q.dtype)
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
+        out = self._attend(q, k, v, mask, bias, impl, heads_major, deterministic)
+        out_proj = self._dense(cfg.d_model, ("heads", "kv", "embed"), "out", in_features=2)
+        return out_proj(out, deterministic=deterministic)
+
+    def _attend(self, q, k, v, mask, bias, impl, heads_major, deterministic) -> Array:
+        """The attention product with the resolved implementation; ``[b, l, h, d]``."""
+        cfg = self.config
+        scale = cfg.head_dim**-0.5 if cfg.scale_attention_logits else 1.0
+        if impl != "einsum":
+            return fused_dot_product_attention(
+                q, k, v, mask=mask, bias=bias, scale=scale, implementation=impl
+            )
+        if cfg.scale_attention_logits:
+            q = q * jnp.asarray(scale, q.dtype)
         dropout = Dropout(rate=cfg.attention_dropout_rate) if cfg.attention_dropout_rate else None
         out, weights = dot_product_attention(
             q,
@@ -170,8 +379,15 @@ class MultiHeadAttention(nn.Module):
         # Kept for inspection (attention heatmaps): capture with
         # ``mutable=["intermediates"]``; costs nothing otherwise.
         self.sow("intermediates", "attention_weights", weights)
-        out_proj = self._dense(cfg.d_model, ("heads", "kv", "embed"), "out", in_features=2)
-        return out_proj(out, deterministic=deterministic)
+        return out
+
+    def _lengths(self, x: Array, kv_input: Array | None) -> tuple[int, int] | None:
+        """``(query length, key length)`` of a call without the cache (prefix included)."""
+        source = kv_input if self.is_cross else x
+        if source is None:
+            return None
+        prefix = self.config.peft.prefix_tuning if self.config.peft is not None else None
+        return x.shape[1], source.shape[1] + (prefix.num_virtual_tokens if prefix else 0)
 
     def _ia3(self, k: Array, v: Array) -> tuple[Array, Array]:
         """(IA)^3 rescales keys and values right after their projections."""
@@ -211,12 +427,16 @@ class MultiHeadAttention(nn.Module):
             bias = jnp.concatenate([jnp.zeros((*bias.shape[:3], n), bias.dtype), bias], axis=-1)
         return k, v, mask, bias
 
-    def _update_self_cache(self, k: Array, v: Array, slot: Array | None) -> tuple[Array, Array]:
+    def _update_self_cache(
+        self, k: Array, v: Array, slot: Array | None, heads_major: bool
+    ) -> tuple[Array, Array]:
         """Writes this chunk's keys/values at ``slot``; returns the whole buffer.
 
-        Both come and go heads-major: ``[b, kv, max_len, d]``.
+        Both come and go ``[b, kv, max_len, d]`` with ``heads_major``, else
+        ``[b, max_len, kv, d]``.
         """
-        k, v = _heads_major(k), _heads_major(v)
+        if heads_major:
+            k, v = _heads_major(k), _heads_major(v)
         initialized = self.has_variable("cache", "cached_key")
         cached_k = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
         cached_v = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
@@ -224,8 +444,8 @@ class MultiHeadAttention(nn.Module):
             return k, v
         if slot is None:
             raise ValueError("decode=True self-attention needs the cache slot to write to.")
-        zero = jnp.zeros((), jnp.int32)
-        start = (zero, zero, slot.astype(jnp.int32), zero)
+        start = [jnp.zeros((), jnp.int32)] * 4
+        start[2 if heads_major else 1] = slot.astype(jnp.int32)
         cached_k.value = jax.lax.dynamic_update_slice(
             cached_k.value, k.astype(cached_k.value.dtype), start
         )
@@ -235,12 +455,19 @@ class MultiHeadAttention(nn.Module):
         return cached_k.value, cached_v.value
 
     def _cross_keys_values(
-        self, key: Dense, value: Dense, kv_input: Array | None, decode: bool, deterministic: bool
+        self,
+        key: Dense,
+        value: Dense,
+        kv_input: Array | None,
+        decode: bool,
+        deterministic: bool,
+        heads_major: bool,
     ) -> tuple[Array, Array]:
         if kv_input is not None:
             k, v = self._ia3(*project_together([key, value], kv_input, deterministic=deterministic))
-            if decode:  # stored (and used) heads-major [b, kv, src_len, d]
-                k, v = _heads_major(k), _heads_major(v)
+            if decode:  # stored (and used) in the cache's layout
+                if heads_major:
+                    k, v = _heads_major(k), _heads_major(v)
                 self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype).value = k
                 self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype).value = v
             return k, v

@@ -18,6 +18,8 @@ field                     values
 ``position_encoding``     ``sinusoidal`` | ``learned`` | ``relative`` (T5 buckets) |
                           ``rope``
 ``rope_scaling``          ``none`` | ``linear`` | ``llama3`` (RoPE only)
+``attention_impl``        ``einsum`` | ``xla`` | ``cudnn`` | ``auto`` (``attention.py``
+                          explains each and how ``auto`` resolves)
 ========================  ==========================================================
 
 **RoPE scaling** stretches the rotary frequencies so that a model reaches
@@ -58,6 +60,7 @@ NORMS = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
 POSITION_ENCODINGS = ("sinusoidal", "learned", "relative", "rope")
 ROPE_SCALINGS = ("none", "linear", "llama3")
+ATTENTION_IMPLS = ("einsum", "xla", "cudnn", "auto")
 # The RoPE scaling fields each rule reads (rope_scaling itself aside); the
 # others must keep their defaults.
 _ROPE_SCALING_FIELDS = {
@@ -174,6 +177,10 @@ class TransformerConfig:
     # With int8-quantized kernels, also quantize activations per row and
     # multiply in int8 with int32 accumulation (W8A8) instead of dequantizing.
     int8_activations: bool = False
+    # How the attention product is computed: "einsum" (hand-written), "xla" or
+    # "cudnn" (jax.nn.dot_product_attention) or "auto" (fused where it can
+    # run; see attention.resolved_attention_impl).
+    attention_impl: str = "einsum"
 
     # --- special tokens ----------------------------------------------------
     pad_id: int = 0
@@ -214,6 +221,7 @@ class TransformerConfig:
         choice("norm_position", NORM_POSITIONS)
         choice("position_encoding", POSITION_ENCODINGS)
         choice("rope_scaling", ROPE_SCALINGS)
+        choice("attention_impl", ATTENTION_IMPLS)
         for field in ("vocab_size", "d_model", "num_heads", "head_dim", "num_kv_heads", "d_ff"):
             if getattr(self, field) <= 0:
                 raise ConfigError(f"{field} must be positive, got {getattr(self, field)}.")
