@@ -16,6 +16,12 @@ shaped like ``run``: every run-config field is there, unset (``None``) unless
 the study sets it, and settable with its type, e.g.
 ``--config.method_overrides.lora.peft.lora.rank=16``.
 
+``--config.seeds=0,1,2`` fine-tunes every method once per seed from the one
+pretrained model; the report then pools the seeds (see
+``experiments.study.statements``) and shows each seed's mean score and the
+spread. ``bootstrap_samples`` and ``confidence`` set the intervals and the
+paired comparisons behind every statement of the report.
+
 ``quick=True`` applies ``quick_overrides``, shaped like this config (its
 sizes, and a one-layer-per-stack model under ``run``): a smoke run of every
 phase (all methods, all precisions) in a few minutes.

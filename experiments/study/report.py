@@ -375,10 +375,13 @@ def _statements_section(
     results: dict[str, Any], analysis: dict[str, Any], tasks: list[str]
 ) -> list[str]:
     """The report's claims, each a paired comparison (``experiments.study.statements``)."""
-    found = {kind: [] for kind in ("ranking", "share")}
+    shares = [f"- {s['text']}" for s in analysis["statements"] if s["kind"] == "share"]
+    pairs: dict[str, dict[str, str]] = {}
     for s in analysis["statements"]:
-        if s["kind"] in found:
-            found[s["kind"]].append(f"- {s['text']}")
+        if s["kind"] == "pairwise":
+            pairs.setdefault(s["method"], {})[s["against"]] = s["text"]
+    methods = list(results["methods"])
+    pair_rows = [[a, *(pairs[a].get(b) for b in methods[1:])] for a in methods[:-1]]
     seeds = statements.seeds_of(results)
     pooled = (
         f" Methods are pooled over seeds {', '.join(seeds)}; each claim says how many "
@@ -400,12 +403,12 @@ def _statements_section(
         "0-1): better than all three, or the reference it does not beat.",
         "",
         *_statement_table(analysis, "references", "method", tasks),
-        "### Methods in order of mean score, each against the next",
+        "### Every pair of methods on the mean score (row minus column)",
         "",
-        *found["ranking"],
+        *_table(["method", *methods[1:]], pair_rows),
         "",
         "### Share of full fine-tuning",
         "",
-        *found["share"],
+        *shares,
         "",
     ]

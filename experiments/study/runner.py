@@ -165,11 +165,8 @@ def timed(prov: dict[str, Any], phase: str):
         prov.setdefault("phase_seconds", {})[phase] = time.perf_counter() - started
 
 
-def write_outputs(results: Results, root: Path, started: float) -> None:
-    """The matplotlib-only plots, ``results.json`` and ``report.md``.
-
-    ``started``: ``time.perf_counter()`` at the study's start.
-    """
+def draw_and_analyse(results: Results, root: Path) -> None:
+    """The matplotlib-only plots, and the intervals and statements (``results["analysis"]``)."""
     plots_dir = root / "plots"
     plots_dir.mkdir(exist_ok=True)
     try:
@@ -183,6 +180,13 @@ def write_outputs(results: Results, root: Path, started: float) -> None:
     except Exception as exc:
         logger.exception("the intervals and statements failed")
         results["failures"]["statements"] = error_row(exc)
+
+
+def write_outputs(results: Results, root: Path, started: float) -> None:
+    """``results.json`` and ``report.md``.
+
+    ``started``: ``time.perf_counter()`` at the study's start.
+    """
     results["seconds"] = time.perf_counter() - started
     (root / "results.json").write_text(json.dumps(results, indent=2, default=float))
     (root / "report.md").write_text(report.render(results))
@@ -225,8 +229,9 @@ def run(study_cfg: ml_collections.ConfigDict, workdir: str | Path) -> int:
             fine_tune(pool, cfg, root, results, pretraining)
         with timed(prov, "precisions"):
             precisions(pool, cfg, results)
-    with timed(prov, "statements_report_plots"):
-        write_outputs(results, root, started)
+    with timed(prov, "plots_and_statements"):
+        draw_and_analyse(results, root)
+    write_outputs(results, root, started)
     failures = results["failures"]
     if failures:
         logger.error("failed: %s", ", ".join(f"{k} ({v['error']})" for k, v in failures.items()))

@@ -25,7 +25,7 @@ The claims:
   (a "worse" if there is one, else a "no detectable difference", else the
   "better" with the lowest low bound), so the verdict is the one its own
   interval gives and "better" means better than all three;
-* ``ranking``: the methods in order of mean score, each against the next;
+* ``pairwise``: every pair of methods on the mean score (row minus column);
 * ``share``: a method's mean as a share of full fine-tuning's, with the
   paired interval of the ratio and the verdict of the difference;
 * ``precision`` and ``precision_task``: each inference precision against
@@ -217,14 +217,14 @@ def _against_references(ev: Evidence, methods: list[str], seeds: list[str]) -> l
     return out
 
 
-def _ranking(ev: Evidence, methods: list[str], seeds: list[str]) -> list[dict]:
-    order = sorted(methods, key=lambda n: -ev.observed[f"method:{n}"][MEAN])
+def _pairwise(ev: Evidence, methods: list[str], seeds: list[str]) -> list[dict]:
+    """Every pair of methods on the mean score, in the configured order."""
     out = []
-    for a, b in itertools.pairwise(order):
+    for a, b in itertools.combinations(methods, 2):
         d = ev.compare(f"method:{a}", f"method:{b}")
         verdicts, note = _agreement(ev, seeds, d.verdict, f"method:{a}", f"method:{b}")
-        text = f"**{a}** against **{b}** (mean score): {_difference_text(d)}: {d.verdict}{note}."
-        out.append(_statement("ranking", d, text, method=a, against=b, seeds=verdicts))
+        text = f"{d.verdict} {_difference_text(d)}{note}"
+        out.append(_statement("pairwise", d, text, method=a, against=b, seeds=verdicts))
     return out
 
 
@@ -288,7 +288,7 @@ def analyse(results: dict[str, Any]) -> dict[str, Any]:
     seeds = seeds_of(results)
     statements = [
         *_against_references(ev, methods, seeds),
-        *_ranking(ev, methods, seeds),
+        *_pairwise(ev, methods, seeds),
         *_shares(ev, results, seeds),
         *_precisions(ev, results),
     ]
