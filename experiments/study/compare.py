@@ -37,8 +37,11 @@ def key(statement: dict[str, Any]) -> tuple:
     other method. (Against the references, the reference a cell names is the
     weakest comparison's and may differ between runs: it is shown, not matched.)"""
     subject = statement.get("method", statement.get("precision"))
-    other = statement.get("against") if statement["kind"] == "pairwise" else None
-    return statement["kind"], subject, statement.get("task"), other
+    other = {"pairwise": statement.get("against"), "precision": statement.get("model")}
+    # Precisions compare with fp32 on the best method's model: another best is
+    # another statement.
+    other["precision_task"] = other["precision"]
+    return statement["kind"], subject, statement.get("task"), other.get(statement["kind"])
 
 
 def outcome(a: dict[str, Any] | None, b: dict[str, Any] | None) -> str:
@@ -67,7 +70,7 @@ def _label(k: tuple) -> str:
     if task:
         parts.append(statements.short(task))
     if other:
-        parts.append(f"vs {other}")
+        parts.append(f"vs {other}" if kind == "pairwise" else f"({other})")
     return " ".join(parts)
 
 

@@ -268,11 +268,14 @@ def _precisions(ev: Evidence, results: dict[str, Any]) -> list[dict]:
             continue
         d = ev.compare(f"precision:{name}", "precision:fp32")
         text = f"**{name}** against fp32 (mean score): {_difference_text(d)}: {d.verdict}."
-        out.append(_statement("precision", d, text, precision=name))
+        model = results.get("best_method")
+        out.append(_statement("precision", d, text, precision=name, model=model))
         for task in ev.tasks:
             d = ev.compare(f"precision:{name}", "precision:fp32", task)
             text = f"{d.verdict} {_difference_text(d, 2)}"
-            out.append(_statement("precision_task", d, text, precision=name, task=task))
+            out.append(
+                _statement("precision_task", d, text, precision=name, task=task, model=model)
+            )
     return out
 
 

@@ -209,3 +209,41 @@ def test_provenance_reads_cpuinfo_and_survives_a_machine_without_it(tmp_path):
     assert prov["devices"]["count"] >= 1
     prov["env"]["XLA_FLAGS"] = "--xla_cpu_max_isa=AVX2"
     assert "XLA_FLAGS: --xla_cpu_max_isa=AVX2" in provenance.summary(prov)
+
+
+def test_a_precision_that_changes_nothing_is_no_detectable_difference_from_fp32():
+    results = synthetic_results()
+    results["best_method"] = "full"
+    row = {"model_bytes": 2**20, "batch_seconds": 0.1}
+    results["precisions"] = {
+        "fp32": {**row, **_system(LABELS, GOOD_ZH)},
+        "int8": {**row, **_system(LABELS, GOOD_ZH)},  # the same outputs
+        "int4": {**row, **_system(_sentiment([False] * 8 + [True] * 12), BAD_ZH)},
+    }
+    analysis = statements.analyse(results)
+    same = _by(analysis, "precision", precision="int8")
+    assert (same["difference"], same["low"], same["high"]) == (0.0, 0.0, 0.0)
+    assert same["verdict"] == "no detectable difference" and same["model"] == "full"
+    assert _by(analysis, "precision", precision="int4")["verdict"] == "worse"
+    rendered = report.render(results)
+    section = rendered.split("### Against fp32")[1]
+    assert f"- {same['text']}" in section
+    assert same["text"] == (
+        "**int8** against fp32 (mean score): +0.000 [+0.000, +0.000]: no detectable difference."
+    )
+
+
+def test_compare_command_prints_both_machines_and_exits_by_the_outcome(tmp_path, capsys):
+    a, b = synthetic_results(), synthetic_results()
+    b["methods"]["lora"] = _method(_sentiment([False] * N), BAD_ZH, 2.0)
+    b["methods"]["full"] = _method(_sentiment([False] * N), BAD_ZH, 100.0)
+    (tmp_path / "a.json").write_text(json.dumps(a))
+    (tmp_path / "b.json").write_text(json.dumps(b))
+    assert compare.main(["compare", str(tmp_path / "a.json"), str(tmp_path / "a.json")]) == 0
+    assert compare.main(["compare", str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 1
+    out = capsys.readouterr().out
+    # Full fine-tuning: better than every reference in A, worse than the majority in B.
+    assert "| references full sentiment | better " in out
+    assert "| contradict |" in out
+    assert "A: " in out and "no provenance recorded" in out
+    assert compare.main(["compare"]) == 2
