@@ -143,7 +143,7 @@ def summary(prov: dict[str, Any]) -> str:
         if devices["platform"] == "cpu"
         else f"{devices['count']} x {devices['kind']}"
     )
-    flags = prov["env"].get("XLA_FLAGS") or "none"
+    flags = prov["env"].get("XLA_FLAGS", "").strip() or "none"
     code = prov.get("git")
     commit = "unknown" if code is None else code["commit"][:12]
     if code is not None and not code["clean"]:

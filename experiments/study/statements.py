@@ -244,16 +244,21 @@ def _shares(ev: Evidence, results: dict[str, Any], seeds: list[str]) -> list[dic
         return []
     out = []
     for name, row in methods.items():
-        ratio = _ratio_interval(ev, f"method:{name}", "method:full")
-        if name == "full" or ratio is None:
+        if name == "full":
             continue
+        ratio = _ratio_interval(ev, f"method:{name}", "method:full")
         d = ev.compare(f"method:{name}", "method:full")
         verdicts, note = _agreement(ev, seeds, d.verdict, f"method:{name}", "method:full")
+        share = (
+            "has no share of full fine-tuning's mean score (that is 0 in a resample)"
+            if ratio is None
+            else f"reaches {100 * ratio[0]:.0f}% [{100 * ratio[1]:.0f}%, "
+            f"{100 * ratio[2]:.0f}%] of full fine-tuning's mean score"
+        )
         text = (
-            f"**{name}** reaches {100 * ratio[0]:.0f}% [{100 * ratio[1]:.0f}%, "
-            f"{100 * ratio[2]:.0f}%] of full fine-tuning's mean score with "
-            f"{row['trainable']['percent']:.3g}% of its trainable parameters; against full "
-            f"fine-tuning: {_difference_text(d)}: {d.verdict}{note}."
+            f"**{name}** {share} with {row['trainable']['percent']:.3g}% of its "
+            f"trainable parameters; against full fine-tuning: {_difference_text(d)}: "
+            f"{d.verdict}{note}."
         )
         out.append(_statement("share", d, text, method=name, ratio=ratio, seeds=verdicts))
     return out
