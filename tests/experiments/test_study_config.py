@@ -8,6 +8,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from experiments.configs import seed_study as study_config
+from experiments.study import phases
 from experiments.study.config import (
     fine_tune_seeds,
     method_config,
@@ -236,3 +237,12 @@ def test_bad_seeds_and_bootstrap_settings_are_refused(key, value, message):
     cfg[key] = value
     with pytest.raises(ValueError, match=message):
         resolve(cfg)
+
+
+def test_method_jobs_name_the_seed_only_when_it_is_not_the_studys():
+    cfg = study_config.get_config()
+    cfg.seeds = "0,3"
+    cfg = resolve(cfg)
+    assert [phases.method_job(cfg, "lora", s) for s in (0, 3)] == ["lora", "lora@3"]
+    assert phases.method_seed(cfg, "lora") == ("lora", 0)
+    assert phases.method_seed(cfg, "lora@3") == ("lora", 3)
