@@ -16,6 +16,12 @@ shaped like ``run``: every run-config field is there, unset (``None``) unless
 the study sets it, and settable with its type, e.g.
 ``--config.method_overrides.lora.peft.lora.rank=16``.
 
+``--config.seeds=0,1,2`` fine-tunes every method once per seed from the one
+pretrained model; the report then pools the seeds (see
+``experiments.study.statements``) and shows each seed's mean score and the
+spread. ``bootstrap_samples`` and ``confidence`` set the intervals and the
+paired comparisons behind every statement of the report.
+
 ``quick=True`` applies ``quick_overrides``, shaped like this config (its
 sizes, and a one-layer-per-stack model under ``run``): a smoke run of every
 phase (all methods, all precisions) in a few minutes.
@@ -91,6 +97,10 @@ def _study_settings() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     # Seed of everything: init, data order, dropout, tokenizer (copied into `run`).
     c.seed = 0
+    # Comma-separated fine-tuning seeds, e.g. "0,1,2": every method is fine-tuned
+    # once per seed from the same pretrained model (pretrained with `seed`), and the
+    # report gives the mean and spread over seeds. Empty: `seed` alone.
+    c.seeds = ""
     # Apply `quick_overrides` (a smoke run of every phase with small sizes).
     c.quick = False
 
@@ -113,8 +123,13 @@ def _study_settings() -> ml_collections.ConfigDict:
     c.finetune_steps = 450
     # Rows per fine-tuning batch (packed rows hold ~1.4 examples each).
     c.finetune_batch_size = 24
-    # Test examples per task scored by generation (each method and precision).
-    c.eval_examples = 48
+    # Test examples per task scored by generation (each method and precision; the
+    # bundled test splits hold 241 to 300). Scoring is a small part of the run.
+    c.eval_examples = 128
+    # Resamples of the test examples behind every interval and paired comparison.
+    c.bootstrap_samples = 1000
+    # Two-sided confidence of the intervals and of the report's statements.
+    c.confidence = 0.95
     # Tokens generated per example at scoring time.
     c.max_new_tokens = 48
     # Validation batches of the pretraining objective for the forgetting measurement.

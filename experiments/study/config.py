@@ -91,9 +91,36 @@ def _check_names(cfg: ml_collections.ConfigDict) -> None:
             f"precisions={cfg.precisions!r}: unknown {unknown}; choose from "
             f"{','.join(ALL_PRECISIONS)}."
         )
+    try:
+        seeds = fine_tune_seeds(cfg)
+    except ValueError:
+        seeds = None
+    if seeds is None or len(set(seeds)) != len(seeds):
+        raise ValueError(
+            f"seeds={cfg.seeds!r}: give distinct integers separated by commas, e.g. "
+            "--config.seeds=0,1,2 (empty: the one seed `seed`)."
+        )
+    if not 0 < cfg.confidence < 1:
+        raise ValueError(f"confidence={cfg.confidence!r}: give a level in (0, 1), e.g. 0.95.")
+    if cfg.bootstrap_samples < 1:
+        raise ValueError(
+            f"bootstrap_samples={cfg.bootstrap_samples!r}: give a positive count, e.g. 1000."
+        )
     stray = sorted(set(cfg.method_overrides) - set(RECIPES))
     if stray:
         raise ValueError(f"method_overrides.{stray[0]}: no such method; see {list(RECIPES)}.")
+
+
+def fine_tune_seeds(cfg: ml_collections.ConfigDict) -> list[int]:
+    """The fine-tuning seeds: ``seeds`` as integers, or ``[seed]`` when it is empty."""
+    return [int(s) for s in names(cfg.seeds)] or [cfg.seed]
+
+
+def method_dir(cfg: ml_collections.ConfigDict, root: Path, name: str, seed: int) -> Path:
+    """Where method ``name`` is fine-tuned with ``seed``: ``methods/<name>`` for the
+    study's ``seed`` (so that a multi-seed study reuses a one-seed study's runs),
+    ``methods/<name>-seed<seed>`` for the others."""
+    return root / "methods" / (name if seed == cfg.seed else f"{name}-seed{seed}")
 
 
 def resolve(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -141,10 +168,13 @@ def pretrain_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict
 
 
 def method_config(
-    cfg: ml_collections.ConfigDict, name: str, pretrain_dir: Path
+    cfg: ml_collections.ConfigDict, name: str, pretrain_dir: Path, seed: int | None = None
 ) -> ml_collections.ConfigDict:
-    """The run config that fine-tunes method ``name`` from the model in ``pretrain_dir``."""
+    """The run config that fine-tunes method ``name`` from the model in ``pretrain_dir``
+    (with ``seed``, by default the study's ``seed``)."""
     c = copy.deepcopy(cfg.run)
+    if seed is not None:
+        c.seed = seed
     c.init_from = str(pretrain_dir)
     c.tokenizer.path = str(pretrain_dir / "tokenizer")
     c.train.num_steps = cfg.finetune_steps

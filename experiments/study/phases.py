@@ -16,17 +16,22 @@ kind            name                    row
 ``pretrained``  ``-``                   the pretrained model's scores, objective
                                         loss and pretraining curve
 ``baselines``   ``-``                   the trivial baselines' scores
-``method``      a method                fine-tunes it (``<root>/methods/<name>``);
+``method``      ``<method>[@<seed>]``   fine-tunes it (``config.method_dir``);
                                         scores, forgetting, step time, memory
 ``precision``   ``<method>:<precision>`` that model converted and scored
 ``attention``   a method                draws ``plots/attention.png`` from it
 ==============  ======================  =========================================
+
+Every row with scores also holds what each test example contributes to them
+(``example_ids`` and ``per_example``, see ``experiments.study.per_example``),
+the input of the report's intervals and paired comparisons.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +44,8 @@ import ml_collections
 import tensorboardX  # noqa: F401
 
 from experiments.baselines import baselines as trivial_baselines
-from experiments.study import plots, scoring
-from experiments.study.config import method_config, method_label, pretrain_config
+from experiments.study import per_example, plots, scoring
+from experiments.study.config import method_config, method_dir, method_label, pretrain_config
 from flaxtune.data import load_tokenizer
 from flaxtune.train.loop import train_and_evaluate
 from flaxtune.train.run_config import data_directory
@@ -91,54 +96,91 @@ def train_phase(cfg: ml_collections.ConfigDict, workdir: Path) -> dict[str, Any]
 
 def pretrained_row(cfg: ml_collections.ConfigDict, root: Path) -> Row:
     """Scores and objective loss of the pretrained model: the starting point."""
+    started = time.perf_counter()
     tokenizer = load_tokenizer(root / "pretrain" / "tokenizer")
     scoring_cfg = method_config(cfg, "full", root / "pretrain")  # templates and lengths
     model = scoring.load_model(scoring_cfg, root / "pretrain", tokenizer)
-    scores = scoring.task_scores(model, tokenizer, scoring_cfg, cfg.eval_examples)
+    scored = scoring.task_scores(
+        model, tokenizer, scoring_cfg, cfg.eval_examples, root / "pretrain" / "test_predictions"
+    )
+    scoring_seconds = time.perf_counter() - started
     batches = scoring.objective_batches(pretrain_config(cfg), tokenizer, cfg.forgetting_batches)
     return {
         "objective_loss": scoring.objective_loss(model, batches),
-        "scores": scores,
-        "primary": scoring.primary_scores(scores),
+        **scored,
+        "scoring_seconds": scoring_seconds,
         "curve": scoring.loss_curve(root / "pretrain"),
     }
 
 
-def method_row(cfg: ml_collections.ConfigDict, name: str, root: Path) -> Row:
-    """Fine-tunes ``name``; its scores, forgetting, step time and memory plan."""
-    run_cfg = method_config(cfg, name, root / "pretrain")
-    run_dir = root / "methods" / name
+def method_seed(cfg: ml_collections.ConfigDict, job_name: str) -> tuple[str, int]:
+    """A method job's name, ``<method>`` or ``<method>@<seed>``: (method, seed)."""
+    name, _, seed = job_name.partition("@")
+    return name, int(seed) if seed else cfg.seed
+
+
+def method_job(cfg: ml_collections.ConfigDict, name: str, seed: int) -> str:
+    """The job name of method ``name`` fine-tuned with ``seed`` (see :func:`method_seed`)."""
+    return name if seed == cfg.seed else f"{name}@{seed}"
+
+
+def method_row(cfg: ml_collections.ConfigDict, job_name: str, root: Path) -> Row:
+    """Fine-tunes ``<method>[@<seed>]``; its scores, forgetting, step time and memory plan.
+
+    The memory plan is made for the study's ``seed`` only (the other seeds'
+    train steps have the same shapes).
+    """
+    name, seed = method_seed(cfg, job_name)
+    run_cfg = method_config(cfg, name, root / "pretrain", seed)
+    run_dir = method_dir(cfg, root, name, seed)
+    started = time.perf_counter()
     out = train_phase(run_cfg, run_dir)
+    train_seconds = time.perf_counter() - started
     tokenizer = load_tokenizer(run_dir / "tokenizer")
     model = scoring.load_model(run_cfg, run_dir, tokenizer)
     batches = scoring.objective_batches(pretrain_config(cfg), tokenizer, cfg.forgetting_batches)
+    scored = scoring.scored_predictions(out["scores"], run_dir / "eval", what=job_name)
     row = {
         "label": method_label(name, run_cfg),
+        "seed": seed,
         "trainable": out["trainable"],
         "eval": out.get("eval", {}),
-        "scores": out["scores"],
-        "primary": scoring.primary_scores(out["scores"]),
+        **scored,
         "objective_loss": scoring.objective_loss(model, batches),
         "step_seconds": scoring.median_step_seconds(run_dir, run_cfg),
+        "train_and_score_seconds": train_seconds,
         "curve": scoring.loss_curve(run_dir),
     }
-    if cfg.check_memory:
+    if cfg.check_memory and seed == cfg.seed:
         row["memory"] = scoring.memory_row(run_cfg, tokenizer, out.get("xla_step_memory"))
     return row
 
 
-def _fine_tuned(cfg: ml_collections.ConfigDict, name: str, root: Path):
-    run_dir = root / "methods" / name
+def _fine_tuned(cfg: ml_collections.ConfigDict, job_name: str, root: Path):
+    name, seed = method_seed(cfg, job_name)
+    run_dir = method_dir(cfg, root, name, seed)
     tokenizer = load_tokenizer(run_dir / "tokenizer")
-    run_cfg = method_config(cfg, name, root / "pretrain")
+    run_cfg = method_config(cfg, name, root / "pretrain", seed)
     return scoring.load_model(run_cfg, run_dir, tokenizer), tokenizer
 
 
 def precision_row(cfg: ml_collections.ConfigDict, name: str, root: Path) -> Row:
-    """``name`` = ``<method>:<precision>``: that fine-tuned model converted and scored."""
+    """``name`` = ``<method job>:<precision>``: that fine-tuned model converted and scored."""
     method, precision = name.split(":")
     model, tokenizer = _fine_tuned(cfg, method, root)
-    return scoring.score_precision(model, precision, tokenizer, cfg.eval_examples)
+    out_dir = root / "precisions" / precision
+    return scoring.score_precision(model, precision, tokenizer, cfg.eval_examples, out_dir)
+
+
+def baselines_row(cfg: ml_collections.ConfigDict) -> Row:
+    """The trivial baselines' scores, and their per-example values."""
+    data_dir = data_directory(cfg.run)
+    scores = trivial_baselines(data_dir, cfg.eval_examples)
+    primary = {
+        kind: scoring.primary_scores({task: row[kind] for task, row in scores.items()})
+        for kind in ("copy", "majority")
+    }
+    return {"scores": scores, **per_example.baselines(data_dir, cfg.eval_examples, primary)}
 
 
 def attention_row(cfg: ml_collections.ConfigDict, name: str, root: Path) -> Row:
@@ -155,7 +197,7 @@ def run_job(cfg_json: str, root: str, job: tuple[str, str]) -> Row:
     if kind == "pretrained":
         return pretrained_row(cfg, Path(root))
     if kind == "baselines":
-        return trivial_baselines(data_directory(cfg.run), cfg.eval_examples)
+        return baselines_row(cfg)
     if kind == "method":
         return method_row(cfg, name, Path(root))
     if kind == "precision":

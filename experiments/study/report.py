@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from experiments.study import provenance, statements
 from flaxtune.data.tasks import get_task
 
 MIB = 2**20
@@ -85,60 +86,19 @@ PRIMARY_SCORE = {
     "execution": "execution_accuracy",
     "exact_match": "exact_match",
 }
-# "Most of full fine-tuning's score": this share of its mean, or more.
-MOST = 0.8
-
-
-def _primary(scores: dict[str, float]) -> float:
-    # A row names its metrics, not its kind: the primary score is the one it has.
-    return next(scores[k] for k in PRIMARY_SCORE.values() if k in scores)
-
-
-def _plain_statements(results: dict[str, Any], tasks: list[str]) -> list[str]:
-    """What the methods table says, computed from it: who beats the references, who does not."""
-    methods = results["methods"]
-    if not methods:
-        return []
-    out = ["### What the table says", ""]
-    references = {"the pretrained model": results["pretrained"]["scores"]}
-    for kind in ("copy", "majority"):
-        references[f"the {kind} baseline"] = {
-            t: results["baselines"][t][kind] for t in tasks if t in results["baselines"]
-        }
-    for name, row in methods.items():
-        behind = [
-            _short(t)
-            for t in tasks
-            if any(_primary(row["scores"][t]) <= _primary(ref[t]) for ref in references.values())
-        ]
-        if behind:
-            out.append(
-                f"- **{name}** is at or below the pretrained model or a baseline on: "
-                f"{', '.join(behind)}."
-            )
-        else:
-            out.append(f"- **{name}** beats the pretrained model and both baselines on every task.")
-    if "full" in methods:
-        full_mean = statistics.mean(methods["full"]["primary"].values())
-        for name, row in methods.items():
-            if name == "full" or full_mean <= 0:
-                continue
-            share = statistics.mean(row["primary"].values()) / full_mean
-            verdict = "reaches most of" if share >= MOST else "does not reach most of"
-            out.append(
-                f"- **{name}** {verdict} full fine-tuning's mean score: {100 * share:.0f}% of it "
-                f"with {row['trainable']['percent']:.3g}% of its trainable parameters."
-            )
-    return [*out, ""]
 
 
 def render(results: dict[str, Any]) -> str:
     """The whole ``report.md`` of the study ``results``."""
     tasks = list(results["pretrained"]["scores"])
+    analysis = _analysis(results)
     out = _header(results)
     out += _methods_section(results, tasks)
-    out += _plain_statements(results, tasks)
-    out += _precisions_section(results, tasks)
+    if analysis is not None:
+        out += _intervals_section(results, analysis, tasks)
+        out += _seeds_section(results, analysis)
+        out += _statements_section(results, analysis, tasks)
+    out += _precisions_section(results, tasks, analysis)
     out += _memory_section(results["methods"])
     if results.get("plots"):
         out += ["## Plots", ""]
@@ -158,13 +118,15 @@ def _header(results: dict[str, Any]) -> list[str]:
     out = [
         "# flaxtune seed study",
         "",
-        f"Seed {results['seed']}; {len(results['methods'])} fine-tuning methods, "
+        f"{_seeds_phrase(results)}; {len(results['methods'])} fine-tuning methods, "
         f"{cfg['finetune_steps']} steps each from the same pretrained model "
         f"({cfg['pretrain_steps']} steps of {_objective(cfg)}); {cfg['eval_examples']} test "
         f"examples per task; total time {results.get('seconds', 0) / 60:.1f} min. "
         f"Versions: {versions}.",
         "",
     ]
+    if "provenance" in results:
+        out += [provenance.summary(results["provenance"]), ""]
     if results["failures"]:
         out += ["## Failures", ""]
         out += [f"- **{name}**: `{f['error']}`" for name, f in results["failures"].items()]
@@ -180,6 +142,13 @@ def _methods_section(results: dict[str, Any], tasks: list[str]) -> list[str]:
     if labels:
         out += ["; ".join(labels) + ".", ""]
     out += [f"Scores: {_metric_legend(tasks)}.", ""]
+    seeds = statements.seeds_of(results)
+    if len(seeds) > 1:
+        out += [
+            f"This table holds seed {seeds[0]}'s runs; the intervals and statements below "
+            "pool every seed.",
+            "",
+        ]
     header = ["method", "trainable", "%", "peak MiB (XLA)", "step s"]
     header += [_short(t) for t in tasks] + ["mean", "forgetting Δ"]
     pre = results["pretrained"]
@@ -218,8 +187,11 @@ def _methods_section(results: dict[str, Any], tasks: list[str]) -> list[str]:
     ]
 
 
-def _precisions_section(results: dict[str, Any], tasks: list[str]) -> list[str]:
-    """The best method's model under every inference precision."""
+def _precisions_section(
+    results: dict[str, Any], tasks: list[str], analysis: dict[str, Any] | None
+) -> list[str]:
+    """The best method's model under every inference precision, and how each compares
+    with fp32 on the same test examples."""
     if not results["precisions"]:
         return []
     out = [
@@ -240,7 +212,15 @@ def _precisions_section(results: dict[str, Any], tasks: list[str]) -> list[str]:
                 statistics.mean(row["primary"].values()),
             ]
         )
-    return [*out, *_table(header, rows), ""]
+    out += [*_table(header, rows), ""]
+    if analysis is None:
+        return out
+    found = [s for s in analysis["statements"] if s["kind"] == "precision"]
+    if found:
+        out += ["### Against fp32 (paired, same model and test examples)", ""]
+        out += [f"- {s['text']}" for s in found]
+        out += ["", *_statement_table(analysis, "precision_task", "precision", tasks)]
+    return out
 
 
 def _memory_section(methods: dict[str, Any]) -> list[str]:
@@ -276,12 +256,24 @@ def _memory_section(methods: dict[str, Any]) -> list[str]:
         "",
         *_table(header, rows),
         "",
-        "W+G+O: weights + gradients + optimizer state, which the planner counts exactly "
-        "and XLA's compiled step holds as arguments (and gradient outputs); activations "
-        "are the planner's estimate, XLA's temporaries hold them and the fused "
-        "kernels' scratch.",
+        "W+G+O: weights + gradients + optimizer state, which XLA's compiled step holds as "
+        f"arguments (and gradient outputs). {_wgo_agreement(with_memory)} Activations are "
+        "the planner's estimate; XLA's temporaries hold them and the fused kernels' scratch.",
         "",
     ]
+
+
+def _wgo_agreement(memory: dict[str, dict[str, Any]]) -> str:
+    """How the planner's W+G+O compares with XLA's, from the table's ratios."""
+    ratios = {name: m["wgo_ratio"] for name, m in memory.items()}
+    close = [n for n, r in ratios.items() if abs(r - 1) <= 0.01]
+    far = [f"{n} {r:.3f}" for n, r in ratios.items() if abs(r - 1) > 0.01]
+    text = (
+        f"The planner's figure is within 1% of XLA's for {len(close)} of {len(ratios)} "
+        f"methods (planned / XLA from {min(ratios.values()):.4f} to "
+        f"{max(ratios.values()):.4f})"
+    )
+    return text + (f"; further off: {', '.join(far)}." if far else ".")
 
 
 def main(argv: list[str]) -> None:
@@ -292,3 +284,142 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     main(sys.argv)
+
+
+def _analysis(results: dict[str, Any]) -> dict[str, Any] | None:
+    """The intervals and statements, recomputed from the per-example scores; None for
+    results without them (a study that stopped before scoring)."""
+    if "test_examples" not in results or not results["methods"]:
+        return None
+    return statements.analyse(results)
+
+
+def _seeds_phrase(results: dict[str, Any]) -> str:
+    seeds = results.get("seeds", [results["seed"]])
+    if len(seeds) == 1:
+        return f"Seed {seeds[0]}"
+    listed = ", ".join(map(str, seeds))
+    return f"Pretraining seed {results['seed']}, fine-tuning seeds {listed}"
+
+
+def _interval_cell(task: str | None, interval: list[float]) -> str:
+    """``score [low, high]``; BLEU on sacrebleu's 0-100 scale like the table above."""
+    if task is not None and get_task(task).metric.startswith("bleu"):
+        return "{:.1f} [{:.1f}, {:.1f}]".format(*(100 * v for v in interval))
+    return "{:.2f} [{:.2f}, {:.2f}]".format(*interval)
+
+
+def _confidence(analysis: dict[str, Any]) -> str:
+    return f"{100 * analysis['confidence']:g}%"
+
+
+def _intervals_section(
+    results: dict[str, Any], analysis: dict[str, Any], tasks: list[str]
+) -> list[str]:
+    """Every system's primary score per task and mean, with its bootstrap interval."""
+    intervals = analysis["intervals"]
+    systems = [(f"method:{n}", n) for n in results["methods"]]
+    systems += [(statements.PRETRAINED, "pretrained only")]
+    systems += [(f"baseline:{k}", f"baseline: {k}") for k in ("copy", "majority")]
+    rows = [
+        [
+            label,
+            *(_interval_cell(t, intervals[s][t]) for t in tasks),
+            _interval_cell(None, intervals[s]["mean"]),
+        ]
+        for s, label in systems
+        if s in intervals
+    ]
+    pooled = (
+        " Methods are pooled over the seeds (see below)."
+        if len(statements.seeds_of(results)) > 1
+        else ""
+    )
+    return [
+        f"## Primary scores with {_confidence(analysis)} intervals",
+        "",
+        f"Percentile bootstrap over the test examples ({analysis['bootstrap_samples']} "
+        "resamples; BLEU resamples sentences and recomputes corpus BLEU; the mean resamples "
+        f"every task).{pooled}",
+        "",
+        *_table(["system", *[_short(t) for t in tasks], "mean"], rows),
+        "",
+    ]
+
+
+def _seeds_section(results: dict[str, Any], analysis: dict[str, Any]) -> list[str]:
+    """With several seeds: each seed's mean score with its interval, and the spread."""
+    seeds = statements.seeds_of(results)
+    if len(seeds) == 1:
+        return []
+    intervals = analysis["intervals"]
+    rows = []
+    for name in results["methods"]:
+        per_seed = [intervals[f"method:{name}@{s}"]["mean"] for s in seeds]
+        means = [i[0] for i in per_seed]
+        spread = f"{statistics.mean(means):.3f} ± {statistics.stdev(means):.3f}"
+        rows.append([name, *(_interval_cell(None, i) for i in per_seed), spread])
+    return [
+        "### Mean score per seed",
+        "",
+        *_table(
+            ["method", *[f"seed {s}" for s in seeds], "mean ± sd over seeds"],
+            rows,
+        ),
+        "",
+    ]
+
+
+def _statement_table(
+    analysis: dict[str, Any], kind: str, row_key: str, tasks: list[str]
+) -> list[str]:
+    """Statements of ``kind`` as a table: a row per ``row_key`` value, a column per task."""
+    cells: dict[str, dict[str, str]] = {}
+    for s in analysis["statements"]:
+        if s["kind"] == kind:
+            cells.setdefault(s[row_key], {})[s["task"]] = s["text"]
+    rows = [[name, *(by_task.get(t) for t in tasks)] for name, by_task in cells.items()]
+    return [*_table([row_key, *[_short(t) for t in tasks]], rows), ""]
+
+
+def _statements_section(
+    results: dict[str, Any], analysis: dict[str, Any], tasks: list[str]
+) -> list[str]:
+    """The report's claims, each a paired comparison (``experiments.study.statements``)."""
+    shares = [f"- {s['text']}" for s in analysis["statements"] if s["kind"] == "share"]
+    pairs: dict[str, dict[str, str]] = {}
+    for s in analysis["statements"]:
+        if s["kind"] == "pairwise":
+            pairs.setdefault(s["method"], {})[s["against"]] = s["text"]
+    methods = list(results["methods"])
+    pair_rows = [[a, *(pairs[a].get(b) for b in methods[1:])] for a in methods[:-1]]
+    seeds = statements.seeds_of(results)
+    pooled = (
+        f" Methods are pooled over seeds {', '.join(seeds)}; each claim says how many "
+        "seeds alone give the same verdict."
+        if len(seeds) > 1
+        else ""
+    )
+    return [
+        "## What the numbers say",
+        "",
+        f"Every claim is a paired bootstrap on the same test examples (the same resamples "
+        f"for both sides): the difference, its {_confidence(analysis)} interval, and "
+        '"better" or "worse" only when the interval excludes zero (verdicts use the '
+        'unrounded bounds); otherwise "no detectable difference".' + pooled,
+        "",
+        "### Against the pretrained model and both baselines",
+        "",
+        "Per task, the weakest of the three comparisons (difference in the primary score, "
+        "0-1): better than all three, or the reference it does not beat.",
+        "",
+        *_statement_table(analysis, "references", "method", tasks),
+        "### Every pair of methods on the mean score (row minus column)",
+        "",
+        *_table(["method", *methods[1:]], pair_rows),
+        "",
+        "### Share of full fine-tuning",
+        "",
+        *shares,
+        "",
+    ]

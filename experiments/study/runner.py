@@ -11,24 +11,25 @@ fails silently.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
-import platform
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
-import flax
-import jax
 import ml_collections
-import numpy as np
-import optax
-import orbax.checkpoint
 
-from experiments.study import phases, plots, report
-from experiments.study.config import names, pretrain_config, resolve
+from experiments.study import phases, plots, provenance, report, statements
+from experiments.study.config import (
+    fine_tune_seeds,
+    method_dir,
+    names,
+    pretrain_config,
+    resolve,
+)
 from experiments.study.pool import JobPool, error_row
 from flaxtune.train.metrics_writer import read_metrics
 
@@ -37,25 +38,11 @@ logger = logging.getLogger(__name__)
 Results = dict[str, Any]
 
 
-def versions() -> dict[str, Any]:
-    """The versions the numbers were measured with."""
-    return {
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "flax": flax.__version__,
-        "optax": optax.__version__,
-        "orbax-checkpoint": orbax.checkpoint.__version__,
-        "numpy": np.__version__,
-        "platform": platform.platform(),
-        "devices": [str(d) for d in jax.devices()],
-    }
-
-
-def _steps_done(root: Path, methods: list[str]) -> int:
+def _steps_done(run_dirs: list[Path]) -> int:
     """Fine-tuning steps done so far, from the last line of each metrics.jsonl."""
     done = 0
-    for name in methods:
-        path = root / "methods" / name / "metrics.jsonl"
+    for run_dir in run_dirs:
+        path = run_dir / "metrics.jsonl"
         records = read_metrics(path) if path.exists() else []
         done += max((int(r["step"]) for r in records), default=0)
     return done
@@ -69,6 +56,38 @@ def _file(results: Results, failure_name: str, row: dict[str, Any]) -> bool:
     return True
 
 
+def _check_pairing(results: Results, what: str, row: dict[str, Any]) -> None:
+    """Raises unless ``row`` was scored on the study's test examples, in their order."""
+    ids = row.pop("example_ids")
+    expected = results.setdefault("test_examples", ids)
+    if ids != expected:
+        raise RuntimeError(
+            f"{what} was scored on other test examples than the study's first scored "
+            "system; paired comparisons need the same examples (same eval_examples and data)."
+        )
+
+
+def _seed_rows(
+    cfg: ml_collections.ConfigDict, rows: dict, results: Results, name: str
+) -> dict[str, Any] | None:
+    """Method ``name``'s row of its first seed, with ``per_seed`` when there are several;
+    None (and a failure recorded) if any seed failed."""
+    seeds = fine_tune_seeds(cfg)
+    found = {}
+    for seed in seeds:
+        job = phases.method_job(cfg, name, seed)
+        row = rows[("method", job)]
+        if not _file(results, name if job == name else f"{name} seed {seed}", row):
+            return None
+        _check_pairing(results, f"method {job}", row)
+        found[str(seed)] = row
+    first = found[str(seeds[0])]
+    if len(seeds) > 1:
+        keep = ("seed", "scores", "primary", "per_example", "objective_loss", "curve")
+        first["per_seed"] = {s: {k: r[k] for k in keep} for s, r in found.items()}
+    return first
+
+
 def fine_tune(
     pool: JobPool,
     cfg: ml_collections.ConfigDict,
@@ -76,7 +95,8 @@ def fine_tune(
     results: Results,
     pretraining: dict[str, Any],
 ) -> None:
-    """Phases 3-5 (and 7): each method fine-tuned, scored and its forgetting measured.
+    """Phases 3-5 (and 7): each method fine-tuned (once per seed), scored and its
+    forgetting measured.
 
     Each method's memory is planned too, and the pretrained model and the
     trivial baselines are scored beside them.
@@ -84,24 +104,33 @@ def fine_tune(
     ``pretraining``: what the pretraining run returned (kept with its scores).
     """
     methods = names(cfg.methods)
-    logger.info("phase 3-5: fine-tuning %d methods", len(methods))
+    seeds = fine_tune_seeds(cfg)
+    logger.info("phase 3-5: fine-tuning %d methods, seeds %s", len(methods), seeds)
     # The short jobs go last, to fill the pool's tail.
-    jobs = [("method", name) for name in methods] + [("pretrained", "-"), ("baselines", "-")]
+    jobs = [("method", phases.method_job(cfg, n, s)) for s in seeds for n in methods]
+    jobs += [("pretrained", "-"), ("baselines", "-")]
+    run_dirs = [method_dir(cfg, root, n, s) for s in seeds for n in methods]
     rows = pool.run(
         jobs,
         desc="fine-tuning",
-        total=cfg.finetune_steps * len(methods),
-        progress=lambda: _steps_done(root, methods),
+        total=cfg.finetune_steps * len(run_dirs),
+        progress=lambda: _steps_done(run_dirs),
         unit="step",
     )
     pre_row = rows[("pretrained", "-")]
     if _file(results, "pretrained scores", pre_row):
+        _check_pairing(results, "the pretrained model", pre_row)
         results["pretrained"] = {**pre_row, "train": dict(pretraining)}
     baselines = rows[("baselines", "-")]
-    results["baselines"] = baselines if _file(results, "baselines", baselines) else {}
+    results["baselines"] = {}
+    if _file(results, "baselines", baselines):
+        _check_pairing(results, "the baselines", baselines)
+        results["baselines"] = baselines["scores"]
+        results["baseline_per_example"] = baselines["per_example"]
     for name in methods:  # in the configured order, not the order they finished
-        if _file(results, name, rows[("method", name)]):
-            results["methods"][name] = rows[("method", name)]
+        row = _seed_rows(cfg, rows, results, name)
+        if row is not None:
+            results["methods"][name] = row
 
 
 def precisions(pool: JobPool, cfg: ml_collections.ConfigDict, results: Results) -> None:
@@ -120,16 +149,24 @@ def precisions(pool: JobPool, cfg: ml_collections.ConfigDict, results: Results) 
     for precision in wanted:
         row = rows[("precision", f"{best}:{precision}")]
         if _file(results, f"precision {precision}", row):
+            _check_pairing(results, f"precision {precision}", row)
             results["precisions"][precision] = row
     if _file(results, "attention plot", rows[("attention", best)]):
         results["attention_example"] = rows[("attention", best)]
 
 
-def write_outputs(results: Results, root: Path, started: float) -> None:
-    """The matplotlib-only plots, ``results.json`` and ``report.md``.
+@contextlib.contextmanager
+def timed(prov: dict[str, Any], phase: str):
+    """Records the wall time of ``phase`` in ``prov["phase_seconds"]``."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        prov.setdefault("phase_seconds", {})[phase] = time.perf_counter() - started
 
-    ``started``: ``time.perf_counter()`` at the study's start.
-    """
+
+def draw_and_analyse(results: Results, root: Path) -> None:
+    """The matplotlib-only plots, and the intervals and statements (``results["analysis"]``)."""
     plots_dir = root / "plots"
     plots_dir.mkdir(exist_ok=True)
     try:
@@ -137,6 +174,19 @@ def write_outputs(results: Results, root: Path, started: float) -> None:
     except Exception as exc:
         logger.exception("plots failed")
         results["failures"]["plots"] = error_row(exc)
+    try:
+        if results["methods"] and results["pretrained"]:
+            results["analysis"] = statements.analyse(results)
+    except Exception as exc:
+        logger.exception("the intervals and statements failed")
+        results["failures"]["statements"] = error_row(exc)
+
+
+def write_outputs(results: Results, root: Path, started: float) -> None:
+    """``results.json`` and ``report.md``.
+
+    ``started``: ``time.perf_counter()`` at the study's start.
+    """
     results["seconds"] = time.perf_counter() - started
     (root / "results.json").write_text(json.dumps(results, indent=2, default=float))
     (root / "report.md").write_text(report.render(results))
@@ -151,10 +201,13 @@ def run(study_cfg: ml_collections.ConfigDict, workdir: str | Path) -> int:
     phases.use_compilation_cache(root)
     (root / "study_config.json").write_text(cfg.to_json(indent=2))
     started = time.perf_counter()
+    prov = provenance.provenance()
     results: Results = {
         "config": cfg.to_dict(),
         "seed": cfg.seed,
-        "versions": versions(),
+        "seeds": fine_tune_seeds(cfg),
+        "versions": prov["versions"],
+        "provenance": prov,
         "pretrained": {},
         "methods": {},
         "precisions": {},
@@ -170,9 +223,14 @@ def run(study_cfg: ml_collections.ConfigDict, workdir: str | Path) -> int:
         # 1-2. Dataset, tokenizer, pretraining (its bar is the training loop's),
         # while the workers start.
         logger.info("phase 1-2: dataset, tokenizer and pretraining")
-        pretraining = phases.train_phase(pretrain_config(cfg), root / "pretrain")
-        fine_tune(pool, cfg, root, results, pretraining)
-        precisions(pool, cfg, results)
+        with timed(prov, "pretrain"):
+            pretraining = phases.train_phase(pretrain_config(cfg), root / "pretrain")
+        with timed(prov, "fine_tune_and_score"):
+            fine_tune(pool, cfg, root, results, pretraining)
+        with timed(prov, "precisions"):
+            precisions(pool, cfg, results)
+    with timed(prov, "plots_and_statements"):
+        draw_and_analyse(results, root)
     write_outputs(results, root, started)
     failures = results["failures"]
     if failures:

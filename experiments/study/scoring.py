@@ -2,7 +2,9 @@
 
 * task scores by generation on the test split, and one **primary score** per
   task in [0, 1] for averages and plots (accuracy, ROUGE-L, BLEU / 100,
-  execution accuracy or exact match, by the task's metric);
+  execution accuracy or exact match, by the task's metric), with what each
+  test example contributes to it (``experiments.study.per_example``: the
+  bootstrap's input);
 * **forgetting**: the pretraining objective's validation loss on a fixed set
   of batches, before and after fine-tuning;
 * the median **train-step time** of a finished run;
@@ -11,7 +13,8 @@
 * the **memory planner** against XLA's compiled train step.
 
 Every function takes a run config, a run directory or a loaded :class:`Model`
-and returns numbers; none of them trains or writes files.
+and returns numbers; none of them trains, and the only files written are the
+predictions of the scoring functions (in the directory they are given).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any
 
 import ml_collections
 
+from experiments.study import per_example
 from experiments.study.report import PRIMARY_SCORE
 from flaxtune.data import Tokenizer, make_loader
 from flaxtune.data.tasks import get_task
@@ -79,12 +83,29 @@ def primary_scores(scores: dict[str, dict[str, float]]) -> dict[str, float]:
 
 
 def task_scores(
-    model: Model, tokenizer: Tokenizer, run_cfg: ml_collections.ConfigDict, limit: int
-) -> dict[str, dict[str, float]]:
-    """Generation scores of ``model`` on ``limit`` test examples per task of ``run_cfg``."""
-    return generation_scores(
-        model.module, model.params, tokenizer, run_cfg, split="test", limit=limit
+    model: Model,
+    tokenizer: Tokenizer,
+    run_cfg: ml_collections.ConfigDict,
+    limit: int,
+    out_dir: Path,
+) -> dict[str, Any]:
+    """Generation scores of ``model`` on ``limit`` test examples per task of ``run_cfg``.
+
+    The predictions go to ``out_dir/predictions.jsonl``. Returns ``scores``,
+    ``primary`` and the per-example values (``experiments.study.per_example``:
+    ``example_ids`` and ``per_example``).
+    """
+    scores = generation_scores(
+        model.module, model.params, tokenizer, run_cfg, split="test", limit=limit, out_dir=out_dir
     )
+    return scored_predictions(scores, out_dir, what=str(out_dir))
+
+
+def scored_predictions(scores: dict[str, dict[str, float]], out_dir: Path, what: str) -> dict:
+    """``scores``, their primary scores and the per-example values of ``out_dir``'s predictions."""
+    primary = primary_scores(scores)
+    found = per_example.from_predictions(out_dir / "predictions.jsonl", primary, what)
+    return {"scores": scores, "primary": primary, **found}
 
 
 def objective_batches(
@@ -128,15 +149,16 @@ def median_step_seconds(run_dir: Path, run_cfg: ml_collections.ConfigDict) -> fl
 
 
 def score_precision(
-    model: Model, precision: str, tokenizer: Tokenizer, eval_examples: int
+    model: Model, precision: str, tokenizer: Tokenizer, eval_examples: int, out_dir: Path
 ) -> dict[str, Any]:
-    """Scores ``model`` converted to ``precision``; times one generation batch."""
+    """Scores ``model`` converted to ``precision`` (predictions in ``out_dir``); times
+    one generation batch."""
     config, params = convert_model(model.config, model.params, precision)
     model_bytes, bytes_by_type = tree_bytes(params)
     converted = Model(model.cfg, config, build_model(config), params)
     cfg = model.cfg
     started = time.perf_counter()
-    scores = task_scores(converted, tokenizer, cfg, eval_examples)
+    scored = task_scores(converted, tokenizer, cfg, eval_examples, out_dir)
     scoring_seconds = time.perf_counter() - started
     # Time a full batch of exactly max_new_tokens tokens per row (no early stop),
     # so that every precision is timed on the same work.
@@ -162,8 +184,7 @@ def score_precision(
         "batch_seconds": statistics.median(times),
         "new_tokens_per_s": new_tokens * cfg.eval.batch_size / statistics.median(times),
         "scoring_seconds": scoring_seconds,
-        "scores": scores,
-        "primary": primary_scores(scores),
+        **scored,
     }
 
 

@@ -16,6 +16,19 @@ returns), with a seeded generator instead of numpy's global one. For BLEU
 the resampled quantity is corpus BLEU: the per-segment sufficient statistics
 of the resample are summed and scored, so each resample costs no
 re-tokenization.
+
+Comparisons are **paired**: two systems scored on the same examples are
+resampled with the same draws (the same count matrix from
+:func:`resample_count_matrix`), and the interval is that of the difference
+of their statistics over those resamples. Per-example variation that both
+systems share (an easy example is easy for both) cancels, so a pair is
+told apart with fewer examples than two separate intervals would need.
+:class:`PairedDifference` turns the interval into a verdict: ``"better"``
+when its low bound is above zero, ``"worse"`` when its high bound is below
+zero, and ``"no detectable difference"`` otherwise (zero inside, or on a
+bound). :func:`paired_bootstrap` does it for per-example scores (accuracy,
+exact match, ROUGE of one example); :func:`resampled_bleu` gives the corpus
+BLEU of every resample, from which BLEU's paired difference follows.
 """
 
 from __future__ import annotations
@@ -29,7 +42,24 @@ import numpy as np
 from flaxtune.eval.bleu import bleu_from_statistics, bleu_statistics
 from flaxtune.eval.rouge import DEFAULT_ROUGE_TYPES, Score, rouge_per_example
 
-__all__ = ["AggregateScore", "ConfidenceInterval", "bootstrap_bleu", "bootstrap_rouge"]
+__all__ = [
+    "VERDICTS",
+    "AggregateScore",
+    "ConfidenceInterval",
+    "PairedDifference",
+    "bootstrap_bleu",
+    "bootstrap_rouge",
+    "paired_bootstrap",
+    "paired_difference",
+    "percentile_bounds",
+    "resample_count_matrix",
+    "resampled_bleu",
+    "resampled_means",
+]
+
+# A paired difference's verdicts: the first system is better, worse, or the
+# interval does not tell them apart.
+VERDICTS = ("better", "worse", "no detectable difference")
 
 
 class AggregateScore(NamedTuple):
@@ -158,4 +188,116 @@ def bootstrap_bleu(
     low, mid, high = np.percentile(np.array(scores), _percentiles(confidence))
     return ConfidenceInterval(
         float(low), float(mid), float(high), confidence=confidence, n_samples=n_samples, seed=seed
+    )
+
+
+def resample_count_matrix(n: int, n_samples: int, seed: int) -> np.ndarray:
+    """``(n_samples, n)``: how often each of ``n`` examples is drawn, per resample.
+
+    The draws of :func:`resample_counts` in one matrix; multiplying it with two
+    systems' per-example values resamples both with the same draws (paired).
+    """
+    _check(n_samples, 0.5, n)
+    return np.concatenate(list(resample_counts(n, n_samples, seed)))
+
+
+def percentile_bounds(samples: np.ndarray, confidence: float) -> tuple[float, float, float]:
+    """``(low, mid, high)`` percentiles of resampled statistics (see the module docstring)."""
+    _check(1, confidence, len(samples))
+    low, mid, high = np.percentile(np.asarray(samples, np.float64), _percentiles(confidence))
+    return float(low), float(mid), float(high)
+
+
+def resampled_means(values: Sequence[float], counts: np.ndarray) -> np.ndarray:
+    """The mean of per-example ``values`` in every resample of ``counts``: ``(n_samples,)``."""
+    values = np.asarray(values, np.float64)
+    if counts.shape[1] != len(values):
+        raise ValueError(f"counts cover {counts.shape[1]} examples, values {len(values)}.")
+    return counts @ values / len(values)
+
+
+def resampled_bleu(
+    statistics: Sequence[Sequence[int]],
+    counts: np.ndarray,
+    *,
+    smooth: str = "exp",
+    smooth_value: float | None = None,
+    max_order: int = 4,
+    effective_order: bool = False,
+) -> np.ndarray:
+    """Corpus BLEU (0-1) of every resample of ``counts``: ``(n_samples,)``.
+
+    ``statistics``: per-segment sufficient statistics (:func:`bleu_statistics`,
+    or their sum over several outputs of the same segment).
+    """
+    stats = np.asarray(statistics, np.float64)  # exact: counts stay far below 2**53
+    if counts.shape[1] != len(stats):
+        raise ValueError(f"counts cover {counts.shape[1]} segments, statistics {len(stats)}.")
+    options = dict(
+        smooth=smooth,
+        smooth_value=smooth_value,
+        max_order=max_order,
+        effective_order=effective_order,
+    )
+    summed = np.rint(counts @ stats).astype(np.int64)
+    return np.array([bleu_from_statistics(row.tolist(), **options)[0] / 100 for row in summed])
+
+
+@dataclasses.dataclass(frozen=True)
+class PairedDifference:
+    """The difference ``a - b`` of two systems on the same examples, and its interval."""
+
+    difference: float  # observed statistic of a minus that of b
+    low: float
+    high: float
+    confidence: float
+
+    @property
+    def verdict(self) -> str:
+        """``"better"`` (a over b), ``"worse"`` or ``"no detectable difference"``."""
+        if self.low > 0:
+            return VERDICTS[0]
+        if self.high < 0:
+            return VERDICTS[1]
+        return VERDICTS[2]
+
+
+def paired_difference(
+    observed_a: float,
+    observed_b: float,
+    resampled_a: np.ndarray,
+    resampled_b: np.ndarray,
+    confidence: float = 0.95,
+) -> PairedDifference:
+    """The paired difference from two systems' statistics over the SAME resamples."""
+    resampled_a, resampled_b = np.asarray(resampled_a), np.asarray(resampled_b)
+    if resampled_a.shape != resampled_b.shape:
+        raise ValueError(
+            f"paired resamples must match: {resampled_a.shape} against {resampled_b.shape}; "
+            "resample both systems with the same count matrix."
+        )
+    low, _, high = percentile_bounds(resampled_a - resampled_b, confidence)
+    return PairedDifference(float(observed_a - observed_b), low, high, confidence)
+
+
+def paired_bootstrap(
+    a: Sequence[float],
+    b: Sequence[float],
+    *,
+    n_samples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> PairedDifference:
+    """Paired percentile bootstrap of ``mean(a) - mean(b)``, per-example scores of two
+    systems on the same examples (``a[i]`` and ``b[i]`` score example ``i``)."""
+    if len(a) != len(b):
+        raise ValueError(f"paired scores need the same examples: got {len(a)} and {len(b)} scores.")
+    _check(n_samples, confidence, len(a))
+    counts = resample_count_matrix(len(a), n_samples, seed)
+    return paired_difference(
+        float(np.mean(a)),
+        float(np.mean(b)),
+        resampled_means(a, counts),
+        resampled_means(b, counts),
+        confidence,
     )

@@ -6,6 +6,15 @@ from rouge_score import scoring
 
 from flaxtune.eval import bleu, bootstrap_bleu, bootstrap_rouge, rouge
 from flaxtune.eval.bleu import bleu_statistics
+from flaxtune.eval.bootstrap import (
+    VERDICTS,
+    paired_bootstrap,
+    paired_difference,
+    percentile_bounds,
+    resample_count_matrix,
+    resampled_bleu,
+    resampled_means,
+)
 
 PREDICTIONS = [
     "the cat sat on the mat",
@@ -92,3 +101,61 @@ def test_bad_arguments_raise():
         bootstrap_rouge(PREDICTIONS, REFERENCES, confidence=95)
     with pytest.raises(ValueError, match="zero examples"):
         bootstrap_rouge([], [])
+
+
+def test_paired_bootstrap_equals_a_plain_resampling_loop():
+    # Independent reference: the same seeded draws applied to both systems,
+    # the percentiles of the per-draw difference of means.
+    rng = np.random.default_rng(3)
+    a, b = rng.random(17), rng.random(17)
+    ours = paired_bootstrap(a, b, n_samples=200, confidence=0.9, seed=5)
+    draws = np.random.default_rng(5).integers(0, 17, size=(200, 17))
+    differences = np.array([a[d].mean() - b[d].mean() for d in draws])
+    low, high = np.percentile(differences, [5, 95])
+    np.testing.assert_allclose([ours.low, ours.high], [low, high], rtol=1e-12, atol=1e-15)
+    assert ours.difference == pytest.approx(a.mean() - b.mean(), abs=1e-15)
+
+
+def test_pairing_tells_apart_what_two_separate_intervals_cannot():
+    # Hard and easy examples shared by both systems; b is a little better on every one.
+    rng = np.random.default_rng(0)
+    a = rng.random(40)
+    b = a + 0.05
+    paired = paired_bootstrap(b, a, n_samples=500)
+    assert paired.verdict == "better" and paired.low > 0
+    assert paired_bootstrap(a, b, n_samples=500).verdict == "worse"
+    counts = resample_count_matrix(40, 500, 0)
+    low_b = percentile_bounds(resampled_means(b, counts), 0.95)[0]
+    high_a = percentile_bounds(resampled_means(a, counts), 0.95)[2]
+    assert low_b < high_a  # the separate intervals overlap
+
+
+def test_equal_systems_and_zero_on_a_bound_are_no_detectable_difference():
+    same = paired_bootstrap([1, 0, 1, 1], [1, 0, 1, 1], n_samples=100)
+    assert (same.low, same.high, same.verdict) == (0.0, 0.0, "no detectable difference")
+    # One example differs: the difference is 0 in the resamples that miss it,
+    # so zero is the interval's low bound, not a win.
+    one = paired_bootstrap([1] + [0] * 39, [0] * 40, n_samples=1000)
+    assert one.difference > 0 and one.low == 0.0
+    assert one.verdict == "no detectable difference"
+    assert set(VERDICTS) == {"better", "worse", "no detectable difference"}
+
+
+def test_resampled_bleu_is_the_corpus_bleu_of_each_resample():
+    stats = bleu_statistics(PREDICTIONS, REFERENCES)
+    counts = resample_count_matrix(len(PREDICTIONS), 5, seed=2)
+    ours = resampled_bleu(stats, counts)
+    for row, score in zip(counts.astype(int), ours, strict=True):
+        predictions = [p for p, c in zip(PREDICTIONS, row, strict=True) for _ in range(c)]
+        references = [r for r, c in zip(REFERENCES, row, strict=True) for _ in range(c)]
+        assert score == bleu(predictions, references).score
+
+
+def test_paired_inputs_must_cover_the_same_examples():
+    with pytest.raises(ValueError, match="same examples: got 3 and 2"):
+        paired_bootstrap([1, 0, 1], [1, 0])
+    counts = resample_count_matrix(3, 10, 0)
+    with pytest.raises(ValueError, match="counts cover 3 segments, statistics 2"):
+        resampled_bleu([[1] * 10, [1] * 10], counts)
+    with pytest.raises(ValueError, match="paired resamples must match"):
+        paired_difference(0.0, 0.0, np.zeros(3), np.zeros(4))

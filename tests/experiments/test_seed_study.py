@@ -6,8 +6,8 @@ import shutil
 import pytest
 
 from experiments.configs import seed_study as study_config
+from experiments.study import per_example, runner, statements
 from experiments.study import report as study_report
-from experiments.study import runner
 
 
 def tiny_study(data_dir, **changes):
@@ -146,31 +146,31 @@ def test_report_renders_from_results_alone(study):
     assert study_report.render(results) == (root / "report.md").read_text()
 
 
-def test_plain_statements_name_who_beats_the_references_and_who_does_not():
-    def row(acc, bleu, trainable_pct):
-        scores = {"t/cls": {"accuracy": acc}, "t/mt": {"bleu": bleu}}
-        return {
-            "scores": scores,
-            "primary": {"t/cls": acc, "t/mt": bleu},
-            "trainable": {"percent": trainable_pct},
-        }
+def test_statements_recomputed_from_results_json_equal_the_rendered_ones(study):
+    _, root, results = study
+    stored = results["analysis"]
+    assert statements.analyse(results) == stored  # from results.json alone
+    rendered = (root / "report.md").read_text()
+    assert stored["statements"]
+    for s in stored["statements"]:
+        assert s["text"] in rendered, s["text"]
+        assert (s["verdict"] == "no detectable difference") == (s["low"] <= 0 <= s["high"])
+    assert "counts exactly" not in rendered  # computed sentences only
 
-    results = {
-        "methods": {"full": row(0.9, 0.5, 100), "lora": row(0.8, 0.01, 2.0)},
-        "pretrained": {"scores": {"t/cls": {"accuracy": 0.1}, "t/mt": {"bleu": 0.0}}},
-        "baselines": {
-            "t/cls": {"copy": {"accuracy": 0.0}, "majority": {"accuracy": 0.5}},
-            "t/mt": {"copy": {"bleu": 0.02}, "majority": {"bleu": 0.0}},
-        },
-    }
-    lines = study_report._plain_statements(results, ["t/cls", "t/mt"])
-    assert "- **full** beats the pretrained model and both baselines on every task." in lines
-    # LoRA's 0.01 BLEU is below the copy baseline's 0.02.
-    assert any(
-        line.startswith("- **lora** is at or below") and line.endswith(": mt.") for line in lines
-    )
-    # (0.8 + 0.01) / 2 over (0.9 + 0.5) / 2 = 58%: not "most" (80%).
-    assert (
-        "- **lora** does not reach most of full fine-tuning's mean score: 58% of it "
-        "with 2% of its trainable parameters." in lines
-    )
+
+def test_results_record_per_example_scores_and_provenance(study):
+    _, _, results = study
+    tasks = list(results["test_examples"])
+    assert len(tasks) == 8 and all(len(ids) == 3 for ids in results["test_examples"].values())
+    rows = [results["pretrained"], *results["methods"].values(), *results["precisions"].values()]
+    for row in rows:
+        assert list(row["per_example"]) == tasks
+        for task in tasks:  # the values give the table's score back
+            score = per_example.statistic(task, row["per_example"][task])
+            assert score == pytest.approx(row["primary"][task], abs=1e-12)
+    assert set(results["baseline_per_example"]) == {"copy", "majority"}
+    prov = results["provenance"]
+    assert prov["versions"]["jaxlib"] and prov["devices"]["count"] >= 1
+    assert set(prov["phase_seconds"]) >= {"pretrain", "fine_tune_and_score", "precisions"}
+    assert prov["git"] is None or set(prov["git"]) == {"commit", "clean"}
+    assert results["seeds"] == [results["seed"]]

@@ -8,7 +8,15 @@ from absl import flags
 from ml_collections import config_flags
 
 from experiments.configs import seed_study as study_config
-from experiments.study.config import method_config, method_label, pretrain_config, resolve
+from experiments.study import phases
+from experiments.study.config import (
+    fine_tune_seeds,
+    method_config,
+    method_dir,
+    method_label,
+    pretrain_config,
+    resolve,
+)
 from flaxtune.peft import RECIPES
 from flaxtune.train.run_config import check_against_checkpoint
 from flaxtune.transformer import get_config
@@ -107,6 +115,7 @@ def test_command_line_sets_nested_method_and_quick_overrides():
         "--config.method_overrides.houlsby.peft.adapters.reduction_factor=4",
         "--config.quick=True",
         "--config.quick_overrides.run.model.overrides.num_decoder_layers=2",
+        "--config.seeds=0,1,2",
     ]
     values = flags.FlagValues()
     # The flag experiments.main defines (sys_argv: the overrides it makes flags of).
@@ -115,6 +124,7 @@ def test_command_line_sets_nested_method_and_quick_overrides():
     )
     values(argv)
     cfg = resolve(values.config)
+    assert fine_tune_seeds(cfg) == [0, 1, 2]
     assert method_config(cfg, "lora", PRETRAIN).peft.lora.rank == 16
     assert method_config(cfg, "houlsby", PRETRAIN).peft.adapters.reduction_factor == 4
     assert cfg.run.model.overrides.num_encoder_layers == 1
@@ -196,3 +206,43 @@ def test_every_method_config_agrees_with_the_pretrained_checkpoint(quick):
     checkpoint = get_config(pre.model.preset, vocab_size=2000, **dict(pre.model.overrides))
     for name in [m for m in cfg.methods.split(",") if m]:
         check_against_checkpoint(method_config(cfg, name, Path("/pretrain")), checkpoint)
+
+
+def test_seeds_repeat_fine_tuning_from_the_one_pretrained_model():
+    cfg = study_config.get_config()
+    assert cfg.seeds == "" and fine_tune_seeds(resolve(cfg)) == [0]  # default: one seed
+    cfg.seed, cfg.seeds = 5, "5, 7"
+    cfg = resolve(cfg)
+    assert fine_tune_seeds(cfg) == [5, 7]
+    assert pretrain_config(cfg).seed == 5
+    assert method_config(cfg, "lora", PRETRAIN).seed == 5
+    assert method_config(cfg, "lora", PRETRAIN, 7).seed == 7
+    # The study's seed keeps the one-seed layout (its runs are reused); others beside it.
+    root = Path("/w")
+    assert method_dir(cfg, root, "lora", 5) == root / "methods" / "lora"
+    assert method_dir(cfg, root, "lora", 7) == root / "methods" / "lora-seed7"
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("seeds", "0,x", r"seeds='0,x': give distinct integers separated by commas"),
+        ("seeds", "1,1", r"seeds='1,1': give distinct integers"),
+        ("confidence", 95.0, r"confidence=95.0: give a level in \(0, 1\)"),
+        ("bootstrap_samples", 0, r"bootstrap_samples=0: give a positive count"),
+    ],
+)
+def test_bad_seeds_and_bootstrap_settings_are_refused(key, value, message):
+    cfg = study_config.get_config()
+    cfg[key] = value
+    with pytest.raises(ValueError, match=message):
+        resolve(cfg)
+
+
+def test_method_jobs_name_the_seed_only_when_it_is_not_the_studys():
+    cfg = study_config.get_config()
+    cfg.seeds = "0,3"
+    cfg = resolve(cfg)
+    assert [phases.method_job(cfg, "lora", s) for s in (0, 3)] == ["lora", "lora@3"]
+    assert phases.method_seed(cfg, "lora") == ("lora", 0)
+    assert phases.method_seed(cfg, "lora@3") == ("lora", 3)
