@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PEER_PYTHON = Path(os.environ.get("FLAXTUNE_PEER_PYTHON", Path.home() / ".venvs/peer/bin/python"))
@@ -107,3 +108,30 @@ def run_peer(names: list[str], extra_args: list[str] | None = None) -> dict[str,
         rec = json.loads(line)
         records[rec["measurement"]] = rec
     return records
+
+
+def xla_flops(compiled: Any) -> float:
+    """XLA's FLOP count of a compiled computation (0.0 where the backend reports none)."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    return float((cost or {}).get("flops", 0.0))
+
+
+def synthetic_batch(config: Any, batch: int, src_len: int, tgt_len: int) -> dict[str, np.ndarray]:
+    """A random training batch for ``config`` (decoder-only models get no encoder input).
+
+    Token ids are drawn from ``[2, vocab)`` so that pad (0) and EOS (1) never
+    appear inside the data; the decoder input is the target shifted right.
+    """
+    rng = np.random.RandomState(0)
+    # The source is drawn first: the encoder-decoder batches stay those measured before.
+    src = rng.randint(2, config.vocab_size, (batch, src_len)) if config.is_encoder_decoder else None
+    tgt = rng.randint(2, config.vocab_size, (batch, tgt_len)).astype(np.int32)
+    data = {
+        "decoder_input_tokens": np.concatenate([np.zeros((batch, 1), np.int32), tgt[:, :-1]], 1),
+        "decoder_target_tokens": tgt,
+        "decoder_loss_weights": np.ones((batch, tgt_len), np.float32),
+    }
+    if src is not None:
+        data["encoder_input_tokens"] = src.astype(np.int32)
+    return data

@@ -1,17 +1,24 @@
-"""Train-step speed and memory of the t5-small preset (full fine-tuning or a PEFT method).
+"""Train-step speed and memory of a preset (full fine-tuning or a PEFT method).
 
-Default shape: batch 8, source 128, target 32, dropout 0.1, AdamW, fp32: the
-shape of the Hugging Face peer's ``t5_full`` measurement. ``--peer`` runs the
-peer's matching measurement back to back in the same invocation and reports
-the tokens/s ratio. Prints one JSON object per method.
+Default shape: t5-small, batch 8, source 128, target 32, dropout 0.1, AdamW,
+fp32: the shape of the Hugging Face peer's ``t5_full`` measurement.
+``--preset peer-llama`` is the peer's LLaMA-style decoder (``llama_full`` /
+``llama_lora``): d_model 512, 8 layers of 8 heads of 64, d_ff 2048 (SwiGLU),
+vocabulary 32,000, untied output layer, RoPE, no dropout, batch 8 of
+``--seq-len`` 256 tokens; any other decoder-only preset
+(``llama-3.2-1b``, ...) runs at that shape too. ``--peer`` runs the peer's
+matching measurement back to back in the same invocation and reports the
+tokens/s ratio. Prints one JSON object per method.
 
     python -m benchmarks.train_step [--method full lora] [--policy mixed_bf16] [--peer]
+    python -m benchmarks.train_step --preset peer-llama --method full lora --peer
 
 Reported: median step time and tokens/s (source + target tokens, as the peer
-counts them), MFU = XLA's FLOP count of the compiled step / step time /
-measured fp32 matmul peak, and XLA's compiled memory analysis (arguments,
-outputs, temporaries; ``peak_bytes`` = arguments + temporaries + outputs not
-aliased to donated arguments).
+counts them; the sequence's tokens for a decoder-only model), MFU = XLA's
+FLOP count of the compiled step / step time / measured fp32 matmul peak, and
+XLA's compiled memory analysis (arguments, outputs, temporaries;
+``peak_bytes`` = arguments + temporaries + outputs not aliased to donated
+arguments).
 """
 
 from __future__ import annotations
@@ -21,9 +28,16 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from benchmarks.common import emit, environment, peak_rss_mib, run_peer, time_fn
+from benchmarks.common import (
+    emit,
+    environment,
+    peak_rss_mib,
+    run_peer,
+    synthetic_batch,
+    time_fn,
+    xla_flops,
+)
 from flaxtune.peft import RECIPES, SelectiveConfig, recipe
 from flaxtune.quant.policy import get_policy
 from flaxtune.train import (
@@ -44,11 +58,22 @@ from flaxtune.transformer import get_config
 # t5-small's six blocks per stack.
 LAST_LAYERS = 2
 PEER_NAMES = {
-    ("full", "fp32"): "t5_full",
-    ("lora", "fp32"): "t5_lora",
-    ("prompt_tuning", "fp32"): "t5_prompt",
-    ("full", "mixed_bf16"): "t5_full_bf16",
+    ("t5-small", "full", "fp32"): "t5_full",
+    ("t5-small", "lora", "fp32"): "t5_lora",
+    ("t5-small", "prompt_tuning", "fp32"): "t5_prompt",
+    ("t5-small", "full", "mixed_bf16"): "t5_full_bf16",
+    ("peer-llama", "full", "fp32"): "llama_full",
+    ("peer-llama", "lora", "fp32"): "llama_lora",
 }
+# The peer's LlamaConfig (``../shared/bench/peer_hf.py``): a flaxtune LLaMA
+# preset at its sizes. HF's default RoPE theta is 10,000, as tiny-llama's.
+PEER_LLAMA = (
+    "tiny-llama",
+    dict(
+        vocab_size=32000, d_model=512, num_heads=8, num_kv_heads=8, head_dim=64, d_ff=2048,
+        num_decoder_layers=8, tie_embeddings=False, max_length=512,
+    ),
+)  # fmt: skip
 
 
 def selective_for(method: str) -> SelectiveConfig:
@@ -59,32 +84,40 @@ def selective_for(method: str) -> SelectiveConfig:
 
 
 def batch_for(config, batch, src_len, tgt_len):
-    rng = np.random.RandomState(0)
-    # ids >= 2 so pad (0) and EOS (1) never appear inside the random data.
-    src = rng.randint(2, config.vocab_size, (batch, src_len)).astype(np.int32)
-    tgt = rng.randint(2, config.vocab_size, (batch, tgt_len)).astype(np.int32)
-    dec_in = np.concatenate([np.zeros((batch, 1), np.int32), tgt[:, :-1]], axis=1)
-    return {
-        "encoder_input_tokens": src,
-        "decoder_input_tokens": dec_in,
-        "decoder_target_tokens": tgt,
-        "decoder_loss_weights": np.ones((batch, tgt_len), np.float32),
-    }
+    return synthetic_batch(config, batch, src_len, tgt_len)
+
+
+def preset_config(name: str, **fields):
+    """``get_config`` of a preset or of ``peer-llama`` (the peer's decoder)."""
+    if name == "peer-llama":
+        base, sizes = PEER_LLAMA
+        return get_config(base, **{**sizes, **fields})
+    return get_config(name, **fields)
+
+
+def lengths_for(config, args) -> tuple[int, int]:
+    """``(source, target)`` lengths: a decoder-only model reads ``--seq-len`` tokens."""
+    return (args.src_len, args.tgt_len) if config.is_encoder_decoder else (0, args.seq_len)
 
 
 def measure(method: str, args, peak_flops: float) -> dict:
     method_recipe = recipe(method)
     policy = get_policy(args.policy)
     # Attention weights are dropped at the same rate, as T5 (and HF's T5) do.
-    config = get_config(
+    # Decoder-only models default to no dropout, as HF's LLaMA.
+    dropout = args.dropout
+    if dropout is None:
+        dropout = 0.1 if preset_config(args.preset).is_encoder_decoder else 0.0
+    config = preset_config(
         args.preset,
-        dropout_rate=args.dropout,
-        attention_dropout_rate=args.dropout,
+        dropout_rate=dropout,
+        attention_dropout_rate=dropout,
         peft=method_recipe.peft_config(),
         dtype=policy.compute_dtype.name,
         param_dtype=policy.param_dtype.name,
     )
-    batch = batch_for(config, args.batch, args.src_len, args.tgt_len)
+    src_len, tgt_len = lengths_for(config, args)
+    batch = batch_for(config, args.batch, src_len, tgt_len)
     mesh = make_mesh()
     trainer = build_trainer(
         config,
@@ -108,9 +141,7 @@ def measure(method: str, args, peak_flops: float) -> dict:
     device_batch = shard_batch(batch, mesh)
     compiled = step.compile(state, device_batch)
     memory = StepMemory.from_compiled(compiled, device_batch)
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list | tuple) else cost
-    flops = float((cost or {}).get("flops", 0.0))
+    flops = xla_flops(compiled)
     holder = {"state": state}
 
     def run():
@@ -118,7 +149,7 @@ def measure(method: str, args, peak_flops: float) -> dict:
         jax.block_until_ready(metrics["loss"])
 
     timing = time_fn(run, warmup=args.warmup, steps=args.steps)
-    tokens = args.batch * (args.src_len + args.tgt_len)
+    tokens = args.batch * (src_len + tgt_len)
     abstract = trainer.spec.abstract_params
     params_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(abstract))
     return {
@@ -127,9 +158,9 @@ def measure(method: str, args, peak_flops: float) -> dict:
         "policy": args.policy,
         "preset": args.preset,
         "batch": args.batch,
-        "src_len": args.src_len,
-        "tgt_len": args.tgt_len,
-        "dropout": args.dropout,
+        "src_len": src_len,
+        "tgt_len": tgt_len,
+        "dropout": dropout,
         "trainable_params": summary["trainable"],
         "total_params": summary["total"],
         "trainable_pct": summary["percent"],
@@ -154,7 +185,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--src-len", type=int, default=128)
     p.add_argument("--tgt-len", type=int, default=32)
-    p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--seq-len", type=int, default=256, help="decoder-only models' length")
+    p.add_argument("--dropout", type=float, default=None,
+                   help="default: 0.1 for encoder-decoder presets, 0 for decoders")  # fmt: skip
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--peer", action="store_true", help="run the HF peer's matching measurement")
@@ -164,19 +197,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def measure_with_peer(method: str, args: argparse.Namespace, peak: float) -> dict:
     record = measure(method, args, peak)
     record["measured_fp32_matmul_flops"] = peak
-    peer_name = PEER_NAMES.get((method, args.policy))
+    peer_name = PEER_NAMES.get((args.preset, method, args.policy))
     if args.peer and peer_name:
-        peer = run_peer(
-            [peer_name],
-            [
-                "--batch",
-                str(args.batch),
-                "--src-len",
-                str(args.src_len),
-                "--tgt-len",
-                str(args.tgt_len),
-            ],
-        )
+        if peer_name.startswith("llama"):
+            shape = ["--dec-seq", str(args.seq_len), "--dec-ffn", str(PEER_LLAMA[1]["d_ff"])]
+        else:
+            shape = ["--src-len", str(args.src_len), "--tgt-len", str(args.tgt_len)]
+        peer = run_peer([peer_name], ["--batch", str(args.batch), *shape])
         if peer_name in peer:
             rec = peer[peer_name]
             record["peer_measurement"] = peer_name

@@ -18,24 +18,12 @@
   kernels whose two largest axes are both >= 128 (a row and a column vector
   in float32), a full float32 one otherwise;
 * **activations**: an estimate of what the backward pass keeps, per layer
-  (``c`` = compute dtype bytes, ``b`` batch, ``n`` the layer's length, ``m``
-  the attended length, ``d`` d_model, ``h``/``hk`` query/key-value heads of
-  width ``k``, ``f`` d_ff, ``g`` = 2 for gated MLPs, else 1)::
-
-      attention  c·b·(2·n·d + 2·n·h·k + 2·m·hk·k)       norm in/out, q, context, k, v
-                 + 4·b·h·n·m                            float32 softmax output
-                 + b·h·n·m   [attention dropout]        1-byte keep mask
-                 + b·n·d     [dropout]                  residual keep mask
-      MLP        c·b·(2·n·d + 2·g·n·f)                  norm in/out, hidden in/out
-                 + b·n·(f + d)  [dropout]               keep masks
-      logits     2 · 4·b·t·V                            float32 logits and their gradient
-
-  (encoder layers: self-attention + MLP over the source length; decoder
-  layers: self-attention, cross-attention over the source, MLP over the
-  target length; plus the embedded inputs.) It is the full fine-tuning
-  figure: XLA may keep less under PEFT (inputs of frozen kernels are not
-  needed for weight gradients) or more (temporaries of fused kernels). It is
-  reported next to XLA's temporaries, not held to a tolerance.
+  and for the logits, under the model's ``remat_policy`` (and whichever
+  stacks it has): ``flaxtune.train.activation_memory`` holds the formulas.
+  Without remat it is the full fine-tuning figure, reported next to XLA's
+  temporaries and not held to a tolerance (XLA may keep less under PEFT, or
+  more: temporaries of fused kernels); with ``remat_policy="full"`` gradients
+  + activations are held within 15% of XLA's temporaries.
 
 The textbook example: 1e9 float32 parameters are 4 GB of weights; full
 AdamW training adds 4 GB of gradients and 8 GB of moments (16 bytes per
@@ -81,6 +69,8 @@ JSON object with ``--json``)::
 
     python -m flaxtune.train.memory --preset t5-base --peft lora --policy mixed_bf16
     python -m flaxtune.train.memory --preset t5-small --peft qlora --batch 8 --lengths 128 32
+    python -m flaxtune.train.memory --preset llama-3.2-1b --peft lora --policy mixed_bf16 \
+        --batch 8 --lengths 2048 2048 --remat full --scan
 """
 
 from __future__ import annotations
@@ -103,6 +93,7 @@ from flaxtune.peft.config import PeftConfig
 from flaxtune.peft.registry import RECIPES
 from flaxtune.peft.selective import SelectiveConfig
 from flaxtune.quant.policy import Policy, get_policy
+from flaxtune.train.activation_memory import REMAT_POLICIES, activation_bytes
 from flaxtune.train.frozen_base import BaseQuantConfig
 from flaxtune.train.mesh import make_mesh, mesh_context
 from flaxtune.train.optimizer import OptimizerConfig
@@ -288,35 +279,6 @@ def _optimizer_bytes(name: str, trainable: dict[str, Any], num_groups: int) -> i
     return total + counts * num_groups
 
 
-def _activation_bytes(mcfg, batch: int, src: int, tgt: int, policy: Policy) -> int:
-    c = jnp.dtype(policy.compute_dtype).itemsize
-    d, f, k = mcfg.d_model, mcfg.d_ff, mcfg.head_dim
-    h, hk = mcfg.num_heads, mcfg.num_kv_heads
-    g = 2 if mcfg.activation in ("swiglu", "geglu", "gated-gelu", "gated-silu") else 1
-    dropout = mcfg.dropout_rate > 0
-    attn_dropout = mcfg.attention_dropout_rate > 0
-
-    def attention(n, m):
-        total = c * batch * (2 * n * d + 2 * n * h * k + 2 * m * hk * k)
-        total += 4 * batch * h * n * m
-        total += batch * h * n * m if attn_dropout else 0
-        total += batch * n * d if dropout else 0
-        return total
-
-    def mlp(n):
-        return c * batch * (2 * n * d + 2 * g * n * f) + (batch * n * (f + d) if dropout else 0)
-
-    if mcfg.is_encoder_decoder:
-        enc = mcfg.num_encoder_layers * (attention(src, src) + mlp(src)) + c * batch * src * d
-        dec_layer = attention(tgt, tgt) + attention(tgt, src) + mlp(tgt)
-        dec = mcfg.num_decoder_layers * dec_layer + c * batch * tgt * d
-    else:
-        enc = 0
-        dec = mcfg.num_decoder_layers * (attention(tgt, tgt) + mlp(tgt)) + c * batch * tgt * d
-    logits = 2 * 4 * batch * tgt * mcfg.vocab_size
-    return enc + dec + logits
-
-
 def _batch_bytes(mcfg, batch: int, src: int, tgt: int) -> int:
     # int32 ids (decoder inputs, targets; encoder inputs) and float32 loss weights.
     return 4 * batch * (3 * tgt + (src if mcfg.is_encoder_decoder else 0))
@@ -380,14 +342,15 @@ def _plan(spec: TrainerSpec, optimizer: str, batch: int, lengths: tuple[int, int
     return MemoryPlan(
         description=(
             f"{mcfg.d_model}-d model ({method}{quant_text}), policy {policy}, {optimizer}, "
-            f"batch {batch}, lengths {src}/{tgt}"
+            f"batch {batch}, lengths {src}/{tgt}, remat {mcfg.remat_policy}"
+            + (", scanned layers" if mcfg.scan_layers else "")
         ),
         num_params=sum(math.prod(v.shape) for v in flat.values()),
         trainable_params=sum(math.prod(v.shape) for v in trainable.values()),
         weights_by_dtype=dict(sorted(weights.items())),
         gradients=gradients,
         optimizer_state=_optimizer_bytes(optimizer, trainable, groups),
-        activations=_activation_bytes(mcfg, batch, src, tgt, policy),
+        activations=activation_bytes(mcfg, batch, src, tgt, policy, mcfg.remat_policy),
         batch=_batch_bytes(mcfg, batch, src, tgt),
     )
 
@@ -560,12 +523,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=_positive_int, default=8)
     parser.add_argument("--lengths", type=_positive_int, nargs=2, default=(128, 32),
                         metavar=("SRC", "TGT"))  # fmt: skip
+    parser.add_argument("--remat", default="none", choices=REMAT_POLICIES,
+                        help="the model's remat_policy")  # fmt: skip
+    parser.add_argument("--scan", action="store_true", help="scan_layers=True")
     parser.add_argument("--no-check", action="store_true", help="skip compiling the XLA check")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
 
     try:
-        config = get_config(args.preset)
+        config = get_config(args.preset, remat_policy=args.remat, scan_layers=args.scan)
         peft, quant, selective = peft_for(
             args.peft, lora_targets=args.lora_targets, rank=args.lora_rank
         )

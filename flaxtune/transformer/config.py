@@ -20,7 +20,19 @@ field                     values
 ``rope_scaling``          ``none`` | ``linear`` | ``llama3`` (RoPE only)
 ``attention_impl``        ``einsum`` | ``xla`` | ``cudnn`` | ``auto`` (``attention.py``
                           explains each and how ``auto`` resolves)
+``remat_policy``          ``none`` | ``full`` | ``dots_saveable`` |
+                          ``dots_with_no_batch_dims_saveable`` | ``offload_dots``
 ========================  ==========================================================
+
+**Memory and compile time** are architecture-neutral: ``remat_policy``
+recomputes each block's activations in the backward pass instead of keeping
+them (what is kept anyway is the policy: ``blocks.py`` has the table), and
+``scan_layers`` runs each stack's blocks as one ``nn.scan`` over parameters
+stacked on a leading ``layers`` axis, so XLA compiles one block per stack
+instead of one per layer. Neither changes what the model computes. A
+scanned model's parameters have another tree layout than the per-layer one
+that checkpoints, Hugging Face files and adapters use;
+``flaxtune.transformer.scanned_layout`` converts.
 
 **RoPE scaling** stretches the rotary frequencies so that a model reaches
 past the context it was pretrained on. ``linear`` (position interpolation)
@@ -61,6 +73,13 @@ NORM_POSITIONS = ("pre", "post")
 POSITION_ENCODINGS = ("sinusoidal", "learned", "relative", "rope")
 ROPE_SCALINGS = ("none", "linear", "llama3")
 ATTENTION_IMPLS = ("einsum", "xla", "cudnn", "auto")
+REMAT_POLICIES = (
+    "none",
+    "full",
+    "dots_saveable",
+    "dots_with_no_batch_dims_saveable",
+    "offload_dots",
+)
 # The RoPE scaling fields each rule reads (rope_scaling itself aside); the
 # others must keep their defaults.
 _ROPE_SCALING_FIELDS = {
@@ -182,6 +201,14 @@ class TransformerConfig:
     # run; see attention.resolved_attention_impl).
     attention_impl: str = "einsum"
 
+    # --- memory and compile time -------------------------------------------
+    # What each block keeps for the backward pass (see the module docstring):
+    # "none" keeps every activation; the others recompute under nn.remat.
+    remat_policy: str = "none"
+    # Run each stack's blocks under nn.scan, parameters stacked on a leading
+    # "layers" axis (one compiled block per stack).
+    scan_layers: bool = False
+
     # --- special tokens ----------------------------------------------------
     pad_id: int = 0
     eos_id: int = 1
@@ -222,6 +249,9 @@ class TransformerConfig:
         choice("position_encoding", POSITION_ENCODINGS)
         choice("rope_scaling", ROPE_SCALINGS)
         choice("attention_impl", ATTENTION_IMPLS)
+        choice("remat_policy", REMAT_POLICIES)
+        if not isinstance(self.scan_layers, bool):
+            raise ConfigError(f"scan_layers must be True or False, got {self.scan_layers!r}.")
         for field in ("vocab_size", "d_model", "num_heads", "head_dim", "num_kv_heads", "d_ff"):
             if getattr(self, field) <= 0:
                 raise ConfigError(f"{field} must be positive, got {getattr(self, field)}.")

@@ -34,10 +34,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxtune.peft.modules import BottleneckAdapter, PromptEmbedding
-from flaxtune.transformer.attention import MultiHeadAttention
+from flaxtune.peft.modules import PromptEmbedding
+from flaxtune.transformer.blocks import ACT_AXES, DecoderLayer, EncoderLayer, run_blocks
 from flaxtune.transformer.config import TransformerConfig
-from flaxtune.transformer.layers import MLP, Dense, Dropout, Embed, make_norm
+from flaxtune.transformer.layers import Dense, Dropout, Embed, make_norm
 from flaxtune.transformer.positions import (
     LearnedPositionEmbedding,
     RelativePositionBias,
@@ -46,120 +46,10 @@ from flaxtune.transformer.positions import (
 )
 
 Array = jax.Array
-ACT_AXES = ("batch", "length", "embed")
 
 
 def default_positions(tokens: Array) -> Array:
     return jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-
-
-class EncoderLayer(nn.Module):
-    config: TransformerConfig
-
-    @nn.compact
-    def __call__(self, x, *, mask, bias, rope, deterministic: bool) -> Array:
-        cfg = self.config
-        drop = Dropout(rate=cfg.dropout_rate)
-        attention = MultiHeadAttention(cfg, name="attention")
-        mlp = MLP(cfg, name="mlp")
-        attention_norm = make_norm(cfg, "attention_norm")
-        mlp_norm = make_norm(cfg, "mlp_norm")
-
-        def attend(h):
-            return attention(h, mask=mask, bias=bias, rope=rope, deterministic=deterministic)
-
-        x = _residual(
-            cfg, x, attend, attention_norm, drop, deterministic, _adapter(cfg, "attention")
-        )
-        x = _residual(
-            cfg,
-            x,
-            lambda h: mlp(h, deterministic=deterministic),
-            mlp_norm,
-            drop,
-            deterministic,
-            _adapter(cfg, "mlp"),
-        )
-        return nn.with_logical_constraint(x, ACT_AXES)
-
-
-class DecoderLayer(nn.Module):
-    config: TransformerConfig
-    has_cross_attention: bool
-
-    @nn.compact
-    def __call__(
-        self, x, encoded, *, mask, cross_mask, bias, rope, decode, cache_slot, deterministic
-    ) -> Array:
-        cfg = self.config
-        drop = Dropout(rate=cfg.dropout_rate)
-        attention = MultiHeadAttention(cfg, name="attention")
-
-        def self_attend(h):
-            return attention(
-                h,
-                mask=mask,
-                bias=bias,
-                rope=rope,
-                decode=decode,
-                cache_slot=cache_slot,
-                deterministic=deterministic,
-            )
-
-        x = _residual(
-            cfg,
-            x,
-            self_attend,
-            make_norm(cfg, "attention_norm"),
-            drop,
-            deterministic,
-            _adapter(cfg, "attention"),
-        )
-        if self.has_cross_attention:
-            cross = MultiHeadAttention(cfg, is_cross=True, name="cross_attention")
-
-            def cross_attend(h):
-                return cross(
-                    h, encoded, mask=cross_mask, decode=decode, deterministic=deterministic
-                )
-
-            x = _residual(
-                cfg, x, cross_attend, make_norm(cfg, "cross_attention_norm"), drop, deterministic
-            )
-        mlp = MLP(cfg, name="mlp")
-        x = _residual(
-            cfg,
-            x,
-            lambda h: mlp(h, deterministic=deterministic),
-            make_norm(cfg, "mlp_norm"),
-            drop,
-            deterministic,
-            _adapter(cfg, "mlp"),
-        )
-        return nn.with_logical_constraint(x, ACT_AXES)
-
-
-def _residual(cfg, x, sublayer, norm, drop, deterministic, adapter=None) -> Array:
-    """Pre-norm ``x + f(norm(x))`` or post-norm ``norm(x + f(x))``.
-
-    A bottleneck adapter, when present, transforms the sub-layer's output
-    before the residual addition (Houlsby et al. 2019, figure 2).
-    """
-    if cfg.norm_position == "pre":
-        h = sublayer(norm(x))
-        h = h if adapter is None else adapter(h)
-        return x + drop(h, deterministic=deterministic)
-    h = sublayer(x)
-    h = h if adapter is None else adapter(h)
-    return norm(x + drop(h, deterministic=deterministic))
-
-
-def _adapter(cfg: TransformerConfig, where: str) -> BottleneckAdapter | None:
-    """The bottleneck adapter after the ``attention`` or ``mlp`` sub-layer, if any."""
-    adapters = cfg.peft.adapters if cfg.peft is not None else None
-    if adapters is None or (where == "attention" and adapters.kind == "pfeiffer"):
-        return None
-    return BottleneckAdapter(adapters, cfg.dtype, cfg.param_dtype, name=f"adapter_{where}")
 
 
 def prompt_length(cfg: TransformerConfig, stack: str) -> int:
@@ -276,10 +166,9 @@ class Encoder(_Stack):
         bias = self.relative_bias(positions, positions, bidirectional=True)
         rope = self.rope(positions)
         x = self.embed_tokens(tokens, positions, deterministic, n)
-        for i in range(cfg.num_encoder_layers):
-            x = EncoderLayer(cfg, name=f"layers_{i}")(
-                x, mask=mask, bias=bias, rope=rope, deterministic=deterministic
-            )
+        x = run_blocks(
+            EncoderLayer, cfg, cfg.num_encoder_layers, x, mask, bias, rope, deterministic
+        )
         return self.final(x, deterministic)
 
 
@@ -337,18 +226,21 @@ class Decoder(_Stack):
         bias = self.relative_bias(positions, key_positions, bidirectional=False)
         rope = self.rope(positions)
         x = self.embed_tokens(tokens, positions, deterministic, n)
-        for i in range(cfg.num_decoder_layers):
-            x = DecoderLayer(cfg, self.has_cross_attention, name=f"layers_{i}")(
-                x,
-                encoded,
-                mask=mask,
-                cross_mask=cross_mask,
-                bias=bias,
-                rope=rope,
-                decode=decode,
-                cache_slot=cache_slot,
-                deterministic=deterministic,
-            )
+        x = run_blocks(
+            DecoderLayer,
+            cfg,
+            cfg.num_decoder_layers,
+            x,
+            encoded,
+            mask,
+            cross_mask,
+            bias,
+            rope,
+            cache_slot,
+            decode,
+            deterministic,
+            has_cross_attention=self.has_cross_attention,
+        )
         x = self.final(x, deterministic)
         return self.logits(x[:, n:])
 
