@@ -49,6 +49,7 @@ A process whose peer closes a collective's connection fails sooner.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 from collections.abc import Iterator
@@ -65,11 +66,12 @@ from flaxtune.errors import FlaxtuneError
 __all__ = [
     "ENABLED_CHOICES",
     "DistributedSetupError",
-    "agree_on_primary",
+    "allgather_json",
     "distributed_kwargs",
     "host_array",
     "initialize_distributed",
     "is_primary",
+    "own_entry",
     "primary_first",
     "should_initialize",
 ]
@@ -165,34 +167,36 @@ def is_primary() -> bool:
 
 
 @contextlib.contextmanager
-def primary_first(name: str) -> Iterator[None]:
-    """Process 0 runs the body, then the others do (after it finished).
+def primary_first(what: str) -> Iterator[None]:
+    """Process 0 runs the body, then the others do, once it succeeded.
 
-    For work that writes into a shared directory and that the others then
-    read (training a tokenizer into the workdir, building a dataset): process
-    0 writes it, the others find it. One process: just the body.
+    For work that writes into a shared directory what the others then read
+    (the tokenizer trained into the workdir, a dataset built on first use, the
+    workdir's lock). If process 0 fails, the others raise
+    ``DistributedSetupError`` naming ``what`` instead of waiting for it in a
+    collective. One process: just the body.
     """
     if jax.process_count() == 1:
         yield
         return
-    if not is_primary():
-        multihost_utils.sync_global_devices(f"flaxtune:{name}")
-    yield
     if is_primary():
-        multihost_utils.sync_global_devices(f"flaxtune:{name}")
-
-
-def agree_on_primary(ok: bool, message: str) -> None:
-    """Every process learns whether process 0's ``ok`` held; the others raise if not.
-
-    Process 0 raises its own, more precise error itself; ``message`` is what
-    the other processes say instead of waiting for it in a collective.
-    """
-    if jax.process_count() == 1:
+        try:
+            yield
+        except BaseException:
+            _primary_says(False)
+            raise
+        _primary_says(True)
         return
-    ok_everywhere = bool(multihost_utils.broadcast_one_to_all(np.asarray(ok)))
-    if not ok_everywhere and not is_primary():
-        raise DistributedSetupError(message)
+    if not _primary_says(True):
+        raise DistributedSetupError(
+            f"process 0 failed while {what}; its output (and WORKDIR/results.json) has the error."
+        )
+    yield
+
+
+def _primary_says(ok: bool) -> bool:
+    """Process 0's ``ok`` on every process (a collective: also the barrier)."""
+    return bool(multihost_utils.broadcast_one_to_all(np.asarray(ok)))
 
 
 def host_array(x: Any) -> np.ndarray:
@@ -207,3 +211,38 @@ def host_array(x: Any) -> np.ndarray:
     if x.is_fully_replicated:
         return np.asarray(x.addressable_data(0))
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def allgather_json(value: Any) -> list[Any]:
+    """Every process's ``value`` (JSON-able), in process order, on every process.
+
+    For what differs between processes and must be kept for all of them: each
+    process's data-iterator position in a checkpoint. A collective.
+    """
+    if jax.process_count() == 1:
+        return [value]
+    data = np.frombuffer(json.dumps(value).encode(), np.uint8)
+    sizes = multihost_utils.process_allgather(np.asarray([data.size], np.int64))
+    padded = np.zeros(int(np.max(sizes)), np.uint8)
+    padded[: data.size] = data
+    rows = multihost_utils.process_allgather(padded)
+    return [
+        json.loads(bytes(row[: int(n)]).decode())
+        for row, n in zip(rows, sizes.ravel(), strict=True)
+    ]
+
+
+def own_entry(entries: list[Any] | None, what: str) -> Any:
+    """This process's entry of an ``allgather_json`` list read back from a checkpoint.
+
+    Raises ``DistributedSetupError`` when the list was written by another
+    number of processes (``None``: by one process, with no list).
+    """
+    written_by = 1 if entries is None else len(entries)
+    if written_by != jax.process_count():
+        raise DistributedSetupError(
+            f"{what} was written by {written_by} process(es), and this run has "
+            f"{jax.process_count()}: each process's position in the data is its own. Resume "
+            f"with {written_by} process(es), or start a new workdir (init_from= the old one)."
+        )
+    return entries[jax.process_index()] if entries is not None else None

@@ -81,9 +81,11 @@ import ml_collections
 from flaxtune.data import LoaderConfig, Tokenizer, make_loader
 from flaxtune.train.checkpoints import CheckpointManager
 from flaxtune.train.distributed import (
+    allgather_json,
     host_array,
     initialize_distributed,
     is_primary,
+    own_entry,
     primary_first,
 )
 from flaxtune.train.frozen_base import dequantize_frozen
@@ -274,7 +276,14 @@ def _resume(run: _Run) -> tuple[TrainState, Any]:
         # two train states for the whole run.
         jax.tree.map(lambda x: x.delete(), run.trainer.state)
         logger.info("resumed from step %d", int(state.step))
-    return state, loader.iterator(data_state.get("loader") if data_state else None)
+    loader_state = None
+    if data_state:
+        # Several processes: each resumes its own position in its shard.
+        loader_state = data_state.get("loader")
+        if "loaders" in data_state or jax.process_count() > 1:
+            where = f"the data position in {run.ckpt.directory}"
+            loader_state = own_entry(data_state.get("loaders"), where)
+    return state, loader.iterator(loader_state)
 
 
 # --------------------------------------------------------------------------
@@ -366,10 +375,19 @@ def _checkpoint(
     ckpt.save(
         state,
         metrics=eval_metrics,
-        data_state=lambda: {"loader": iterator.get_state()},
+        data_state=lambda: _data_state(iterator),
         force=force,
         step=step,
     )
+
+
+def _data_state(iterator: Any) -> dict[str, Any]:
+    """The loader's position, for the checkpoint: every process's where there are several
+    (a process's position is its own: packing, for one, fills rows differently per shard)."""
+    position = iterator.get_state()
+    if jax.process_count() == 1:
+        return {"loader": position}
+    return {"loader": position, "loaders": allgather_json(position)}
 
 
 def _close_checkpoints(ckpt: CheckpointManager) -> None:

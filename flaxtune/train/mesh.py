@@ -15,6 +15,13 @@ The batch is split over ``("data", "fsdp")``. The same code runs on one
 device (every mesh axis of size 1), on 8 fake CPU devices in tests and on a
 GPU/TPU mesh.
 
+Several processes (``flaxtune.train.distributed``): the mesh spans every
+process's devices, and no process holds a whole batch. ``process_batch_shard``
+says which contiguous slice of the global batch this process's devices hold,
+the loader reads just those rows, and ``shard_batch`` assembles the global
+array from every process's slice (``jax.make_array_from_process_local_data``):
+each device gets the rows it would get in a one-process run.
+
 Sharded init follows lm1b: ``jax.eval_shape`` gives the boxed abstract
 variables, ``nn.get_partition_spec`` their logical specs,
 ``nn.logical_to_mesh_sharding`` the ``NamedSharding`` s, and the init is

@@ -9,7 +9,8 @@ environment, default 5). The mesh spans every process's devices; each step
 the process supplies its own rows of the toy's global batch of 8
 (``process_batch_shard``), and prints ``STEP <n> <loss>`` once it is done.
 ``STEP_SLEEP`` (seconds, from the environment) slows the steps down so that
-the parent can signal the run in the middle.
+the parent can signal the run in the middle; ``PRIMARY_FAILS`` makes process
+0 fail inside ``primary_first`` before training.
 
 A preemption (SIGTERM to any process) is agreed on by all processes
 (``StopSignals.stop_at``): each saves its part of the checkpoint at the same
@@ -30,7 +31,11 @@ import ml_collections  # noqa: E402
 
 from experiments.configs import default  # noqa: E402
 from flaxtune.train.checkpoints import CheckpointManager  # noqa: E402
-from flaxtune.train.distributed import initialize_distributed  # noqa: E402
+from flaxtune.train.distributed import (  # noqa: E402
+    initialize_distributed,
+    is_primary,
+    primary_first,
+)
 from flaxtune.train.mesh import (  # noqa: E402
     jit_train_step,
     make_mesh,
@@ -60,6 +65,10 @@ def distributed_config(process_id: int, num_processes: int, port: int) -> ml_col
 def main(workdir: str, steps: int, process: tuple[int, int, int] | None) -> None:
     if process is not None:
         assert initialize_distributed(distributed_config(*process))
+    if os.environ.get("PRIMARY_FAILS"):
+        with primary_first("writing the run's files"):
+            if is_primary():
+                raise RuntimeError("process 0 cannot write")
     mesh = make_mesh()
     labels = label_params(jax.eval_shape(toy.init_params, toy.rng()), toy.RULES_ALL)
     tx = make_optimizer(toy.CONFIG, labels)

@@ -145,6 +145,15 @@ def test_a_killed_process_makes_the_other_exit_with_an_error_in_bounded_time(tmp
     print(json.dumps({"victim": victim, "exit_s": round(elapsed, 2), "rc": rc}))
 
 
+@pytest.mark.slow
+def test_when_process_0_fails_first_the_others_say_so_instead_of_waiting(tmp_path):
+    pair = two_processes(tmp_path, 5, PRIMARY_FAILS="1")
+    (rc0, out0), (rc1, out1) = (finish(proc, timeout=120) for proc in pair)
+    assert rc0 != 0 and "process 0 cannot write" in out0
+    assert rc1 != 0
+    assert "DistributedSetupError: process 0 failed while writing the run's files" in out1
+
+
 # --------------------------------------------------------------------------
 # The config section (no processes)
 # --------------------------------------------------------------------------
@@ -198,3 +207,114 @@ def test_bad_distributed_values_are_refused(key, value, message):
     cfg.distributed[key] = value
     with pytest.raises(RunConfigError, match=message):
         validate_run_config(cfg)
+
+
+# --------------------------------------------------------------------------
+# The whole run (experiments.main): slow, one pair of processes per phase
+# --------------------------------------------------------------------------
+def main_command(workdir: Path, data_dir: str, tokenizer_dir: Path, *flags: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "experiments.main",
+        "--config=experiments/configs/tiny.py",
+        f"--workdir={workdir}",
+        f"--config.data.data_dir={data_dir}",
+        f"--config.tokenizer.path={tokenizer_dir}",
+        "--config.data.read_threads=0",
+        # A schedule that does not depend on num_steps: a run stopped at step S
+        # and continued to S + 2 follows the one-process run of S + 2 steps.
+        "--config.optimizer.schedule=constant",
+        "--config.optimizer.warmup_steps=0",
+        "--config.optimizer.learning_rate=0.003",
+        "--config.train.log_every=1",
+        "--config.eval.generate_examples=2",
+        "--config.eval.tasks=bundled/sentiment",
+        "--config.eval.batch_size=4",
+        "--config.eval.max_new_tokens=4",
+        *flags,
+    ]
+
+
+def run_main(workdir, data_dir, tokenizer_dir, devices, *flags, process=None, port=None):
+    if process is not None:
+        flags = (
+            *flags,
+            f"--config.distributed.coordinator_address=localhost:{port}",
+            "--config.distributed.num_processes=2",
+            f"--config.distributed.process_id={process}",
+            f"--config.distributed.heartbeat_timeout_s={HEARTBEAT_S}",
+        )
+    env = child_env(
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu"
+    )
+    return subprocess.Popen(
+        main_command(workdir, data_dir, tokenizer_dir, *flags),
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def metric(workdir: Path, key: str) -> dict[int, float]:
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r[key] for r in records if key in r}
+
+
+@pytest.mark.slow
+def test_a_preempted_two_process_run_resumes_to_the_one_process_losses(
+    data_dir, tokenizer, tmp_path
+):
+    tokenizer_dir = tmp_path / "tokenizer"
+    tokenizer.save(tokenizer_dir)
+    # Process 0 builds the dataset while process 1 waits (primary_first).
+    pair_dir = tmp_path / "pair"
+    port = free_port()
+    pair = [
+        run_main(
+            pair_dir,
+            data_dir,
+            tokenizer_dir,
+            2,
+            "--config.train.num_steps=400",
+            process=i,
+            port=port,
+        )
+        for i in range(2)
+    ]
+    deadline = time.monotonic() + CHILD_TIMEOUT_S
+    while not (pair_dir / "metrics.jsonl").exists() or len(metric(pair_dir, "train/loss")) < 2:
+        assert time.monotonic() < deadline and pair[0].poll() is None, finish(pair[0])[1][-3000:]
+        time.sleep(0.2)
+    pair[1].send_signal(signal.SIGTERM)
+    for proc in pair:
+        rc, out = finish(proc)
+        assert rc == 128 + signal.SIGTERM, out[-3000:]
+    results = json.loads((pair_dir / "results.json").read_text())
+    assert results["status"] == "preempted"
+    stopped = max(int(p.name) for p in (pair_dir / "checkpoints").iterdir() if p.name.isdigit())
+    total = stopped + 2
+    # Resumed by both processes; the reference is one process with 4 devices.
+    port = free_port()
+    steps = f"--config.train.num_steps={total}"
+    resumed = [
+        run_main(pair_dir, data_dir, tokenizer_dir, 2, steps, process=i, port=port)
+        for i in range(2)
+    ]
+    reference = run_main(tmp_path / "one", data_dir, tokenizer_dir, 4, steps)
+    for proc in (*resumed, reference):
+        rc, out = finish(proc, timeout=2 * CHILD_TIMEOUT_S)
+        assert rc == 0, out[-3000:]
+    for key in ("train/loss", "eval/loss"):
+        ours, theirs = metric(pair_dir, key), metric(tmp_path / "one", key)
+        assert sorted(ours) == sorted(theirs)
+        assert list(ours.values()) == pytest.approx(list(theirs.values()), abs=1e-6, rel=0)
+    assert len(metric(pair_dir, "train/loss")) == total
+    # Generation ran on both processes' devices; process 0 wrote the same predictions.
+    predictions = [
+        (d / "eval" / "predictions.jsonl").read_text() for d in (pair_dir, tmp_path / "one")
+    ]
+    assert predictions[0] == predictions[1]
+    assert json.loads((pair_dir / "results.json").read_text())["status"] == "finished"
