@@ -58,7 +58,7 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from jax._src import clusters, xla_bridge
+from jax._src import clusters, distributed, xla_bridge
 from jax.experimental import multihost_utils
 
 from flaxtune.errors import FlaxtuneError
@@ -173,30 +173,38 @@ def primary_first(what: str) -> Iterator[None]:
     For work that writes into a shared directory what the others then read
     (the tokenizer trained into the workdir, a dataset built on first use, the
     workdir's lock). If process 0 fails, the others raise
-    ``DistributedSetupError`` naming ``what`` instead of waiting for it in a
-    collective. One process: just the body.
+    ``DistributedSetupError`` naming ``what`` instead of waiting for it. The
+    others wait through the coordination service's key-value store, not in a
+    device collective: building a dataset can take minutes, longer than a
+    collective waits, and a process 0 that dies is caught by the heartbeat.
+    One process: just the body.
     """
     if jax.process_count() == 1:
         yield
         return
+    global _announcements
+    _announcements += 1  # every process passes the same primary_first calls in order
+    key = f"flaxtune/primary_first/{_announcements}"
+    client = distributed.global_state.client
     if is_primary():
         try:
             yield
         except BaseException:
-            _primary_says(False)
+            client.key_value_set(key, "failed")
             raise
-        _primary_says(True)
+        client.key_value_set(key, "done")
         return
-    if not _primary_says(True):
+    if client.blocking_key_value_get(key, _WAIT_FOR_PRIMARY_MS) != "done":
         raise DistributedSetupError(
             f"process 0 failed while {what}; its output (and WORKDIR/results.json) has the error."
         )
     yield
 
 
-def _primary_says(ok: bool) -> bool:
-    """Process 0's ``ok`` on every process (a collective: also the barrier)."""
-    return bool(multihost_utils.broadcast_one_to_all(np.asarray(ok)))
+# How long the others wait for process 0's part (a dead process 0 ends the wait
+# sooner: the heartbeat timeout terminates every process).
+_WAIT_FOR_PRIMARY_MS = 24 * 3600 * 1000
+_announcements = 0
 
 
 def host_array(x: Any) -> np.ndarray:
