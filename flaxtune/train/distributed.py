@@ -102,7 +102,12 @@ def distributed_kwargs(section: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def _detected_cluster_processes() -> int:
-    """How many processes the cluster JAX detects runs (0: no cluster detected)."""
+    """How many processes the cluster JAX detects runs (0: no cluster detected).
+
+    The detectors are the ones ``jax.distributed.initialize()`` itself consults
+    (TPU VM metadata, SLURM, Open MPI, Kubernetes); JAX has no public call that
+    asks them without initializing.
+    """
     for env in clusters.ClusterEnv._cluster_types:
         if env.opt_in_only_method or not env.is_env_present():
             continue
