@@ -31,6 +31,7 @@ from ml_collections import config_flags
 
 from experiments.study import runner
 from flaxtune.errors import FlaxtuneError
+from flaxtune.train.distributed import initialize_distributed
 from flaxtune.train.host_memory import retain_freed_host_memory
 from flaxtune.train.loop import train_and_evaluate
 from flaxtune.train.run_config_checks import validate_run_config
@@ -115,6 +116,8 @@ def _run(argv: list[str]) -> None:
         std_logging.getLogger("experiments").setLevel(std_logging.INFO)
         std_logging.getLogger("flaxtune").setLevel(std_logging.INFO)
         sys.exit(runner.run(config, _WORKDIR.value))
+    # jax.distributed before JAX's first use (validating the mesh lists the devices).
+    initialize_distributed(config)
     validate_run_config(config, _WORKDIR.value)
     train_and_evaluate(config, _WORKDIR.value)
 

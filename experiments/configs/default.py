@@ -213,6 +213,33 @@ def get_config() -> ml_collections.ConfigDict:
     # Prompts per generation batch.
     c.eval.batch_size = 32
 
+    # Trace train steps with jax.profiler into WORKDIR/profile (TensorBoard's profile
+    # plugin, Perfetto): "START:STOP" traces the steps from state START to state STOP,
+    # e.g. "10:15"; "" = off (flaxtune/train/profiling.py).
+    c.profile_steps = ""
+
+    # Several processes (hosts, or one per accelerator) in one run through
+    # jax.distributed (flaxtune/train/distributed.py). Every process runs the same command
+    # with the same workdir on a shared file system; process 0 writes the run's files.
+    c.distributed = ml_collections.ConfigDict()
+    # auto | on | off. auto: on when a coordinator is named (below or JAX_COORDINATOR_ADDRESS)
+    # or JAX detects a cluster of more than one process (TPU VM slice, SLURM, Open MPI).
+    c.distributed.enabled = "auto"
+    # host:port of process 0's coordinator ("" = JAX_COORDINATOR_ADDRESS or the cluster's).
+    c.distributed.coordinator_address = ""
+    # Processes in the run (0 = from the cluster).
+    c.distributed.num_processes = 0
+    # This process's index, 0..num_processes-1 (-1 = from the cluster).
+    c.distributed.process_id = -1
+    # Comma-separated ids of the local accelerators this process uses ("" = all, or the
+    # cluster's per-process assignment).
+    c.distributed.local_device_ids = ""
+    # Seconds to wait for every process to connect at the start.
+    c.distributed.initialization_timeout_s = 300
+    # Seconds without a heartbeat after which a process counts as dead: every other
+    # process then exits with an error (the bound on how long a dead peer can stall a run).
+    c.distributed.heartbeat_timeout_s = 100
+
     c.mesh = ml_collections.ConfigDict()
     # Devices on the data axis (-1 = all remaining).
     c.mesh.data = -1

@@ -6,7 +6,7 @@ function of (seed, index) and the iterator state is a small JSON-able dict::
     per task:  source ─map_with_index(preprocess)─▶ Example
                ─shuffle(seed_t)─▶ ─repeat(num_epochs)─▶ ─map(template)─▶ text
     MapDataset.mix(tasks, weights)         (deterministic interleave)
-    [shard_index::shard_count]             (each process a disjoint slice)
+    _BatchShard                            (each process its rows of every batch)
     map / random_map(tokenize, truncate | span-corrupt)  (rng from seed+index)
     to_iter_dataset ─▶ pad | FirstFitPack ─▶ batch ─▶ to_model_features
 
@@ -79,7 +79,8 @@ class LoaderConfig:
     # mixture ends when its first task runs out (grain.MapDataset.mix), so
     # evaluate tasks one at a time.
     num_epochs: int | None = None
-    # Multi-host: shard_index=jax.process_index(), shard_count=jax.process_count().
+    # Several processes: this process's slice of every global batch, whose
+    # batch_size rows (the global batch / shard_count) it reads; see _BatchShard.
     shard_index: int = 0
     shard_count: int = 1
     truncation: F.Truncation = field(default_factory=F.Truncation)
@@ -162,7 +163,7 @@ class Loader:
             else grain.MapDataset.mix(per_task, [self.weights[t] for t in self.mixture.tasks])
         )
         if config.shard_count > 1:
-            ds = ds[config.shard_index :: config.shard_count]
+            ds = _BatchShard(ds, config)
         # Rendered text examples in loader order (this process's shard), before
         # tokenization: what the batches are made of; handy for inspection.
         self.text_examples: grain.MapDataset = ds
@@ -331,6 +332,49 @@ class Loader:
 
     def __iter__(self):
         return self.iterator()
+
+
+class _BatchShard(grain.MapDataset):
+    """One process's rows of every global batch: block ``shard_index`` of each run of
+    ``shard_count`` blocks of ``batch_size`` examples.
+
+    Global batch k is examples ``[k * B, (k + 1) * B)`` of the unsharded
+    stream (``B = batch_size * shard_count``), exactly the batch one process
+    would make; process p reads its rows ``[k * B + p * b, k * B + (p + 1) * b)``,
+    which are the rows its devices hold in the global array, so every device
+    computes on the rows it would have had in a one-process run. With
+    ``drop_remainder`` a finite stream is cut to whole global batches, so every
+    process makes the same number of batches (a process with one batch more
+    would wait for the others in a collective forever).
+    """
+
+    def __init__(self, parent: grain.MapDataset, config: LoaderConfig):
+        super().__init__(parent)
+        self._block = config.batch_size
+        self._index = config.shard_index
+        self._count = config.shard_count
+        whole = len(parent) // (self._block * self._count)
+        if config.drop_remainder:
+            self._length = whole * self._block
+        else:  # the last partial global batch's blocks go to the first processes
+            rest = max(
+                len(parent) - whole * self._block * self._count - self._index * self._block, 0
+            )
+            self._length = whole * self._block + min(rest, self._block)
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        if not 0 <= index < self._length:
+            raise IndexError(f"index {index} out of range for a shard of {self._length}")
+        block, offset = divmod(index, self._block)
+        return self._parent[(block * self._count + self._index) * self._block + offset]
+
+    def __str__(self) -> str:
+        return f"_BatchShard(shard={self._index}/{self._count}, block={self._block})"
 
 
 def make_loader(

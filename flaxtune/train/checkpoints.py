@@ -257,7 +257,9 @@ class CheckpointManager:
         if tokenizer_fingerprint is None and tokenizer_path is not None:
             tokenizer_fingerprint = file_fingerprint(tokenizer_path)
         self.tokenizer_fingerprint = tokenizer_fingerprint
-        self._write_run_files(config, tokenizer_path)
+        # Several processes share the workdir: process 0 writes the run's files.
+        if jax.process_index() == 0:
+            self._write_run_files(config, tokenizer_path)
 
         policies: list[Any] = [ocp.checkpoint_managers.LatestN(n=max_to_keep)]
         best_fn = None

@@ -47,11 +47,26 @@ Reliability (each piece is its own module; the loop only wires them in):
   the last one ended (``status``, and ``error`` with type and message), so a
   failure or a re-run of a finished workdir never loses what was there
   (``results_file``).
+
+Several processes (``distributed``, one per host or per accelerator): every
+process runs this same function on the same config and workdir (a shared
+file system). Each reads its own rows of every batch (the loader's shard,
+its batch ``data.batch_size / shard_count``), makes global arrays of them,
+and takes part in every step, evaluation, checkpoint and generation; process
+0 alone holds the workdir lock, writes the tokenizer, the metric records,
+``results.json``, ``model.json`` and the prediction files (the others wait
+where they would read what it writes). A preemption is agreed on by all
+processes (``preemption``); a process that dies makes the others exit
+within ``distributed.heartbeat_timeout_s``.
+
+``profile_steps`` traces a range of steps with ``jax.profiler``
+(``profiling``).
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import logging
 import time
@@ -65,14 +80,23 @@ import ml_collections
 
 from flaxtune.data import LoaderConfig, Tokenizer, make_loader
 from flaxtune.train.checkpoints import CheckpointManager
+from flaxtune.train.distributed import (
+    allgather_json,
+    host_array,
+    initialize_distributed,
+    is_primary,
+    own_entry,
+    primary_first,
+)
 from flaxtune.train.frozen_base import dequantize_frozen
 from flaxtune.train.losses import eval_loss
-from flaxtune.train.mesh import make_mesh, mesh_context, shard_batch
+from flaxtune.train.mesh import make_mesh, mesh_context, process_batch_shard, shard_batch
 from flaxtune.train.metrics_writer import MetricsWriter, ProgressBar, plot_curves
 from flaxtune.train.nonfinite_guard import NonFiniteGuard
 from flaxtune.train.partition import merge_params
 from flaxtune.train.preemption import RunPreempted, StopSignals
 from flaxtune.train.pretrained import continues_adapter, resolve_pretrained, start_values
+from flaxtune.train.profiling import StepProfiler, parse_profile_steps
 from flaxtune.train.results_file import update_results
 from flaxtune.train.run_config import (
     check_model_source,
@@ -123,10 +147,13 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path) -> d
     ``SystemExit``) after SIGTERM/SIGINT and a checkpoint. Whatever ends the
     run, ``results.json`` gets what it had, with ``status`` (and ``error``).
     """
-    validate_run_config(cfg, workdir, read_data=True)
+    initialize_distributed(cfg)
+    # Process 0 first: opening the data may build a dataset in a shared directory.
+    with primary_first("validating the run config"):
+        validate_run_config(cfg, workdir, read_data=True)
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
-    with WorkdirLock(workdir):
+    with _workdir_lock(workdir):
         results: dict[str, Any] = {}
         try:
             run = _setup(cfg, workdir)
@@ -136,13 +163,32 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path) -> d
             state = _train(run, state, iterator, results)
             return _finish(run, state, results)
         except RunPreempted as stop:
-            update_results(workdir, {**results, "status": "preempted"})
+            _update_results(workdir, {**results, "status": "preempted"})
             logger.warning("%s.", stop)
             raise
         except BaseException as e:
             error = {"type": type(e).__name__, "message": str(e)}
-            update_results(workdir, {**results, "status": "failed", "error": error})
+            _update_results(workdir, {**results, "status": "failed", "error": error})
             raise
+
+
+@contextlib.contextmanager
+def _workdir_lock(workdir: Path):
+    """The workdir's lock, held by process 0 (the others learn if it failed and stop)."""
+    lock = WorkdirLock(workdir) if is_primary() else None
+    with primary_first("locking the workdir"):
+        if lock is not None:
+            lock.acquire()
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _update_results(workdir: Path, new: dict[str, Any], **kw: Any) -> dict[str, Any]:
+    """``update_results`` by process 0; the others return ``new`` (they write no file)."""
+    return update_results(workdir, new, **kw) if is_primary() else dict(new)
 
 
 # --------------------------------------------------------------------------
@@ -164,14 +210,16 @@ def _setup(cfg: ml_collections.ConfigDict, workdir: Path) -> _Run:
     # checkpoint's (read from its JSON now; its weights once the run is known
     # to be new).
     source = resolve_pretrained(cfg.init_from) if cfg.init_from else None
-    if source is None:
-        tokenizer = load_or_train_tokenizer(cfg, workdir)
-    else:
-        tokenizer = pretrained_tokenizer(cfg, workdir, source)
+    # Process 0 writes the tokenizer into the workdir; the others then read it.
+    with primary_first("writing the tokenizer"):
+        if source is None:
+            tokenizer = load_or_train_tokenizer(cfg, workdir)
+        else:
+            tokenizer = pretrained_tokenizer(cfg, workdir, source)
     mcfg = model_config(cfg, tokenizer, None if source is None else source.config)
     mesh = make_mesh(data=cfg.mesh.data, fsdp=cfg.mesh.fsdp, tensor=cfg.mesh.tensor)
     data_dir = data_directory(cfg)
-    lcfg = loader_config(cfg, encoder_decoder=mcfg.is_encoder_decoder)
+    lcfg = _process_loader_config(loader_config(cfg, encoder_decoder=mcfg.is_encoder_decoder), mesh)
     spec = trainer_spec(
         mcfg,
         mesh=mesh,
@@ -206,6 +254,16 @@ def _setup(cfg: ml_collections.ConfigDict, workdir: Path) -> _Run:
     return _Run(cfg, workdir, tokenizer, mcfg, lcfg, data_dir, trainer, ckpt, resuming)
 
 
+def _process_loader_config(lcfg: LoaderConfig, mesh: Any) -> LoaderConfig:
+    """This process's loader: its shard of every global batch, and that many rows."""
+    index, count = process_batch_shard(mesh)
+    if count == 1:
+        return lcfg
+    return dataclasses.replace(
+        lcfg, batch_size=lcfg.batch_size // count, shard_index=index, shard_count=count
+    )
+
+
 def _resume(run: _Run) -> tuple[TrainState, Any]:
     """The state to train from (restored if the run resumes) and the data iterator."""
     cfg = run.cfg
@@ -218,7 +276,14 @@ def _resume(run: _Run) -> tuple[TrainState, Any]:
         # two train states for the whole run.
         jax.tree.map(lambda x: x.delete(), run.trainer.state)
         logger.info("resumed from step %d", int(state.step))
-    return state, loader.iterator(data_state.get("loader") if data_state else None)
+    loader_state = None
+    if data_state:
+        # Several processes: each resumes its own position in its shard.
+        loader_state = data_state.get("loader")
+        if "loaders" in data_state or jax.process_count() > 1:
+            where = f"the data position in {run.ckpt.directory}"
+            loader_state = own_entry(data_state.get("loaders"), where)
+    return state, loader.iterator(loader_state)
 
 
 # --------------------------------------------------------------------------
@@ -238,10 +303,14 @@ def _train(run: _Run, state: TrainState, iterator: Any, results: dict[str, Any])
     log_tokens = cfg.data.batch_size * (target_tokens + source_tokens) * cfg.train.log_every
     first = step = int(state.step)
     guard = NonFiniteGuard(cfg.train.get("max_nonfinite_steps", 10), first)
+    profiler = StepProfiler(parse_profile_steps(cfg.get("profile_steps", "")), run.workdir)
+    primary = is_primary()
     try:
         with (
-            MetricsWriter(run.workdir, resume_step=first) as writer,
-            ProgressBar(cfg.train.num_steps, initial=first) as bar,
+            MetricsWriter(run.workdir, resume_step=first, active=primary) as writer,
+            ProgressBar(
+                cfg.train.num_steps, initial=first, disable=None if primary else True
+            ) as bar,
             StopSignals() as stop,
         ):
             last = time.perf_counter()
@@ -255,8 +324,10 @@ def _train(run: _Run, state: TrainState, iterator: Any, results: dict[str, Any])
                 batch = shard_batch(next(iterator), run.trainer.mesh)
                 if step == first:
                     _record_step_memory(run, state, batch, results)
+                profiler.before_step(step)
                 state, metrics = run.trainer.step(state, batch)
                 step += 1
+                profiler.after_step(step, metrics)
                 guard.update(metrics)
                 in_flight.append(metrics["loss"])
                 if len(in_flight) > MAX_STEPS_IN_FLIGHT:
@@ -272,13 +343,16 @@ def _train(run: _Run, state: TrainState, iterator: Any, results: dict[str, Any])
                     # Evaluation waits for the state anyway; a NaN run stops first.
                     guard.check(last_checkpoint=ckpt.saved_step())
                     eval_metrics = _evaluate(run, state, step, writer, results)
-                stopping = stop.requested is not None
-                _checkpoint(run, state, step, iterator, guard, eval_metrics, final or stopping)
-                if stopping:
+                signum = stop.stop_at(step)
+                _checkpoint(
+                    run, state, step, iterator, guard, eval_metrics, final or signum is not None
+                )
+                if signum is not None:
                     ckpt.wait_until_finished()
-                    raise RunPreempted(stop.requested, step)
+                    raise RunPreempted(signum, step)
             ckpt.wait_until_finished()
     finally:
+        profiler.close()
         _close_checkpoints(ckpt)
     return state
 
@@ -301,10 +375,19 @@ def _checkpoint(
     ckpt.save(
         state,
         metrics=eval_metrics,
-        data_state=lambda: {"loader": iterator.get_state()},
+        data_state=lambda: _data_state(iterator),
         force=force,
         step=step,
     )
+
+
+def _data_state(iterator: Any) -> dict[str, Any]:
+    """The loader's position, for the checkpoint: every process's where there are several
+    (a process's position is its own: packing, for one, fills rows differently per shard)."""
+    position = iterator.get_state()
+    if jax.process_count() == 1:
+        return {"loader": position}
+    return {"loader": position, "loaders": allgather_json(position)}
 
 
 def _close_checkpoints(ckpt: CheckpointManager) -> None:
@@ -397,7 +480,11 @@ def _evaluate(
 def _finish(run: _Run, state: TrainState, results: dict[str, Any]) -> dict[str, Any]:
     """Final params, test-split generation scores, loss curve; returns the merged results."""
     cfg, workdir = run.cfg, run.workdir
-    params = jax.device_get(merge_params(state.trainable, dequantize_frozen(state.frozen)))
+    # Every process holds the whole tree (gathered where it is sharded across
+    # processes): the save below is collective, and generation reads it.
+    params = jax.tree.map(
+        host_array, merge_params(state.trainable, dequantize_frozen(state.frozen))
+    )
     save_params(
         workdir, params, run.model_config, run.tokenizer, frozen_base=run.trainer.frozen_info
     )
@@ -410,8 +497,9 @@ def _finish(run: _Run, state: TrainState, results: dict[str, Any]) -> dict[str, 
                 cfg,
                 split=cfg.eval.split,
                 limit=cfg.eval.generate_examples,
-                out_dir=workdir / "eval",
+                out_dir=workdir / "eval" if is_primary() else None,
             )
         results["scores"] = scores
-    plot_curves(workdir / "metrics.jsonl", workdir / "loss.png", train_key="train/loss")
-    return update_results(workdir, {**results, "status": "finished"}, drop=("error",))
+    if is_primary():
+        plot_curves(workdir / "metrics.jsonl", workdir / "loss.png", train_key="train/loss")
+    return _update_results(workdir, {**results, "status": "finished"}, drop=("error",))

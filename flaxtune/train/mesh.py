@@ -15,6 +15,13 @@ The batch is split over ``("data", "fsdp")``. The same code runs on one
 device (every mesh axis of size 1), on 8 fake CPU devices in tests and on a
 GPU/TPU mesh.
 
+Several processes (``flaxtune.train.distributed``): the mesh spans every
+process's devices, and no process holds a whole batch. ``process_batch_shard``
+says which contiguous slice of the global batch this process's devices hold,
+the loader reads just those rows, and ``shard_batch`` assembles the global
+array from every process's slice (``jax.make_array_from_process_local_data``):
+each device gets the rows it would get in a one-process run.
+
 Sharded init follows lm1b: ``jax.eval_shape`` gives the boxed abstract
 variables, ``nn.get_partition_spec`` their logical specs,
 ``nn.logical_to_mesh_sharding`` the ``NamedSharding`` s, and the init is
@@ -83,6 +90,7 @@ __all__ = [
     "logical_shardings",
     "make_mesh",
     "mesh_context",
+    "process_batch_shard",
     "shard_batch",
     "sharded_init",
     "sharded_train_state",
@@ -242,18 +250,53 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES))
 
 
+def process_batch_shard(mesh: Mesh) -> tuple[int, int]:
+    """``(shard_index, shard_count)``: which rows of every global batch this process supplies.
+
+    The batch axis is cut into ``data x fsdp`` equal blocks, one per mesh
+    position; this process's devices hold a run of them, which in the global
+    batch is slice ``shard_index`` of ``shard_count`` equal slices (one process:
+    ``(0, 1)``; P processes of pure data parallelism: ``(process_index, P)``;
+    processes that share their blocks, e.g. a ``tensor`` axis across
+    processes, get the same index and must read the same data). The loader
+    reads that slice of every batch (``LoaderConfig.shard_index`` /
+    ``shard_count``, batch size ``global // shard_count``).
+    """
+    blocks = mesh.shape["data"] * mesh.shape["fsdp"]
+    held = batch_sharding(mesh).addressable_devices_indices_map((blocks,))
+    starts = sorted({index[0].start or 0 for index in held.values()})
+    first, count = starts[0], len(starts)
+    if starts != list(range(first, first + count)) or first % count:
+        raise ValueError(
+            f"This process's devices hold batch blocks {starts} of {blocks}, not one aligned "
+            "run; order the mesh's devices by process (make_mesh does)."
+        )
+    return first // count, blocks // count
+
+
 def shard_batch(batch: PyTree, mesh: Mesh) -> PyTree:
-    """Puts a host batch on the mesh, split along the leading axis."""
+    """Puts this process's rows of a batch on the mesh, as one global array per leaf.
+
+    One process: ``batch`` is the whole batch. Several: it is this process's
+    slice (``process_batch_shard``), and every process passes its own; the
+    global batch is their concatenation in shard order
+    (``jax.make_array_from_process_local_data``, no process sees the others' rows).
+    """
     sharding = batch_sharding(mesh)
     n = mesh.shape["data"] * mesh.shape["fsdp"]
+    _, shards = process_batch_shard(mesh)
+    local_n = n // shards
 
     def put(x):
-        if np.ndim(x) == 0 or np.shape(x)[0] % n:
+        if np.ndim(x) == 0 or np.shape(x)[0] % local_n:
             raise ValueError(
                 f"Batch leaf of shape {np.shape(x)} cannot be split over data x fsdp = {n} "
                 "devices; use a batch size that is a multiple of it."
             )
-        return jax.device_put(x, sharding)
+        if shards == 1 and jax.process_count() == 1:
+            return jax.device_put(x, sharding)
+        global_shape = (np.shape(x)[0] * shards, *np.shape(x)[1:])
+        return jax.make_array_from_process_local_data(sharding, np.asarray(x), global_shape)
 
     return jax.tree.map(put, batch)
 

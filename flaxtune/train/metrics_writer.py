@@ -20,6 +20,10 @@
 
 Names with a ``/`` (``eval/loss``) are TensorBoard groups; in JSONL they are
 plain keys.
+
+In a run of several processes only process 0 writes: the others make their
+``MetricsWriter(..., active=False)``, which touches no file, and their
+progress bar hidden.
 """
 
 from __future__ import annotations
@@ -58,6 +62,8 @@ class MetricsWriter:
       resume_step: the step the run (re)starts from; records past it, written
         by an earlier process that did not checkpoint them, are dropped.
         ``None`` keeps every record.
+      active: False writes nothing and opens no file (a process other than
+        the first of a multi-process run, whose records process 0 writes).
     """
 
     def __init__(
@@ -66,14 +72,18 @@ class MetricsWriter:
         *,
         tensorboard: bool = True,
         resume_step: int | None = None,
+        active: bool = True,
     ) -> None:
-        os.makedirs(workdir, exist_ok=True)
+        self.active = active
         self.path = os.path.join(workdir, "metrics.jsonl")
+        self._tb = None
+        if not active:
+            return
+        os.makedirs(workdir, exist_ok=True)
         _drop_torn_last_line(self.path)
         if resume_step is not None:
             _drop_records_after(self.path, resume_step)
         self._file = open(self.path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
-        self._tb = None
         if tensorboard:
             from tensorboardX import SummaryWriter  # deferred: a heavy import
 
@@ -81,6 +91,8 @@ class MetricsWriter:
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=purge)
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+        if not self.active:
+            return
         values = {k: _scalar(v) for k, v in jax.device_get(dict(scalars)).items()}
         if "step" in values:
             raise ValueError("'step' is reserved for the step argument; rename the metric.")
@@ -93,11 +105,15 @@ class MetricsWriter:
                 self._tb.add_scalar(name, float(value), global_step=int(step))
 
     def flush(self) -> None:
+        if not self.active:
+            return
         self._file.flush()
         if self._tb is not None:
             self._tb.flush()
 
     def close(self) -> None:
+        if not self.active:
+            return
         if not self._file.closed:
             self._file.close()
         if self._tb is not None:

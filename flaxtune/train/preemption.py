@@ -24,14 +24,32 @@ checkpoint and print a traceback per thread. Instead:
 
 Handlers can only be installed from the main thread; elsewhere (a run
 inside a worker thread) ``StopSignals`` does nothing and the defaults apply.
+
+**Several processes** (``jax.distributed`` initialized): a scheduler may
+signal one process, or all of them at slightly different steps, and a
+process that stops alone leaves the others waiting in the next step's
+collective. So the decision is collective: JAX's preemption service (started
+by ``jax.distributed.initialize``) owns SIGTERM; a process that receives it
+tells the coordinator, which picks the first step every process can still
+reach (the fastest one's next step), and
+``multihost_utils.reached_preemption_sync_point(step)``, asked by
+``StopSignals.stop_at`` after every step, is true on every process at that
+same step. Every process then takes part in the save (orbax's save is
+collective) and raises ``RunPreempted``. SIGINT (Ctrl-C at the terminal of
+one process) is turned into a SIGTERM to the same process, so it reaches
+the others the same way; the process that got it exits 130, the others 143.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from typing import Any
+
+import jax
+from jax.experimental import multihost_utils
 
 __all__ = ["RunPreempted", "StopSignals"]
 
@@ -56,10 +74,16 @@ class RunPreempted(SystemExit):
 
 
 class StopSignals:
-    """Turns SIGTERM/SIGINT into a request (``requested``: the first signal's number)."""
+    """Turns SIGTERM/SIGINT into a request (``requested``: the first signal's number).
 
-    def __init__(self) -> None:
+    ``collective`` (default: whether ``jax.distributed`` is initialized) makes
+    the stop a decision of all processes (see the module docstring); read it
+    with ``stop_at(step)`` after every step.
+    """
+
+    def __init__(self, *, collective: bool | None = None) -> None:
         self.requested: int | None = None
+        self.collective = jax.distributed.is_initialized() if collective is None else collective
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
@@ -68,6 +92,9 @@ class StopSignals:
         if self.requested is None:
             self.requested = signum
             logger.warning("%s received: stopping after this step with a checkpoint.", name)
+            if self.collective:
+                # JAX's preemption service owns SIGTERM; it tells the other processes.
+                os.kill(os.getpid(), signal.SIGTERM)
         else:
             logger.warning(
                 "%s received again: still writing the checkpoint, which completes first "
@@ -75,9 +102,24 @@ class StopSignals:
                 name,
             )
 
+    def stop_at(self, step: int) -> int | None:
+        """The signal to stop on now that ``step`` is done, or None to go on.
+
+        With ``collective``, every process must call it after every step (the
+        coordinator tracks their progress through it); the answer is the same
+        on all of them.
+        """
+        if not self.collective:
+            return self.requested
+        if multihost_utils.reached_preemption_sync_point(step):
+            return self.requested or signal.SIGTERM
+        return None
+
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
-            for signum in _SIGNALS:
+            # Collective: SIGTERM stays with JAX's preemption service.
+            signals = (signal.SIGINT,) if self.collective else _SIGNALS
+            for signum in signals:
                 self._previous[signum] = signal.signal(signum, self._handle)
         return self
 

@@ -46,8 +46,10 @@ from flaxtune.data.tasks import get_task
 from flaxtune.errors import FlaxtuneError
 from flaxtune.quant.policy import get_policy
 from flaxtune.train import run_config
+from flaxtune.train.distributed import ENABLED_CHOICES
 from flaxtune.train.mesh import make_mesh
 from flaxtune.train.pretrained import load_checkpoint_tokenizer, resolve_pretrained
+from flaxtune.train.profiling import parse_profile_steps
 from flaxtune.transformer import DecodeConfig, get_config
 from flaxtune.transformer.decoding import METHODS as DECODE_METHODS
 
@@ -97,6 +99,8 @@ def validate_run_config(
     _check_eval(cfg)
     _check_best_metric(cfg)
     _check_mesh(cfg)
+    _check_distributed(cfg)
+    _check_profile_steps(cfg)
     _check_paths(cfg)
     if read_data:
         _check_data_size(cfg)
@@ -388,6 +392,54 @@ def _check_mesh(cfg: ml_collections.ConfigDict) -> None:
         raise RunConfigError(
             f"data.batch_size={cfg.data.batch_size} is not a multiple of mesh data x fsdp = "
             f"{split} ({jax.device_count()} devices); use a multiple of {split}."
+        )
+
+
+def _check_distributed(cfg: ml_collections.ConfigDict) -> None:
+    """The ``distributed`` section's fields; a run of several processes gets its batch split."""
+    d = cfg.get("distributed")
+    if d is None:
+        return
+    _one_of("distributed.enabled", d.enabled, ENABLED_CHOICES)
+    if not isinstance(d.coordinator_address, str) or (
+        d.coordinator_address and not re.fullmatch(r"\S+:\d+", d.coordinator_address)
+    ):
+        raise RunConfigError(
+            f"distributed.coordinator_address={d.coordinator_address!r}: must be 'host:port' "
+            "(process 0's address and a free port), or '' for the cluster's."
+        )
+    _int("distributed.num_processes", d.num_processes, 0)
+    _int("distributed.process_id", d.process_id, -1)
+    if d.num_processes and d.process_id >= d.num_processes:
+        raise RunConfigError(
+            f"distributed.process_id={d.process_id} must be below distributed.num_processes="
+            f"{d.num_processes} (processes count from 0)."
+        )
+    ids = d.local_device_ids
+    if not isinstance(ids, str) or not re.fullmatch(r"(\s*\d+\s*(,\s*\d+\s*)*)?", ids):
+        raise RunConfigError(
+            f"distributed.local_device_ids={ids!r}: must be comma-separated device ids such "
+            "as '0,1', or '' for all."
+        )
+    _int("distributed.initialization_timeout_s", d.initialization_timeout_s, 1)
+    _int("distributed.heartbeat_timeout_s", d.heartbeat_timeout_s, 1)
+    if jax.process_count() > 1 and cfg.data.batch_size % jax.process_count():
+        raise RunConfigError(
+            f"data.batch_size={cfg.data.batch_size} is not a multiple of the "
+            f"{jax.process_count()} processes; each reads batch_size / processes rows."
+        )
+
+
+def _check_profile_steps(cfg: ml_collections.ConfigDict) -> None:
+    value = cfg.get("profile_steps", "")
+    try:
+        steps = parse_profile_steps(value)
+    except ValueError as err:
+        raise RunConfigError(str(err)) from err
+    if steps is not None and steps[0] >= cfg.train.num_steps:
+        raise RunConfigError(
+            f"profile_steps={value!r} starts at or after train.num_steps={cfg.train.num_steps}: "
+            "nothing would be traced; choose START below num_steps."
         )
 
 

@@ -48,8 +48,12 @@ def save_params(
     the same codes (the absmax element of every group dequantizes exactly).
     """
     directory = directory.absolute()
+    # Under several processes every one calls this (orbax's save is collective,
+    # with the same host arrays everywhere); process 0 writes model.json.
     with ocp.StandardCheckpointer() as ckpt:
         ckpt.save(directory / PARAMS_DIR, jax.device_get(params), force=True)
+    if jax.process_index() != 0:
+        return
     meta = {"model": model_cfg.to_dict(), "tokenizer_fingerprint": tokenizer.fingerprint}
     if frozen_base is not None:
         meta["frozen_base"] = frozen_base

@@ -35,6 +35,7 @@ from flaxtune.data.tasks import BUNDLED_TASKS, get_task
 from flaxtune.data.templates import TemplateChoice
 from flaxtune.eval import evaluate as evaluate_generation
 from flaxtune.eval.harness import metric
+from flaxtune.train.distributed import host_array
 from flaxtune.train.run_config import data_directory, validation_data
 from flaxtune.transformer import DecodeConfig, generate
 
@@ -94,7 +95,8 @@ def make_predict_fn(
         out = generate(
             model, params, ids, decode, prompt_lengths=None if cfg.is_encoder_decoder else lengths
         )
-        tokens = np.asarray(out.tokens)[:n]
+        # Gathered from every process where the batch is split across processes.
+        tokens = host_array(out.tokens)[:n]
         return [tokenizer.decode([t for t in row if t not in (cfg.pad_id,)]) for row in tokens]
 
     return predict

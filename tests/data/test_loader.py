@@ -138,19 +138,32 @@ def test_epochs_reshuffle_and_cover_every_example(tokenizer, data_dir):
     assert ids[:n] != ids[n:]  # reshuffled per epoch
 
 
-def test_shards_are_disjoint_and_cover_the_data(tokenizer, data_dir):
-    def ids(index, count):
+def test_shards_are_each_process_rows_of_every_global_batch(tokenizer, data_dir):
+    def ids(index, count, batch_size, drop_remainder=True):
         cfg = LoaderConfig(
-            batch_size=1, num_epochs=1, shard_index=index, shard_count=count, read_threads=0
+            batch_size=batch_size,
+            num_epochs=1,
+            shard_index=index,
+            shard_count=count,
+            read_threads=0,
+            drop_remainder=drop_remainder,
         )
         loader = make_loader("bundled/qa", "validation", tokenizer, cfg, data_dir=data_dir)
         return [ex["id"] for ex in loader.text_examples]
 
-    everything = ids(0, 1)
-    shards = [ids(i, 3) for i in range(3)]
-    assert sum(len(s) for s in shards) == len(everything)
-    assert set().union(*map(set, shards)) == set(everything)
-    assert not set(shards[0]) & set(shards[1])
+    everything = ids(0, 1, 9)
+    shards = [ids(i, 3, 3) for i in range(3)]
+    whole = len(everything) // 9 * 9
+    assert len(everything) % 9  # the cut below is tested
+    # Every process makes the same number of batches; global batch k (the
+    # processes' k-th batches, in shard order) is the one-process batch k.
+    assert {len(s) for s in shards} == {whole // 3}
+    for k in range(whole // 9):
+        rows = [row for s in shards for row in s[3 * k : 3 * k + 3]]
+        assert rows == everything[9 * k : 9 * k + 9]
+    # Without drop_remainder every example is read once.
+    kept = [ids(i, 3, 3, drop_remainder=False) for i in range(3)]
+    assert sorted(row for s in kept for row in s) == sorted(everything)
     with pytest.raises(ValueError, match="shard_index=3"):
         LoaderConfig(batch_size=1, shard_index=3, shard_count=3)
 

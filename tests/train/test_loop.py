@@ -41,7 +41,9 @@ def train_losses(workdir):
 
 
 def test_tiny_config_runs_end_to_end(data_dir, tmp_path):
-    results = train_and_evaluate(tiny_config(data_dir), tmp_path)
+    cfg = tiny_config(data_dir)
+    cfg.profile_steps = "2:4"
+    results = train_and_evaluate(cfg, tmp_path)
     for name in (
         "metrics.jsonl",
         "loss.png",
@@ -59,6 +61,9 @@ def test_tiny_config_runs_end_to_end(data_dir, tmp_path):
     assert set(results["scores"]) == {t for t in tiny.get_config().eval.tasks.split(",")}
     assert json.loads((tmp_path / "results.json").read_text())["trainable"]["percent"] == 100.0
     assert any(f.name.startswith("events.out") for f in (tmp_path / "tensorboard").iterdir())
+    # profile_steps: one jax.profiler trace, where TensorBoard's profile plugin looks.
+    traces = list((tmp_path / "profile" / "plugins" / "profile").glob("*/*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 0
     # XLA's figures of the step that ran (per device: the batch is split over all 8).
     cfg = tiny_config(data_dir)
     batch = next(
@@ -80,6 +85,7 @@ def test_tiny_config_runs_end_to_end(data_dir, tmp_path):
 def test_resume_reproduces_the_uninterrupted_losses(data_dir, tmp_path):
     full = tmp_path / "full"
     train_and_evaluate(tiny_config(data_dir, log_every=1, checkpoint_every=3), full)
+    assert not (full / "profile").exists()  # profile_steps="" traces nothing
     cut = tmp_path / "cut"
     interrupted = tiny_config(data_dir, log_every=1, checkpoint_every=3, num_steps=3)
     interrupted.eval.generate_examples = 0
