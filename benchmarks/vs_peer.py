@@ -53,8 +53,10 @@ Why it is built this way:
 
 Prints one JSON object per pair (``pair``, ``ratio_median``, ``ratio_min``,
 ``ratio_max``, ``ratios``, and under ``ours`` / ``peer`` each round's
-seconds, throughput and ``other_cores``), then nothing else on stdout;
-progress goes to stderr.
+seconds, throughput and ``other_cores``; generation adds ``first_s``, the
+time before the first token: flaxtune's prefill and first token, the
+peer's encoder alone, and ``ms_per_token``, the rest per token), then
+nothing else on stdout; progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -212,6 +214,10 @@ def figures(record: dict[str, Any], kind: str, *, peer: bool) -> dict[str, Any]:
         throughput = record["tokens_per_s_median"]
     busy = record.get("cpu_during_timed" if peer else "timing", {})
     out = {"seconds": seconds, "throughput": throughput, "other_cores": busy.get("other_cores")}
+    if kind == "generate":  # where the time goes: before the first token, then per token
+        first = "encoder_only_median_s" if peer else "first_token_median_s"
+        per_token = "ms_per_decode_step_median" if peer else "ms_per_new_token"
+        out.update(first_s=record.get(first), ms_per_token=record.get(per_token))
     if not peer and "xla_flops_per_step" in record:
         out["flops_per_step"] = record["xla_flops_per_step"]
     return out

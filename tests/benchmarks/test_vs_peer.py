@@ -113,6 +113,8 @@ def test_one_round_of_generation_against_the_peer(capsys):
     assert rec["ratio_median"] == rec["ratio_min"] == rec["ratio_max"] == peer / ours
     assert rec["machine_before"]["quiet"] in (True, False)
     assert rec["settings"]["new_tokens"] == 2
+    assert rec["ours"]["first_s"][0] > 0 and rec["peer"]["first_s"][0] > 0
+    assert rec["ours"]["ms_per_token"][0] is not None
     # stdout holds exactly the pair's JSON object.
     assert capsys.readouterr().out.strip().startswith('{"machine_before"')
 
