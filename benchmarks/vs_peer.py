@@ -310,6 +310,7 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     keys = ("preset", "batch", "src_len", "tgt_len", "dec_seq", "new_tokens", "steps", "warmup")
     out = {k: getattr(args, k) for k in keys}
     out.update(cpus=sorted(args.cpus), peer_malloc=args.peer_malloc)
+    out["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "")  # both sides' children inherit them
     return out
 
 
