@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from flaxtune.transformer import DecodeConfig, generate
-from flaxtune.transformer.decoding import filter_logits, first_argmax
+from flaxtune.transformer.decoding import _gather_beams, _runner, filter_logits, first_argmax
 from tests.transformer.util import cached_logits, random_tokens, tiny_model
 
 POSITION_VARIANTS = [
@@ -259,3 +259,23 @@ def test_min_new_tokens_is_an_argument_not_another_program():
     assert decoding._compiled.cache_info().currsize == 1
     np.testing.assert_array_equal(free.lengths, [1, 1])  # the model says EOS at once
     np.testing.assert_array_equal(fixed.lengths, [5, 5])
+
+
+def test_beam_reordering_leaves_the_cross_attention_cache_and_equals_a_full_gather():
+    config, model, params = tiny_model("tiny-t5")
+    inputs = random_tokens(np.random.RandomState(5), (3, 5), config.vocab_size)
+    prefill, _ = _runner(model, 4)
+    _, cache, _ = prefill(params, inputs, None)
+    k = 2
+    cache = jax.tree_util.tree_map(lambda x: jnp.repeat(x, k, 0) if x.ndim else x, cache)
+    # Beams move within their row: row r's beams are rows r*k .. r*k+k-1.
+    flat_index = jnp.array([1, 1, 2, 3, 5, 4])
+    reordered = _gather_beams(cache, flat_index, 3 * k)
+    full = jax.tree_util.tree_map(lambda x: jnp.take(x, flat_index, 0) if x.ndim else x, cache)
+    kept = reordered["decoder"]["layers_0"]["cross_attention"]["cached_key"]
+    assert kept is cache["decoder"]["layers_0"]["cross_attention"]["cached_key"]
+    assert reordered["decoder"]["cross_valid"] is cache["decoder"]["cross_valid"]
+    for (path, got), want in zip(
+        jax.tree_util.tree_leaves_with_path(reordered), jax.tree_util.tree_leaves(full), strict=True
+    ):
+        np.testing.assert_array_equal(got, want, err_msg=jax.tree_util.keystr(path))
