@@ -5,6 +5,7 @@ Each field has a comment above it. Override on the command line, e.g.
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 from flaxtune.data.tasks import BUNDLED_TASKS
 from flaxtune.train.run_config import DEFAULT_DATA_TASKS, peft_section
@@ -25,8 +26,9 @@ def get_config() -> ml_collections.ConfigDict:
     # A preset of flaxtune.transformer (see preset_names()); "" = init_from's architecture.
     c.model.preset = "tiny-t5"
     # Field overrides of the preset (the vocabulary size comes from the tokenizer). With
-    # init_from, the preset and every override but dropout, max_length (not of learned
-    # positions), float32_attention_logits and int8_activations must agree with the checkpoint.
+    # init_from, the preset and every override but the runtime fields (RUNTIME_FIELDS in
+    # flaxtune/train/run_config.py: dropout, max_length but of learned positions, attention
+    # numerics and implementation, remat, scan) must agree with the checkpoint.
     c.model.overrides = ml_collections.ConfigDict(
         dict(
             d_model=128,
@@ -39,6 +41,12 @@ def get_config() -> ml_collections.ConfigDict:
             relative_max_distance=64,
             max_length=256,
             dropout_rate=0.0,
+            # How attention, memory and compilation are handled, not what the model
+            # computes (flaxtune/transformer/config.py): None keeps the preset's
+            # (einsum attention, no remat, one compiled block per layer).
+            attention_impl=config_dict.placeholder(str),
+            remat_policy=config_dict.placeholder(str),
+            scan_layers=config_dict.placeholder(bool),
         )
     )
 

@@ -33,6 +33,9 @@ def get_config() -> ml_collections.ConfigDict:
             dropout_rate=config_dict.placeholder(float),
             attention_dropout_rate=config_dict.placeholder(float),
             max_length=config_dict.placeholder(int),
+            attention_impl=config_dict.placeholder(str),
+            remat_policy=config_dict.placeholder(str),
+            scan_layers=config_dict.placeholder(bool),
         )
     )
     # A pretrained model moves little: a learning rate a few times below pretraining's

@@ -116,6 +116,7 @@ from flaxtune.train.state import TrainState
 from flaxtune.train.step_memory import StepMemory
 from flaxtune.train.trainer import Trainer, trainer_spec
 from flaxtune.train.workdir_lock import WorkdirLock
+from flaxtune.transformer.attention import resolved_attention_impl
 
 logger = logging.getLogger(__name__)
 
@@ -160,6 +161,9 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path) -> d
             state, iterator = _resume(run)
             results["trainable"] = run.trainer.summary
             results["frozen_base"] = run.trainer.frozen_info
+            # Which attention kernel the train step runs (attention_impl "auto" resolves
+            # by backend, dtype and dropout), so results say what was measured.
+            results["attention_impl"] = resolved_attention_impl(run.model_config, training=True)
             state = _train(run, state, iterator, results)
             return _finish(run, state, results)
         except RunPreempted as stop:

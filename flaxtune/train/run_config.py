@@ -152,6 +152,10 @@ RUNTIME_FIELDS = (
     "max_length",
     "float32_attention_logits",
     "int8_activations",
+    # How, not what, the model computes: a checkpoint fixes none of them.
+    "attention_impl",
+    "remat_policy",
+    "scan_layers",
 )
 # Fields the run config sets elsewhere: the dtypes through ``policy``, PEFT through ``peft``.
 _SET_ELSEWHERE = {"dtype": "policy", "param_dtype": "policy", "peft": "peft.method"}
@@ -161,7 +165,7 @@ _SET_ELSEWHERE = {"dtype": "policy", "param_dtype": "policy", "peft": "peft.meth
 _NOT_FROM_PRESETS = ("vocab_size", "pad_id", "eos_id", "decoder_start_id")
 
 
-def _set_overrides(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+def set_overrides(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     """``cfg.model.overrides`` without its unset placeholders (None)."""
     return {k: v for k, v in cfg.model.overrides.items() if v is not None}
 
@@ -196,7 +200,7 @@ def model_config(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer, checkpoin
         dtype=policy.compute_dtype.name,
         param_dtype=policy.param_dtype.name,
         peft=peft_config(cfg),
-        **_set_overrides(cfg),
+        **set_overrides(cfg),
     )
 
 
@@ -227,7 +231,7 @@ def checkpoint_model_config(
 ) -> TransformerConfig:
     """:func:`pretrained_model_config` before a tokenizer exists (no vocabulary check)."""
     check_against_checkpoint(cfg, checkpoint)
-    runtime = {k: v for k, v in _set_overrides(cfg).items() if k in _runtime_fields(checkpoint)}
+    runtime = {k: v for k, v in set_overrides(cfg).items() if k in _runtime_fields(checkpoint)}
     policy = get_policy(cfg.policy)
     return checkpoint.replace(
         dtype=policy.compute_dtype.name,
@@ -273,7 +277,7 @@ def check_against_checkpoint(cfg: ml_collections.ConfigDict, checkpoint: Transfo
     other family is reported alone.
     """
     where = f"(init_from={cfg.init_from})"
-    overrides = _set_overrides(cfg)
+    overrides = set_overrides(cfg)
     problems = []
     for key, value in overrides.items():
         if key in _SET_ELSEWHERE:

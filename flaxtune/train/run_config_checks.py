@@ -271,7 +271,7 @@ def _check_model(cfg: ml_collections.ConfigDict):
             dtype=policy.compute_dtype.name,
             param_dtype=policy.param_dtype.name,
             peft=peft,
-            **dict(cfg.model.overrides),
+            **run_config.set_overrides(cfg),
         ),
     )
 
