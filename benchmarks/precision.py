@@ -79,6 +79,7 @@ from flaxtune.train.run_config import (
     data_directory,
     loader_config,
     model_config,
+    set_overrides,
     trainer_options,
 )
 from flaxtune.train.scoring import generation_scores
@@ -287,7 +288,7 @@ def evaluate_small(setup: Setup, params: Any, compute_dtype: str = "float32", *,
 def small_model_fields(args: argparse.Namespace) -> dict[str, Any]:
     cfg = small_config(args)
     return {
-        "model": f"{cfg.model.preset} + {dict(cfg.model.overrides)}",
+        "model": f"{cfg.model.preset} + {set_overrides(cfg)}",
         "tasks": cfg.data.tasks,
         "batch": cfg.data.batch_size,
         "inputs_length": cfg.data.inputs_length,

@@ -18,7 +18,7 @@ from experiments.study.config import (
     resolve,
 )
 from flaxtune.peft import RECIPES
-from flaxtune.train.run_config import check_against_checkpoint
+from flaxtune.train.run_config import check_against_checkpoint, set_overrides
 from flaxtune.transformer import get_config
 
 PRETRAIN = Path("/tmp/pretrain")
@@ -203,7 +203,7 @@ def test_every_method_config_agrees_with_the_pretrained_checkpoint(quick):
     cfg.quick = quick
     cfg = resolve(cfg)
     pre = pretrain_config(cfg)
-    checkpoint = get_config(pre.model.preset, vocab_size=2000, **dict(pre.model.overrides))
+    checkpoint = get_config(pre.model.preset, vocab_size=2000, **set_overrides(pre))
     for name in [m for m in cfg.methods.split(",") if m]:
         check_against_checkpoint(method_config(cfg, name, Path("/pretrain")), checkpoint)
 
