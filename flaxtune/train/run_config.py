@@ -152,6 +152,9 @@ RUNTIME_FIELDS = (
     "max_length",
     "float32_attention_logits",
     "int8_activations",
+    # How the blocks run (memory, compile time), not what they compute.
+    "remat_policy",
+    "scan_layers",
 )
 # Fields the run config sets elsewhere: the dtypes through ``policy``, PEFT through ``peft``.
 _SET_ELSEWHERE = {"dtype": "policy", "param_dtype": "policy", "peft": "peft.method"}

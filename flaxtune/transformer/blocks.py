@@ -60,9 +60,16 @@ from flaxtune.peft.modules import BottleneckAdapter
 from flaxtune.transformer.attention import MultiHeadAttention
 from flaxtune.transformer.config import ConfigError, TransformerConfig
 from flaxtune.transformer.layers import MLP, Dropout, make_norm
+from flaxtune.transformer.scanned_layout import SCANNED, check_scannable
 
 Array = jax.Array
 ACT_AXES = ("batch", "length", "embed")
+# Every Dense of a block, relative to it (what LoRA's path rules can pick).
+BLOCK_DENSES = [
+    f"{sub}/{name}"
+    for sub in ("attention", "cross_attention")
+    for name in ("query", "key", "value", "out")
+] + [f"mlp/{name}" for name in ("wi", "wi_0", "wi_1", "wo")]
 
 
 class EncoderLayer(nn.Module):
@@ -247,13 +254,14 @@ def run_blocks(
         for i in range(num_layers):
             x, _ = cls(config, **fields, name=f"layers_{i}")(x, *args)
         return x
+    check_scannable(config, BLOCK_DENSES)
     scanned = nn.scan(
         cls,
         variable_axes={True: 0},
         split_rngs={True: True},
         in_axes=(nn.broadcast,) * len(args),
         length=num_layers,
-        metadata_params={nn.PARTITION_NAME: "layers"},
+        metadata_params={nn.PARTITION_NAME: SCANNED},
     )
-    x, _ = scanned(config, **fields, name="layers")(x, *args)
+    x, _ = scanned(config, **fields, name=SCANNED)(x, *args)
     return x

@@ -43,6 +43,7 @@ import numpy as np
 
 from flaxtune.transformer.config import ConfigError
 from flaxtune.transformer.models import DecoderOnly, EncoderDecoder, encoder_mask
+from flaxtune.transformer.scanned_layout import cache_batch_axis
 
 Array = jax.Array
 METHODS = ("greedy", "sample", "beam")
@@ -354,14 +355,25 @@ def _length_penalty(length: Array, alpha: float) -> Array:
 
 
 def _gather_beams(tree: Any, flat_index: Array, batch_beams: int) -> Any:
-    """Reorders every cache array whose leading axis is batch*beams."""
+    """Reorders every cache array whose batch axis is batch*beams (scanned layers: axis 1)."""
 
-    def gather(x):
-        if x.ndim and x.shape[0] == batch_beams:
-            return jnp.take(x, flat_index, axis=0)
+    def gather(path, x):
+        axis = cache_batch_axis(path)
+        if x.ndim > axis and x.shape[axis] == batch_beams:
+            return jnp.take(x, flat_index, axis=axis)
         return x
 
-    return jax.tree_util.tree_map(gather, tree)
+    return jax.tree_util.tree_map_with_path(gather, tree)
+
+
+def _repeat_cache(cache: Any, k: int, batch: int) -> Any:
+    """Each row of the cache ``k`` times in a row (the batch axis as ``_gather_beams``)."""
+
+    def repeat(path, x):
+        axis = cache_batch_axis(path)
+        return jnp.repeat(x, k, axis=axis) if x.ndim > axis and x.shape[axis] == batch else x
+
+    return jax.tree_util.tree_map_with_path(repeat, cache)
 
 
 def _beam_search(
@@ -373,7 +385,7 @@ def _beam_search(
     logits, cache, offsets = prefill(params, inputs, prompt_lengths)
     batch = logits.shape[0]
     repeat = lambda x: jnp.repeat(x, k, axis=0) if x.ndim and x.shape[0] == batch else x
-    cache = jax.tree_util.tree_map(repeat, cache)
+    cache = _repeat_cache(cache, k, batch)
     offsets = None if offsets is None else repeat(offsets)
     state = _initial_beams(repeat(logits), cache, batch, k, total, pad_id)
 
