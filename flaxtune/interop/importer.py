@@ -218,6 +218,12 @@ def import_hf(
     """
     if (mesh is None) != (axis_rules is None):
         raise InteropError("pass mesh and axis_rules together (or neither).")
+    if config_overrides.get("scan_layers"):
+        raise InteropError(
+            "import_hf reads the per-layer layout (layers_0, layers_1, ...); import without "
+            "scan_layers, then stack the layers with flaxtune.transformer.scanned_layout."
+            "scan_params(params, config.replace(scan_layers=True))."
+        )
     if "peft" in config_overrides:
         raise InteropError(
             "import_hf loads the base model; add LoRA or adapters afterwards with flaxtune.peft "

@@ -28,6 +28,14 @@ one extra forward pass for memory. The policy says what is kept anyway:
 
 Outputs and gradients are those of the model without remat (the same
 operations run; XLA may fuse differently, so equality is to float rounding).
+Where the saving shows: ``jax.checkpoint`` keeps the recomputation apart from
+the forward pass with optimization barriers, which XLA's GPU and TPU
+compilers honour; the CPU compiler removes them and merges the recomputation
+back into the forward pass when the blocks are unrolled, so on CPU remat
+lowers XLA's temporaries only with ``scan_layers`` (whose loop keeps the
+blocks apart on every backend). Measured with ``memory_analysis()`` of a
+6-layer, d_model 64 gradient step: unrolled 32.5 MB -> 30.3 MB of
+temporaries with ``full``, scanned 40.7 MB -> 7.4 MB.
 ``offload_dots`` needs a backend whose devices address a ``pinned_host``
 memory; :func:`checkpoint_policy` checks that when the model is traced and
 names the devices' memories otherwise.

@@ -1,4 +1,4 @@
-"""Scanned layers in training: checkpoints keep the per-layer layout, layer rules fail clearly."""
+"""Scanned layers outside the model: files keep the per-layer layout, layer rules fail clearly."""
 
 import flax.linen as nn
 import jax
@@ -6,8 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flaxtune.peft import SelectiveConfig, trainability_rules
+from flaxtune.interop.errors import InteropError
+from flaxtune.interop.exporter import hf_state_dict
+from flaxtune.interop.importer import import_hf
+from flaxtune.peft import LoraConfig, PeftConfig, SelectiveConfig, trainability_rules
 from flaxtune.peft.config import PeftConfigError
+from flaxtune.peft.io import AdapterMismatchError, save_adapter
 from flaxtune.train.checkpoints import CheckpointManager
 from flaxtune.train.optimizer import OptimizerConfig, make_optimizer
 from flaxtune.train.partition import label_params
@@ -39,8 +43,13 @@ def _state(params):
 def states():
     """The same train state (parameters and Adam moments), per-layer and scanned."""
     model = build_model(CONFIG)
-    params = nn.meta.unbox(model.init(jax.random.key(0), jnp.ones((1, 4), jnp.int32)))["params"]
-    state = _noisy(_state(params), 1)  # random moments: the layer order shows
+
+    @jax.jit
+    def make():
+        params = model.init(jax.random.key(0), jnp.ones((1, 4), jnp.int32))["params"]
+        return _noisy(_state(nn.meta.unbox(params)), 1)  # random moments: the layer order shows
+
+    state = make()
     return state, scan_params(state, CONFIG)
 
 
@@ -80,3 +89,18 @@ def test_a_layer_indexed_selective_rule_names_itself_and_the_fix():
     labels = label_params(nn.meta.unbox(abstract["params"]), rules)
     assert labels["decoder"]["layers"]["mlp"]["wo"]["kernel"] == "trainable"
     assert labels["decoder"]["layers"]["attention"]["query"]["kernel"] == "frozen"
+
+
+def test_hugging_face_files_and_adapters_keep_the_per_layer_layout(tmp_path, states):
+    per_layer, scanned = states
+    params, scanned_params = per_layer.trainable, scanned.trainable
+    expected = hf_state_dict(params, CONFIG)
+    actual = hf_state_dict(scanned_params, SCANNED)
+    assert actual.keys() == expected.keys()
+    for name, array in expected.items():
+        np.testing.assert_array_equal(actual[name], array)
+    with pytest.raises(InteropError, match="per-layer layout"):
+        import_hf(tmp_path, scan_layers=True)
+    adapter = {"decoder": {"layers": {"mlp": {"wo": {"lora_a": np.zeros((3, 2, 2))}}}}}
+    with pytest.raises(AdapterMismatchError, match=r"decoder/layers/mlp/wo/lora_a.*unscan_params"):
+        save_adapter(tmp_path / "adapter", adapter, PeftConfig(lora=LoraConfig()), base_model="x")
