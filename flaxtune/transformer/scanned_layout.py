@@ -166,7 +166,8 @@ def _stack_blocks(stack: Mapping[str, Any], n: int, name: str) -> dict[str, Any]
         stacked = jax.tree_util.tree_map(lambda *xs: _stack(xs), *blocks, is_leaf=_is_box)
     except ValueError as err:
         raise LayoutError(
-            f"the {name} blocks hold different variables ({err}); scan_layers=True needs every "
+            f"the {name} blocks hold different variables ({' '.join(str(err).split())}); "
+            "scan_layers=True needs every "
             "block alike (the same PEFT parameters in each): set scan_layers=False."
         ) from None
     rest = {k: v for k, v in stack.items() if k not in names}
