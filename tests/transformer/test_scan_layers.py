@@ -58,7 +58,13 @@ def _perturbed(params, seed=0):
     return jax.tree.unflatten(treedef, noisy)
 
 
-@pytest.fixture(scope="module", params=list(CASES))
+# The T5 + every-PEFT case compiles the largest models: it runs under slow.
+@pytest.fixture(
+    scope="module",
+    params=[
+        pytest.param(case, marks=[pytest.mark.slow] if case == "t5-peft" else []) for case in CASES
+    ],
+)
 def pair(request):
     name, overrides = CASES[request.param]
     config = get_config(name, **overrides)
@@ -103,7 +109,7 @@ def test_scanned_forward_and_gradients_equal_the_per_layer_model(pair):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7), back, grads)
 
 
-@pytest.mark.parametrize("method", ["greedy", "beam"])
+@pytest.mark.parametrize("method", ["greedy", pytest.param("beam", marks=pytest.mark.slow)])
 def test_cached_decoding_equals_the_per_layer_model(pair, method):
     config, params, scanned_config, scanned = pair
     inputs = _inputs(config)[0]
