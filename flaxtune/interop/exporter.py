@@ -52,6 +52,7 @@ from flaxtune.interop.tokenizer_files import (
     tokenizer_folder,
 )
 from flaxtune.transformer import TransformerConfig
+from flaxtune.transformer.scanned_layout import to_canonical_layout
 
 
 def hf_state_dict(
@@ -61,8 +62,12 @@ def hf_state_dict(
     lora: LoraHyperparams | None = None,
     dtype: Any = None,
 ) -> dict[str, np.ndarray]:
-    """The Hugging Face state dict (name -> numpy array) of flaxtune ``params``."""
-    base_config = config.replace(peft=None)
+    """The Hugging Face state dict (name -> numpy array) of flaxtune ``params``.
+
+    Scanned parameters (``config.scan_layers``) are split into per-layer ones first.
+    """
+    params = to_canonical_layout(params, config)
+    base_config = config.replace(peft=None, scan_layers=False)
     flat = merge_lora_flat(flat_numpy_params(params), lora)
     expected = param_shapes(abstract_params(base_config))
     mismatched = [

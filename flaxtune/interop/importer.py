@@ -216,13 +216,7 @@ def import_hf(
       **config_overrides: further TransformerConfig fields (``dropout_rate``,
         ``max_length``, ...).
     """
-    if (mesh is None) != (axis_rules is None):
-        raise InteropError("pass mesh and axis_rules together (or neither).")
-    if "peft" in config_overrides:
-        raise InteropError(
-            "import_hf loads the base model; add LoRA or adapters afterwards with flaxtune.peft "
-            "(their parameters are not in a Hugging Face checkpoint)."
-        )
+    _check_import_options(mesh, axis_rules, config_overrides)
     hf_dir = Path(hf_dir)
     hf_config = read_hf_config(hf_dir)
     family = family_of(hf_config)
@@ -265,6 +259,24 @@ def import_hf(
         tokenizer_path=find_tokenizer(hf_dir),
         special_ids=read_special_ids(hf_dir),
     )
+
+
+def _check_import_options(
+    mesh: Mesh | None, axis_rules: AxisRules | None, config_overrides: Mapping[str, Any]
+) -> None:
+    if (mesh is None) != (axis_rules is None):
+        raise InteropError("pass mesh and axis_rules together (or neither).")
+    if config_overrides.get("scan_layers"):
+        raise InteropError(
+            "import_hf reads the per-layer layout (layers_0, layers_1, ...); import without "
+            "scan_layers, then stack the layers with flaxtune.transformer.scanned_layout."
+            "scan_params(params, config.replace(scan_layers=True))."
+        )
+    if "peft" in config_overrides:
+        raise InteropError(
+            "import_hf loads the base model; add LoRA or adapters afterwards with flaxtune.peft "
+            "(their parameters are not in a Hugging Face checkpoint)."
+        )
 
 
 def _place(value: np.ndarray, sharding: NamedSharding | None) -> jax.Array:

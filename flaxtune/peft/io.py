@@ -103,11 +103,19 @@ def save_adapter(
     tokenizer_fingerprint: str | None = None,
 ) -> Path:
     """Writes ``adapter`` (arrays via orbax) and its JSON config under ``directory``."""
+    flat = traverse_util.flatten_dict(adapter, sep="/")
+    scanned = [p for p in flat if re.match(r"(encoder|decoder)/layers/", p)]
+    if scanned:
+        # One on-disk layout: per-layer, whatever the model that trained it ran.
+        raise AdapterMismatchError(
+            f"the adapter holds scanned blocks ({scanned[0]}, ...); saved adapters keep the "
+            "per-layer layout: extract it from flaxtune.transformer.scanned_layout."
+            "unscan_params(params, config)."
+        )
     directory = Path(directory).absolute()
     if directory.exists() and any(directory.iterdir()):
         raise FileExistsError(f"{directory} exists and is not empty; choose a new directory.")
     directory.mkdir(parents=True, exist_ok=True)
-    flat = traverse_util.flatten_dict(adapter, sep="/")
     meta = {
         "format_version": FORMAT_VERSION,
         "base_model": base_model,

@@ -99,6 +99,14 @@ def _paths(params: Any) -> list[str]:
 def _last_layers_rule(params: Any, n: int) -> str:
     """Regex for the last ``n`` blocks of each stack, plus their final norms."""
     layers: dict[str, set[int]] = defaultdict(set)
+    if any(re.match(r"(encoder|decoder)/layers/", p) for p in _paths(params)):
+        # Scanned layers (TransformerConfig.scan_layers) hold every block in
+        # one array per parameter, and trainability splits whole arrays.
+        raise PeftConfigError(
+            f"selective last_layers={n} trains some blocks and freezes the others, but this "
+            "model's blocks are scanned (scan_layers=True): each parameter is one array over "
+            "all layers, which is trained or frozen whole. Set scan_layers=False."
+        )
     for path in _paths(params):
         m = re.match(r"(encoder|decoder)/layers_(\d+)/", path)
         if m:

@@ -84,6 +84,8 @@ from flaxtune.data import load_tokenizer
 from flaxtune.errors import CheckpointMismatchError, FlaxtuneError, TokenizerMismatchError
 from flaxtune.train.checkpoint_integrity import verify_manifest, write_manifest
 from flaxtune.train.state import TrainState
+from flaxtune.transformer import TransformerConfig
+from flaxtune.transformer.scanned_layout import scan_params, to_canonical_layout
 
 PyTree = Any
 
@@ -232,6 +234,11 @@ class CheckpointManager:
         that directory already.
       tokenizer_fingerprint: recorded in every checkpoint and checked on
         restore; defaults to the sha256 of ``tokenizer_path``.
+      model_config: the ``TransformerConfig`` of the states saved and
+        restored. With ``scan_layers`` the state is written in the per-layer
+        layout and stacked again when restored
+        (``transformer.scanned_layout``), so checkpoints of scanned and
+        unscanned runs are interchangeable.
     """
 
     def __init__(
@@ -246,7 +253,9 @@ class CheckpointManager:
         config: Any = None,
         tokenizer_path: str | os.PathLike | None = None,
         tokenizer_fingerprint: str | None = None,
+        model_config: TransformerConfig | None = None,
     ) -> None:
+        self._model_config = model_config
         if best_mode not in ("min", "max"):
             raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}.")
         if max_to_keep < 1:
@@ -415,6 +424,7 @@ class CheckpointManager:
                     f"got {sorted(metrics)}."
                 )
         meta = {"step": step, "tokenizer_fingerprint": self.tokenizer_fingerprint}
+        state = self._on_disk(state)
         with self._pending_lock:
             self._pending.append(step)
         try:
@@ -579,15 +589,26 @@ class CheckpointManager:
                 f"uses {self.tokenizer_fingerprint}. Load the tokenizer saved in "
                 f"{self.workdir / 'tokenizer'} or start a fresh workdir."
             )
-        self.check_compatible(target, step)
         abstract = jax.tree.map(_abstract_leaf, target)
+        on_disk = self._on_disk(abstract)
+        self.check_compatible(on_disk, step)
         restored = self._manager.restore(
             step,
             args=ocp.args.Composite(
-                **{_STATE: ocp.args.StandardRestore(abstract), _DATA: ocp.args.JsonRestore()}
+                **{_STATE: ocp.args.StandardRestore(on_disk), _DATA: ocp.args.JsonRestore()}
             ),
         )
-        return restored[_STATE], dict(restored[_DATA] or {})
+        state = restored[_STATE]
+        if self._model_config is not None and self._model_config.scan_layers:
+            state = scan_params(state, self._model_config)
+            state = jax.tree.map(lambda x, t: jax.device_put(x, t.sharding), state, abstract)
+        return state, dict(restored[_DATA] or {})
+
+    def _on_disk(self, state: Any) -> Any:
+        """``state`` (arrays or abstract leaves) in the per-layer layout checkpoints keep."""
+        if self._model_config is None:
+            return state
+        return to_canonical_layout(state, self._model_config)
 
     def _quarantine(self, steps: list[int]) -> None:
         """Moves corrupt step directories out of orbax's sight (the run saves those steps anew)."""

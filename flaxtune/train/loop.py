@@ -238,6 +238,7 @@ def _setup(cfg: ml_collections.ConfigDict, workdir: Path) -> _Run:
         best_mode=cfg.train.best_mode,
         config=cfg.to_dict(),
         tokenizer_path=workdir / "tokenizer",
+        model_config=mcfg,
     )
     resuming = ckpt.latest_step() is not None
     init_values = None

@@ -80,6 +80,9 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("prompt", None),
     ("prefix_hidden", None),
     ("prefix_kv", None),
+    # The leading axis of scanned blocks' parameters (scan_layers): each
+    # device holds every layer's shard, as it would the layers_i arrays.
+    ("layers", None),
 )
 
 __all__ = [

@@ -21,6 +21,7 @@ from flaxtune.data import Tokenizer
 from flaxtune.errors import FlaxtuneError, TokenizerMismatchError
 from flaxtune.peft import PeftConfig
 from flaxtune.transformer import TransformerConfig
+from flaxtune.transformer.scanned_layout import to_canonical_layout
 
 MODEL_FILE = "model.json"
 PARAMS_DIR = "params"
@@ -48,6 +49,8 @@ def save_params(
     the same codes (the absmax element of every group dequantizes exactly).
     """
     directory = directory.absolute()
+    # Files keep the per-layer layout whatever the run's scan_layers.
+    params = to_canonical_layout(params, model_cfg)
     # Under several processes every one calls this (orbax's save is collective,
     # with the same host arrays everywhere); process 0 writes model.json.
     with ocp.StandardCheckpointer() as ckpt:
@@ -78,7 +81,10 @@ def read_model_json(run_dir: Path) -> tuple[TransformerConfig, str]:
     """``(model config, tokenizer fingerprint)`` recorded in a finished run's ``model.json``.
 
     The config is the one the run trained: its dtypes and its PEFT config
-    (whose parameters ``params/`` holds next to the base ones).
+    (whose parameters ``params/`` holds next to the base ones), with
+    ``scan_layers=False``: ``params/`` holds the per-layer layout whatever the
+    run used (``transformer.scanned_layout``), and a reader that wants the
+    scanned model converts with ``to_model_layout``.
     """
     meta_path = Path(run_dir).absolute() / MODEL_FILE
     if not meta_path.exists():
@@ -89,6 +95,7 @@ def read_model_json(run_dir: Path) -> tuple[TransformerConfig, str]:
     meta = json.loads(meta_path.read_text())
     fields = dict(meta["model"])
     peft = fields.pop("peft", None)
+    fields["scan_layers"] = False
     config = TransformerConfig(
         **fields, peft=None if peft is None else PeftConfig.from_dict(_tuples(peft))
     )

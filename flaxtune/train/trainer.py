@@ -63,10 +63,11 @@ from flaxtune.train.optimizer import (
     make_optimizer,
     make_schedule,
 )
-from flaxtune.train.partition import label_params
+from flaxtune.train.partition import label_params, unbox
 from flaxtune.train.state import TrainState, create_train_state, replace_params
 from flaxtune.train.step import StepFn, make_train_step
 from flaxtune.transformer import build_model
+from flaxtune.transformer.scanned_layout import scan_flat, to_canonical_layout
 
 PyTree = Any
 
@@ -165,15 +166,22 @@ class TrainerSpec:
         peft = self.model_config.peft
         if not peft_lib.needs_initialize(peft):
             return init_values
-        params = replace_params(jax.jit(self.init_params)(self.init_rng), init_values or {})
+        # PEFT initializers (PiSSA's SVD per kernel) read per-layer kernels.
+        drawn = to_canonical_layout(
+            unbox(jax.jit(self.init_params)(self.init_rng)), self.model_config
+        )
+        params = replace_params(drawn, init_values or {})
         return traverse_util.flatten_dict(peft_lib.initialize(params, peft), sep="/")
 
     def build(self, init_values: Mapping[str, Any] | None = None) -> Trainer:
         """Creates the sharded state, stores the frozen base, jits the step.
 
         ``init_values``: ``/``-joined path -> array, parameters that replace
-        their random draws (a pretrained base; see ``sharded_train_state``).
+        their random draws (a pretrained base; see ``sharded_train_state``),
+        in the per-layer layout of files: a scanned model stacks them here.
         """
+        if init_values is not None and self.model_config.scan_layers:
+            init_values = scan_flat(init_values, self.model_config)
         state, shardings = sharded_train_state(
             self.init_params,
             self.init_rng,

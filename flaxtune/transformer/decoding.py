@@ -43,6 +43,7 @@ import numpy as np
 
 from flaxtune.transformer.config import ConfigError
 from flaxtune.transformer.models import DecoderOnly, EncoderDecoder, encoder_mask
+from flaxtune.transformer.scanned_layout import cache_batch_axis
 
 Array = jax.Array
 METHODS = ("greedy", "sample", "beam")
@@ -354,8 +355,9 @@ def _length_penalty(length: Array, alpha: float) -> Array:
 
 
 def _gather_beams(tree: Any, flat_index: Array, batch_beams: int) -> Any:
-    """Reorders every cache array whose leading axis is batch*beams, but the cross-attention ones.
+    """Reorders every cache array whose batch axis is batch*beams, but the cross-attention ones.
 
+    The batch axis is 0, or 1 in a scanned stack (axis 0 stacks the layers).
     An encoder-decoder's cross-attention cache (the encoder's keys and values,
     its mask) was repeated from each row to its beams, and beams move only
     within their row, so it is the same after any reordering: it is left in
@@ -365,9 +367,10 @@ def _gather_beams(tree: Any, flat_index: Array, batch_beams: int) -> Any:
     """
 
     def gather(path, x):
-        if _is_cross_attention(path) or not (x.ndim and x.shape[0] == batch_beams):
+        axis = cache_batch_axis(path)
+        if _is_cross_attention(path) or not (x.ndim > axis and x.shape[axis] == batch_beams):
             return x
-        return jnp.take(x, flat_index, axis=0)
+        return jnp.take(x, flat_index, axis=axis)
 
     return jax.tree_util.tree_map_with_path(gather, tree)
 
@@ -375,6 +378,16 @@ def _gather_beams(tree: Any, flat_index: Array, batch_beams: int) -> Any:
 def _is_cross_attention(path: tuple[Any, ...]) -> bool:
     """Whether a cache entry is cross-attention's (``cross_attention/...``, ``cross_valid``)."""
     return any(str(getattr(entry, "key", "")).startswith("cross") for entry in path)
+
+
+def _repeat_cache(cache: Any, k: int, batch: int) -> Any:
+    """Each row of the cache ``k`` times in a row (the batch axis as ``_gather_beams``)."""
+
+    def repeat(path, x):
+        axis = cache_batch_axis(path)
+        return jnp.repeat(x, k, axis=axis) if x.ndim > axis and x.shape[axis] == batch else x
+
+    return jax.tree_util.tree_map_with_path(repeat, cache)
 
 
 def _beam_search(
@@ -386,7 +399,7 @@ def _beam_search(
     logits, cache, offsets = prefill(params, inputs, prompt_lengths)
     batch = logits.shape[0]
     repeat = lambda x: jnp.repeat(x, k, axis=0) if x.ndim and x.shape[0] == batch else x
-    cache = jax.tree_util.tree_map(repeat, cache)
+    cache = _repeat_cache(cache, k, batch)
     offsets = None if offsets is None else repeat(offsets)
     state = _initial_beams(repeat(logits), cache, batch, k, total, pad_id)
 

@@ -43,6 +43,7 @@ from flaxtune.peft import modules as peft_modules
 from flaxtune.quant.qarray import QArray
 from flaxtune.quant.qdot import kernel_param, qdot
 from flaxtune.transformer.config import TransformerConfig
+from flaxtune.transformer.scanned_layout import per_layer_path
 
 Array = jax.Array
 Initializer = Callable[..., Array]
@@ -123,10 +124,12 @@ class Dense(nn.Module):
         kernel is created on ``init`` exactly as a normal call creates it.
         """
         n_in = self.in_features
+        # A scanned block answers LoRA's path rules as its first layer.
+        path = per_layer_path(self.path)
         in_shape = tuple(x.shape[-n_in:])
         kernel = self._kernel(in_shape)
         if plain_kernel:
-            lora = self.peft.lora_for(self.path) if self.peft is not None else None
+            lora = self.peft.lora_for(path) if self.peft is not None else None
             plain = n_in == 1 and not self.use_bias and lora is None
             return kernel if plain and not isinstance(kernel, QArray) else None
         y = kernel_product(
@@ -136,7 +139,7 @@ class Dense(nn.Module):
             compute_dtype=self.dtype,
             int8_activations=self.int8_activations,
         )
-        lora = self.peft.lora_for(self.path) if self.peft is not None else None
+        lora = self.peft.lora_for(path) if self.peft is not None else None
         if lora is not None:
             y = peft_modules.lora(
                 self,
@@ -144,7 +147,7 @@ class Dense(nn.Module):
                 y,
                 kernel,
                 config=lora,
-                path="/".join(self.path),
+                path="/".join(path),
                 kernel_axes=self.kernel_axes,
                 n_in=n_in,
                 out_shape=self.out_shape,

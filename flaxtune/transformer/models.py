@@ -15,7 +15,10 @@ Parameter tree of an encoder-decoder (T5 v1.0 names on the left, shapes for
     decoder/...                                   (+ cross_attention, cross_attention_norm)
     decoder/logits_dense/kernel                   [d_model, vocab]   (untied heads only)
 
-A decoder-only model has ``token_embed`` and ``decoder`` alone. Each stack
+A decoder-only model has ``token_embed`` and ``decoder`` alone. With
+``scan_layers`` the ``layers_i`` of a stack become one ``layers`` whose
+variables have a leading axis of length ``num_layers`` (``blocks.py`` runs the
+blocks, ``scanned_layout.py`` converts the trees). Each stack
 builds its masks, position biases and rotary tables once and hands them to
 every layer; with ``decode=True`` the decoder also keeps the cache
 bookkeeping (write index, which slots hold real tokens, their positions).

@@ -60,6 +60,8 @@ VARIANTS = {
         position_encoding="learned", use_bias=True, norm="layernorm"
     ),
     "sinusoidal+untied": dict(position_encoding="sinusoidal", tie_embeddings=False),
+    # Scanned blocks' parameters gain a leading "layers" axis.
+    "scanned+remat": dict(scan_layers=True, remat_policy="full"),
 }
 
 
