@@ -23,9 +23,10 @@ Three parts, one JSON object per measurement:
     deltas against fp32 are the cost of *training* in that precision:
     validation loss over ``eval.num_batches`` batches of the mixture, and
     ROUGE-L of greedy generations for ``--examples`` test examples of
-    ``bundled/summarization``. A second fp32 run from another seed
-    (``policy: "fp32 (seed 1)"``) shows how far two equally good runs differ,
-    the yardstick for those deltas.
+    ``bundled/summarization``. Further fp32 runs from other seeds
+    (``--noise-seed``, default 1; ``policy: "fp32 (seed 1)"``) show how far
+    equally good runs differ, the yardstick for those deltas.
+    ``--policies`` picks the policies (fp32 always runs, first).
 
 ``inference`` (``measurement: "decode"`` and ``"format_quality"``)
     For each format of ``flaxtune.quant.convert`` (fp32, bf16, int8 per-channel,
@@ -110,19 +111,16 @@ def train_note(policy: str, rates: dict[str, float]) -> str:
     rate = rates[compute]
     ratio = rate / rates["float32"]
     note = (
-        f"Dense multiplies {compute} inputs with float32 accumulation "
+        f"Dense and attention multiply {compute} inputs with float32 accumulation "
         f"(preferred_element_type); this CPU runs such a matmul at {rate:.0f} GFLOP/s, "
         f"{ratio:.2f}x float32."
     )
     if compute != "float32":
-        # Checked in the jaxpr of the step's gradient: the transposes of a
-        # dot_general with preferred_element_type=float32 take the float32
-        # cotangent and the 16-bit operand, which XLA multiplies in float32.
+        # flaxtune.matmul: the backward products take 16-bit operands too.
         note += (
-            " Only the forward matmuls run in 16 bits: JAX differentiates a dot with "
-            "preferred_element_type=float32 into float32 x 16-bit dots (computed in float32 "
-            "after a convert), so the backward pass, two thirds of the matmul FLOPs, stays "
-            "float32 and pays for the casts; the step gains little or loses."
+            " The backward matmuls take the same 16-bit operands with float32 accumulation "
+            "(flaxtune.matmul's hand-written gradients), so the whole step's matmuls run at "
+            "this rate where XLA has a 16-bit kernel for them."
         )
     return note
 
@@ -130,7 +128,7 @@ def train_note(policy: str, rates: dict[str, float]) -> str:
 def part_train(args: argparse.Namespace) -> None:
     peak = measure_peak_flops(2048, jnp.float32)
     rates = {d: matmul_gflops(d) for d in ("float32", "bfloat16", "float16")}
-    for policy in POLICIES:
+    for policy in args.policies:
         ns = train_step.parse_args(
             ["--policy", policy, "--steps", str(args.timed_steps), "--warmup", str(args.warmup)]
         )
@@ -304,9 +302,7 @@ def small_model_fields(args: argparse.Namespace) -> dict[str, Any]:
 # --------------------------------------------------------------------------
 def part_quality(setup: Setup) -> None:
     args = setup.args
-    runs = [(p, 0) for p in POLICIES]
-    if args.noise_seed is not None:
-        runs.append(("fp32", args.noise_seed))
+    runs = [(p, 0) for p in args.policies] + [("fp32", seed) for seed in args.noise_seed]
     reference = None
     for policy, seed in runs:
         run = train_small(setup, policy, seed)
@@ -423,7 +419,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--part", nargs="+", default=list(PARTS), choices=PARTS)
     p.add_argument("--steps", type=int, default=200, help="training steps of the small model")
     p.add_argument("--examples", type=int, default=64, help="summarization examples generated")
-    p.add_argument("--noise-seed", type=int, default=1, help="seed of a second fp32 run (-1: none)")
+    p.add_argument(
+        "--noise-seed",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="seeds of further fp32 runs, the yardstick for the deltas (-1: none)",
+    )
+    p.add_argument(
+        "--policies",
+        nargs="+",
+        default=list(POLICIES),
+        choices=POLICIES,
+        help="policies of the train and quality parts (fp32 always runs first)",
+    )
     p.add_argument("--timed-steps", type=int, default=5, help="timed repetitions")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--preset", default="t5-small")
@@ -431,8 +440,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--src-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=32)
     args = p.parse_args(argv)
-    if args.noise_seed is not None and args.noise_seed < 0:
-        args.noise_seed = None
+    if any(seed < 0 for seed in args.noise_seed):
+        if args.noise_seed != [-1]:
+            p.error(f"--noise-seed takes seeds >= 1, or -1 alone for none; got {args.noise_seed}.")
+        args.noise_seed = []
+    if 0 in args.noise_seed:
+        p.error("--noise-seed 0 is the policies' own seed; give other seeds.")
+    # fp32 is the reference every delta is taken against, so it runs, and runs first.
+    args.policies = ["fp32"] + [policy for policy in args.policies if policy != "fp32"]
     if args.steps < 1:
         p.error(f"--steps must be >= 1, got {args.steps}.")
     return args

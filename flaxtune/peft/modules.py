@@ -15,7 +15,11 @@ where a method acts, so reading a layer tells you what it computes:
 
 This module imports nothing from ``flaxtune.transformer`` (the Transformer
 imports it); its products go through ``flaxtune.matmul.float_dot``, the same
-matmul as Dense: compute dtype, 16-bit products accumulated in float32.
+matmul as Dense: compute dtype, 16-bit operands accumulated in float32, in
+the forward and the backward products. Two products stay float32 on purpose,
+both in parameter space and independent of the batch: DoRA's merged weight
+``W + scaling * A @ B`` (its column norm is a norm statistic) and the
+reparameterized prefix MLP (a few virtual tokens).
 
 Every parameter is created with ``flaxtune.module_param.param`` and a
 logically partitioned initializer, as the base layers create theirs, so it

@@ -8,7 +8,11 @@ and parsed once, at configuration time. A run hands the policy to the model
 as two ``TransformerConfig`` fields (``flaxtune.train.run_config``):
 ``param_dtype`` (parameters are created, stored and updated in it) and
 ``dtype`` = the compute dtype (each layer casts its parameters and inputs to
-it for the computation). Attention softmax (unless
+it for the computation). Under a 16-bit compute dtype every matmul, forward
+and backward (input and kernel gradients, attention's score and value
+products, the output head), takes 16-bit operands and accumulates in float32
+(``flaxtune.matmul``); a float32 master weight receives a float32 gradient.
+Attention softmax (unless
 ``float32_attention_logits=False``), normalization statistics and the loss
 run in float32 (``Policy.reduction_dtype``) whatever the compute dtype: their
 sums and exponentials lose too much in 8 mantissa bits. The output dtype

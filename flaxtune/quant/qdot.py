@@ -7,7 +7,9 @@ the last ``n_in`` axes of ``x`` with the first ``n_in`` of the kernel:
 * 4-bit (int4/nf4) kernels, and int8 kernels with
   ``quantize_activations=False``: the kernel is dequantized to the compute
   dtype and multiplied with ``flaxtune.matmul.float_dot``, the product float
-  kernels use (16-bit products accumulate in float32);
+  kernels use (16-bit operands accumulating in float32, in the backward
+  products too: the input gradient of a frozen quantized base is a 16-bit
+  product against the dequantized kernel);
 * int8 kernels with ``quantize_activations=True`` (:func:`int8_matmul`): each
   row of ``x`` is quantized on the fly to int8 with its own absmax scale, the
   product of the integer codes is accumulated exactly in int32, and the

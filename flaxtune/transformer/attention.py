@@ -79,6 +79,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flaxtune.matmul import float_einsum
 from flaxtune.peft import modules as peft_modules
 from flaxtune.transformer.config import ConfigError, TransformerConfig
 from flaxtune.transformer.layers import Dense, Dropout, _kernel_fan_in_init, project_together
@@ -261,8 +262,8 @@ def dot_product_attention(
     kv, s_len = (k.shape[1], k.shape[2]) if heads_major else (k.shape[2], k.shape[1])
     q = q.reshape(b, q_len, kv, h // kv, d)
     logit_dtype = jnp.float32 if float32_logits else dtype
-    logits = jnp.einsum(
-        f"blkgd,{kv_spec}->bkgls", q, k, preferred_element_type=logit_dtype
+    logits = float_einsum(
+        f"blkgd,{kv_spec}->bkgls", q, k, compute_dtype=dtype, out_dtype=logit_dtype
     ).reshape(b, h, q_len, s_len)
     if bias is not None:
         logits = logits + bias.astype(logits.dtype)
@@ -272,10 +273,8 @@ def dot_product_attention(
     if dropout is not None:
         weights = dropout(weights, deterministic=deterministic)
     probs = weights.astype(dtype).reshape(b, kv, h // kv, q_len, s_len)
-    out = jnp.einsum(
-        f"bkgls,{kv_spec}->blkgd", probs, v.astype(dtype), preferred_element_type=jnp.float32
-    )
-    return out.reshape(b, q_len, h, d).astype(dtype), weights
+    out = float_einsum(f"bkgls,{kv_spec}->blkgd", probs, v, compute_dtype=dtype)
+    return out.reshape(b, q_len, h, d), weights
 
 
 class MultiHeadAttention(nn.Module):

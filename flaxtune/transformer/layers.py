@@ -37,7 +37,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxtune.matmul import float_dot
+from flaxtune.matmul import float_dot, float_einsum
 from flaxtune.module_param import param
 from flaxtune.peft import modules as peft_modules
 from flaxtune.quant.qarray import QArray
@@ -290,14 +290,7 @@ class Embed(nn.Module):
         Contracts against the embedding's feature axis directly, so no
         transposed copy of the ``[vocab, d_model]`` table is made.
         """
-        half = jnp.dtype(self.dtype).itemsize < 4
-        logits = jax.lax.dot_general(
-            x.astype(self.dtype),
-            self.embedding.astype(self.dtype),
-            (((x.ndim - 1,), (1,)), ((), ())),
-            preferred_element_type=jnp.float32 if half else None,
-        )
-        return logits.astype(self.dtype)
+        return float_einsum("...d,vd->...v", x, self.embedding, compute_dtype=self.dtype)
 
 
 class _Norm(nn.Module):
