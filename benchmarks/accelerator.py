@@ -15,7 +15,8 @@ kernel that ran: ``cudnn_fused`` when the compiled step calls cuDNN's fused
 attention (its custom call in the optimized HLO), else ``xla``, next to the
 config's ``attention_impl`` where the model has that field.
 
-``--remat`` and ``--scan`` set the model config's ``remat_policy`` and
+``--attention-impl`` (default ``auto``), ``--remat`` and ``--scan`` set the model
+config's ``attention_impl``, ``remat_policy`` and
 ``scan_layers``; ``--override field=value`` sets any other model field (e.g.
 ``--override d_model=24 --override num_decoder_layers=2``: the tests run a
 1B preset's code path at a CPU size this way). ``--profile DIR`` writes a
@@ -47,6 +48,8 @@ from flaxtune.train import (
 from flaxtune.train.step_memory import StepMemory
 from flaxtune.train.trainer import recipe_base_quant
 from flaxtune.transformer import get_config
+from flaxtune.transformer.attention import resolved_attention_impl
+from flaxtune.transformer.config import ATTENTION_IMPLS
 
 METHODS = ("full", "lora", "qlora")
 
@@ -109,6 +112,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--remat", default=None, help="remat_policy of the model config")
     p.add_argument("--scan", action="store_true", help="scan_layers=True")
+    # "auto": cuDNN's fused attention where it can run (NVIDIA GPU, bf16/fp16),
+    # XLA's jax.nn.dot_product_attention elsewhere; the output says which ran.
+    p.add_argument("--attention-impl", default="auto", choices=ATTENTION_IMPLS,
+                   help="attention_impl of the model config (default auto)")  # fmt: skip
     p.add_argument("--override", type=_override, action="append", default=[],
                    metavar="FIELD=VALUE", help="a model config field (repeatable)")  # fmt: skip
     p.add_argument("--steps", type=int, default=10)
@@ -122,7 +129,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def model_config(args: argparse.Namespace):
     """The preset with the method's PEFT, the policy's dtypes, remat/scan and the overrides."""
     policy = get_policy(args.policy)
-    fields = dict(args.override)
+    fields = {"attention_impl": args.attention_impl, **dict(args.override)}
     if args.remat is not None:
         fields["remat_policy"] = args.remat
     if args.scan:
@@ -199,7 +206,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "remat_policy": getattr(config, "remat_policy", None),
         "scan_layers": getattr(config, "scan_layers", None),
         "overrides": dict(args.override),
-        "attention_impl": getattr(config, "attention_impl", None),
+        "attention_impl": config.attention_impl,
+        # What the requested implementation resolves to for this step.
+        "attention_impl_resolved": resolved_attention_impl(config, training=True),
         "attention_kernel": attention_kernel(compiled.as_text() or ""),
         "trainable_params": trainer.summary["trainable"],
         "total_params": trainer.summary["total"],
