@@ -80,6 +80,7 @@ import dataclasses
 import json
 import math
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -312,6 +313,24 @@ def plan(
     policy = get_policy(policy)
     spec = _spec(config, peft, policy, optimizer, quant, selective, frozen_in_compute_dtype)
     return _plan(spec, optimizer, batch, lengths)
+
+
+def plan_at(
+    config: Any,
+    method: str,
+    *,
+    policy: str | Policy = "fp32",
+    optimizer: str = "adamw",
+    lengths: tuple[int, int] = (128, 32),
+) -> Callable[[int], MemoryPlan]:
+    """``batch -> MemoryPlan`` of a recipe (:func:`peft_for`), its model traced once.
+
+    For searches over the batch size (``flaxtune.train.device_fit``): each
+    call only counts bytes.
+    """
+    peft, quant, selective = peft_for(method)
+    spec = _spec(config, peft, get_policy(policy), optimizer, quant, selective, True)
+    return lambda batch: _plan(spec, optimizer, batch, lengths)
 
 
 def _plan(spec: TrainerSpec, optimizer: str, batch: int, lengths: tuple[int, int]) -> MemoryPlan:
