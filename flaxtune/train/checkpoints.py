@@ -270,6 +270,29 @@ class CheckpointManager:
         if jax.process_index() == 0:
             self._write_run_files(config, tokenizer_path)
 
+        options = self._manager_options(save_interval_steps, max_to_keep, best_metric, best_mode)
+        self._async_save = async_save
+        # Steps whose background write is under way, oldest first: orbax
+        # finishes saves in the order they were started.
+        self._pending: collections.deque[int] = collections.deque()
+        self._pending_lock = threading.Lock()
+        self._last_saved: int | None = None
+        # Handlers are named up front so that a fresh process can read an
+        # existing checkpoint's metadata before anything is restored.
+        self._manager = ocp.CheckpointManager(
+            self.workdir / "checkpoints",
+            options=options,
+            item_handlers={
+                _STATE: ocp.StandardCheckpointHandler(),
+                _DATA: ocp.JsonCheckpointHandler(),
+                _META: ocp.JsonCheckpointHandler(),
+            },
+        )
+
+    def _manager_options(
+        self, save_interval_steps: int, max_to_keep: int, best_metric: str | None, best_mode: str
+    ) -> ocp.CheckpointManagerOptions:
+        """Keep the last ``max_to_keep`` (and the best); save at the interval and on preemption."""
         policies: list[Any] = [ocp.checkpoint_managers.LatestN(n=max_to_keep)]
         best_fn = None
         if best_metric is not None:
@@ -305,23 +328,7 @@ class CheckpointManager:
             cleanup_tmp_directories=True,
             create=True,
         )
-        self._async_save = async_save
-        # Steps whose background write is under way, oldest first: orbax
-        # finishes saves in the order they were started.
-        self._pending: collections.deque[int] = collections.deque()
-        self._pending_lock = threading.Lock()
-        self._last_saved: int | None = None
-        # Handlers are named up front so that a fresh process can read an
-        # existing checkpoint's metadata before anything is restored.
-        self._manager = ocp.CheckpointManager(
-            self.workdir / "checkpoints",
-            options=options,
-            item_handlers={
-                _STATE: ocp.StandardCheckpointHandler(),
-                _DATA: ocp.JsonCheckpointHandler(),
-                _META: ocp.JsonCheckpointHandler(),
-            },
-        )
+        return options
 
     # -- run files -------------------------------------------------------
 
