@@ -103,7 +103,11 @@ def _tiny_run(pairs: list[str], *extra: str) -> list[dict]:
     return vs_peer.main(argv + list(extra))
 
 
+# Both stacks start in subprocesses and the peer imports torch and
+# transformers: a minute and more on two cores, so it runs under slow; the
+# ratio and record logic have fast tests above.
 @pytest.mark.hf
+@pytest.mark.slow
 def test_one_round_of_generation_against_the_peer(capsys):
     _peer_or_skip()
     (rec,) = _tiny_run(["generate"])
