@@ -282,10 +282,6 @@ def main(argv: list[str]) -> None:
     (path.parent / "report.md").write_text(render(results))
 
 
-if __name__ == "__main__":
-    main(sys.argv)
-
-
 def _analysis(results: dict[str, Any]) -> dict[str, Any] | None:
     """The intervals and statements, recomputed from the per-example scores; None for
     results without them (a study that stopped before scoring)."""
@@ -423,3 +419,7 @@ def _statements_section(
         *shares,
         "",
     ]
+
+
+if __name__ == "__main__":
+    main(sys.argv)

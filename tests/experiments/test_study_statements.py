@@ -2,6 +2,8 @@
 claiming a difference its paired interval does not show (synthetic results, no model)."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -247,3 +249,16 @@ def test_compare_command_prints_both_machines_and_exits_by_the_outcome(tmp_path,
     assert "| contradict |" in out
     assert "A: " in out and "no provenance recorded" in out
     assert compare.main(["compare"]) == 2
+
+
+def test_the_report_command_renders_a_results_file(tmp_path):
+    # `python -m experiments.study.report DIR/results.json` (the README's
+    # command) writes DIR/report.md, the report rendered from the file alone.
+    results = synthetic_results()
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(results))
+    subprocess.run(
+        [sys.executable, "-m", "experiments.study.report", str(path)],
+        check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    assert (tmp_path / "report.md").read_text() == report.render(json.loads(path.read_text()))
