@@ -66,17 +66,9 @@ from typing import Any
 import jax.numpy as jnp
 
 from flaxtune.quant.policy import Policy
+from flaxtune.transformer.config import REMAT_POLICIES
 
 __all__ = ["REMAT_POLICIES", "activation_bytes"]
-
-REMAT_POLICIES = (
-    "none",
-    "full",
-    "dots_saveable",
-    "dots_with_no_batch_dims_saveable",
-    "offload_dots",
-)
-GATED = ("swiglu", "geglu", "gated-gelu", "gated-silu")
 
 
 class _Shapes:
@@ -86,7 +78,7 @@ class _Shapes:
         self.c, self.b = c, batch
         self.d, self.f, self.k = mcfg.d_model, mcfg.d_ff, mcfg.head_dim
         self.h, self.hk = mcfg.num_heads, mcfg.num_kv_heads
-        self.g = 2 if mcfg.activation in GATED else 1
+        self.g = 2 if mcfg.gated else 1
         self.dropout = mcfg.dropout_rate > 0
         self.attn_dropout = mcfg.attention_dropout_rate > 0
 
