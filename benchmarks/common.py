@@ -36,12 +36,19 @@ PEER_SCRIPT = Path(
 )
 
 
-def _cpu_snapshot() -> tuple[float, float, float]:
+def machine_busy_seconds() -> float:
+    """CPU seconds all processes have spent busy since boot (``/proc/stat``).
+
+    user + nice + system + irq + softirq: everything but idle and iowait.
+    """
     with open("/proc/stat") as f:
         vals = [int(x) for x in f.readline().split()[1:8]]
-    busy = (sum(vals) - vals[3] - vals[4]) / CLK_TCK
+    return (sum(vals) - vals[3] - vals[4]) / CLK_TCK
+
+
+def _cpu_snapshot() -> tuple[float, float, float]:
     ru = resource.getrusage(resource.RUSAGE_SELF)
-    return time.perf_counter(), busy, ru.ru_utime + ru.ru_stime
+    return time.perf_counter(), machine_busy_seconds(), ru.ru_utime + ru.ru_stime
 
 
 def time_fn(fn: Callable[[], Any], *, warmup: int, steps: int) -> dict[str, Any]:

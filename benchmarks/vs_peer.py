@@ -72,7 +72,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import CLK_TCK, PEER_PYTHON, PEER_SCRIPT, emit
+from benchmarks.common import PEER_PYTHON, PEER_SCRIPT, emit, machine_busy_seconds
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # The glibc settings of flaxtune.train.retain_freed_host_memory, as tunables.
@@ -124,10 +124,7 @@ def busy_cores(window_s: float) -> float:
     """Cores that the machine's processes kept busy over ``window_s`` seconds."""
 
     def snapshot() -> tuple[float, float]:
-        with open("/proc/stat") as f:
-            vals = [int(x) for x in f.readline().split()[1:8]]
-        # user + nice + system + irq + softirq: everything but idle and iowait.
-        return time.perf_counter(), (sum(vals) - vals[3] - vals[4]) / CLK_TCK
+        return time.perf_counter(), machine_busy_seconds()
 
     t0, b0 = snapshot()
     time.sleep(window_s)
