@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -100,7 +101,24 @@ def lengths_for(config, args) -> tuple[int, int]:
     return (args.src_len, args.tgt_len) if config.is_encoder_decoder else (0, args.seq_len)
 
 
-def measure(method: str, args, peak_flops: float) -> dict:
+@dataclasses.dataclass
+class PreparedStep:
+    """A compiled train step on a synthetic batch, ready to time or profile."""
+
+    run: Any  # () -> None: one step, blocking until its loss is ready
+    compiled: Any  # the step's jax.stages.Compiled
+    device_batch: dict[str, Any]
+    trainer: Any
+    holder: dict[str, Any]  # {"state": the live train state} (each step donates the one before)
+    policy: Any
+    dropout: float
+    src_len: int
+    tgt_len: int
+    tokens: int  # source + target tokens per step, as the peer counts them
+
+
+def prepare_step(method: str, args) -> PreparedStep:
+    """Builds ``method``'s trainer at the shape of ``args`` and compiles its step."""
     method_recipe = recipe(method)
     policy = get_policy(args.policy)
     # Attention weights are dropped at the same rate, as T5 (and HF's T5) do.
@@ -137,20 +155,28 @@ def measure(method: str, args, peak_flops: float) -> dict:
         # always measured it (a run casts it to the compute dtype).
         frozen_in_compute_dtype=False,
     )
-    state, step, summary = trainer.state, trainer.step, trainer.summary
+    step = trainer.step
     device_batch = shard_batch(batch, mesh)
-    compiled = step.compile(state, device_batch)
-    memory = StepMemory.from_compiled(compiled, device_batch)
-    flops = xla_flops(compiled)
-    holder = {"state": state}
+    compiled = step.compile(trainer.state, device_batch)
+    holder = {"state": trainer.state}
 
     def run():
         holder["state"], metrics = step(holder["state"], device_batch)
         jax.block_until_ready(metrics["loss"])
 
-    timing = time_fn(run, warmup=args.warmup, steps=args.steps)
     tokens = args.batch * (src_len + tgt_len)
-    abstract = trainer.spec.abstract_params
+    return PreparedStep(
+        run, compiled, device_batch, trainer, holder, policy, dropout, src_len, tgt_len, tokens
+    )
+
+
+def measure(method: str, args, peak_flops: float) -> dict:
+    p = prepare_step(method, args)
+    summary, tokens = p.trainer.summary, p.tokens
+    memory = StepMemory.from_compiled(p.compiled, p.device_batch)
+    flops = xla_flops(p.compiled)
+    timing = time_fn(p.run, warmup=args.warmup, steps=args.steps)
+    abstract = p.trainer.spec.abstract_params
     params_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(abstract))
     return {
         "benchmark": "train_step",
@@ -158,14 +184,14 @@ def measure(method: str, args, peak_flops: float) -> dict:
         "policy": args.policy,
         "preset": args.preset,
         "batch": args.batch,
-        "src_len": src_len,
-        "tgt_len": tgt_len,
-        "dropout": dropout,
+        "src_len": p.src_len,
+        "tgt_len": p.tgt_len,
+        "dropout": p.dropout,
         "trainable_params": summary["trainable"],
         "total_params": summary["total"],
         "trainable_pct": summary["percent"],
         "param_bytes": int(params_bytes),
-        "optimizer_state_bytes": count_optimizer_state_bytes(holder["state"].opt_state),
+        "optimizer_state_bytes": count_optimizer_state_bytes(p.holder["state"].opt_state),
         "xla_memory": memory.to_dict() if memory else {},
         "step_median_s": timing["median_s"],
         "tokens_per_s_median": tokens / timing["median_s"],
