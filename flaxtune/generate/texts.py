@@ -37,6 +37,7 @@ from flaxtune.data.chat import ChatError, chat_template_of, render_chat
 from flaxtune.generate.loading import GenerateError, Loaded
 from flaxtune.train.scoring import prompt_ids as scoring_prompt_ids
 from flaxtune.transformer import DecodeConfig, generate
+from flaxtune.transformer.decoding import limited_to_tokenizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +99,9 @@ def generate_ids(
         raise GenerateError("an empty prompt has no tokens to start from; give it some text.")
     width = max(len(r) for r in rows)
     decoder_only = not loaded.config.is_encoder_decoder
+    decode_config = limited_to_tokenizer(
+        decode_config, loaded.tokenizer.vocab_size, loaded.config.vocab_size
+    )
     key = jax.random.key(seed)
     out: list[list[int]] = []
     for start in range(0, len(rows), batch_size):

@@ -38,6 +38,7 @@ from flaxtune.eval.harness import metric
 from flaxtune.train.distributed import host_array
 from flaxtune.train.run_config import data_directory, validation_data
 from flaxtune.transformer import DecodeConfig, generate
+from flaxtune.transformer.decoding import limited_to_tokenizer
 
 
 def prompt_ids(
@@ -80,6 +81,7 @@ def make_predict_fn(
 ):
     """``list[str] -> list[str]`` generation with fixed shapes (one compilation)."""
     cfg = model.config
+    decode = limited_to_tokenizer(decode, tokenizer.vocab_size, cfg.vocab_size)
 
     def predict(prompts: list[str]) -> list[str]:
         rows = [

@@ -65,6 +65,11 @@ class DecodeConfig:
         top_p (nucleus sampling; 1.0 = no limit).
       num_beams: beam width.
       length_penalty: GNMT alpha; 0 ranks beams by plain log-probability.
+      vocab_limit: ids at or above it are never generated (0 = every id of
+        the model's vocabulary). A checkpoint's embedding often has more rows
+        than its tokenizer has pieces (t5's 32,128 rows for 32,100 pieces);
+        ``flaxtune.generate`` sets it to the tokenizer's size, so that no
+        output holds an id the tokenizer cannot turn into text.
     """
 
     method: str = "greedy"
@@ -75,6 +80,7 @@ class DecodeConfig:
     top_p: float = 1.0
     num_beams: int = 4
     length_penalty: float = 0.6
+    vocab_limit: int = 0
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -102,6 +108,8 @@ class DecodeConfig:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}.")
         if self.num_beams < 1:
             raise ConfigError(f"num_beams must be >= 1, got {self.num_beams}.")
+        if self.vocab_limit < 0:
+            raise ConfigError(f"vocab_limit must be >= 0 (0 disables it), got {self.vocab_limit}.")
 
 
 @flax.struct.dataclass
@@ -258,6 +266,28 @@ def filter_logits(logits: Array, *, temperature: float, top_k: int, top_p: float
     return logits
 
 
+def limited_to_tokenizer(
+    config: DecodeConfig, tokenizer_size: int, model_vocab: int
+) -> DecodeConfig:
+    """``config`` with ``vocab_limit = tokenizer_size`` where the model has more ids.
+
+    Embedding rows past the tokenizer's pieces (t5's padding rows, many hub
+    checkpoints') have no text; text-level generation never produces them.
+    An explicit ``vocab_limit`` is kept.
+    """
+    if config.vocab_limit or tokenizer_size >= model_vocab:
+        return config
+    return dataclasses.replace(config, vocab_limit=tokenizer_size)
+
+
+def _limit_vocab(logits: Array, vocab_limit: int) -> Array:
+    """Forbids the ids at or above ``vocab_limit`` (rows the tokenizer has no piece for)."""
+    if vocab_limit == 0 or vocab_limit >= logits.shape[-1]:
+        return logits
+    ids = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    return jnp.where(ids < vocab_limit, logits, -jnp.inf)
+
+
 def _suppress_eos(logits: Array, t: Array, min_new_tokens: Array, eos_id: int) -> Array:
     """Forbids EOS at step ``t`` while fewer than ``min_new_tokens`` were generated.
 
@@ -313,6 +343,7 @@ def _sample_loop(
     def emit(state, logits):
         t, out, lengths, scores, done, rng = state
         rng, sub = jax.random.split(rng)
+        logits = _limit_vocab(logits, config.vocab_limit)
         token, logp = _choose(_suppress_eos(logits, t, min_new_tokens, eos_id), sub, config)
         token = jnp.where(done, pad_id, token)
         out = out.at[:, t].set(token)
@@ -409,7 +440,8 @@ def _beam_search(
     def body(s):
         t = s["t"]
         last = t == total - 1
-        logits = _suppress_eos(s["logits"].astype(jnp.float32), t, min_new_tokens, eos_id)
+        logits = _limit_vocab(s["logits"].astype(jnp.float32), config.vocab_limit)
+        logits = _suppress_eos(logits, t, min_new_tokens, eos_id)
         scores, beam, token, seqs = _top_candidates(logits, s["alive_logp"], s["alive_seq"], t)
         is_eos = token == eos_id
         alive_logp, alive_seq, alive_beam, alive_token = _best_alive(

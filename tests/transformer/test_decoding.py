@@ -279,3 +279,36 @@ def test_beam_reordering_leaves_the_cross_attention_cache_and_equals_a_full_gath
         jax.tree_util.tree_leaves_with_path(reordered), jax.tree_util.tree_leaves(full), strict=True
     ):
         np.testing.assert_array_equal(got, want, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("method", ["greedy", "sample", "beam"])
+def test_vocab_limit_never_generates_the_ids_above_it(method):
+    config, model, params = tiny_model("tiny-t5")
+    inputs = random_tokens(np.random.RandomState(7), (3, 5), config.vocab_size)
+    base = DecodeConfig(method=method, max_new_tokens=6, num_beams=2, top_k=0)
+    free = generate(model, params, inputs, base, rng=jax.random.key(0))
+    limit = int(np.max(np.asarray(free.tokens)))  # the largest id generated without a limit
+    assert limit > config.eos_id + 1
+    capped = generate(
+        model, params, inputs, DecodeConfig(**{**base.__dict__, "vocab_limit": limit}),
+        rng=jax.random.key(0),
+    )  # fmt: skip
+    assert int(np.max(np.asarray(capped.tokens))) < limit
+    # A limit at or above the vocabulary changes nothing.
+    same = generate(
+        model, params, inputs, DecodeConfig(**{**base.__dict__, "vocab_limit": config.vocab_size}),
+        rng=jax.random.key(0),
+    )  # fmt: skip
+    np.testing.assert_array_equal(same.tokens, free.tokens)
+    with pytest.raises(ValueError, match="vocab_limit"):
+        DecodeConfig(vocab_limit=-1)
+
+
+def test_limited_to_tokenizer_caps_only_a_larger_model_vocabulary():
+    from flaxtune.transformer.decoding import limited_to_tokenizer
+
+    base = DecodeConfig()
+    assert limited_to_tokenizer(base, 700, 720).vocab_limit == 700
+    assert limited_to_tokenizer(base, 720, 720) == base  # no padding rows: unchanged
+    explicit = DecodeConfig(vocab_limit=5)
+    assert limited_to_tokenizer(explicit, 700, 720) == explicit
