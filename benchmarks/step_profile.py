@@ -131,12 +131,7 @@ def profile(method: str, args: argparse.Namespace) -> dict[str, Any]:
     matmul_wall = out["matmul_core_s"] / out["workers"]
     return {
         "benchmark": "step_profile",
-        "method": method,
-        "policy": args.policy,
-        "preset": args.preset,
-        "batch": args.batch,
-        "src_len": p.src_len,
-        "tgt_len": p.tgt_len,
+        **p.identity(method, args),
         "step_s": timing["median_s"],
         "traced_step_s": traced_step_s,
         "xla_flops_per_step": flops,

@@ -110,11 +110,22 @@ class PreparedStep:
     device_batch: dict[str, Any]
     trainer: Any
     holder: dict[str, Any]  # {"state": the live train state} (each step donates the one before)
-    policy: Any
     dropout: float
     src_len: int
     tgt_len: int
     tokens: int  # source + target tokens per step, as the peer counts them
+
+    def identity(self, method: str, args) -> dict[str, Any]:
+        """The fields that name this step in a benchmark record (method, policy, shape)."""
+        return {
+            "method": method,
+            "policy": args.policy,
+            "preset": args.preset,
+            "batch": args.batch,
+            "src_len": self.src_len,
+            "tgt_len": self.tgt_len,
+            "dropout": self.dropout,
+        }
 
 
 def prepare_step(method: str, args) -> PreparedStep:
@@ -166,7 +177,7 @@ def prepare_step(method: str, args) -> PreparedStep:
 
     tokens = args.batch * (src_len + tgt_len)
     return PreparedStep(
-        run, compiled, device_batch, trainer, holder, policy, dropout, src_len, tgt_len, tokens
+        run, compiled, device_batch, trainer, holder, dropout, src_len, tgt_len, tokens
     )
 
 
@@ -180,13 +191,7 @@ def measure(method: str, args, peak_flops: float) -> dict:
     params_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(abstract))
     return {
         "benchmark": "train_step",
-        "method": method,
-        "policy": args.policy,
-        "preset": args.preset,
-        "batch": args.batch,
-        "src_len": p.src_len,
-        "tgt_len": p.tgt_len,
-        "dropout": p.dropout,
+        **p.identity(method, args),
         "trainable_params": summary["trainable"],
         "total_params": summary["total"],
         "trainable_pct": summary["percent"],

@@ -280,20 +280,19 @@ def limited_to_tokenizer(
     return dataclasses.replace(config, vocab_limit=tokenizer_size)
 
 
-def _limit_vocab(logits: Array, vocab_limit: int) -> Array:
-    """Forbids the ids at or above ``vocab_limit`` (rows the tokenizer has no piece for)."""
-    if vocab_limit == 0 or vocab_limit >= logits.shape[-1]:
-        return logits
-    ids = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
-    return jnp.where(ids < vocab_limit, logits, -jnp.inf)
+def _allowed(
+    logits: Array, t: Array, min_new_tokens: Array, eos_id: int, vocab_limit: int
+) -> Array:
+    """``logits`` with what may not be generated at step ``t`` set to -inf.
 
-
-def _suppress_eos(logits: Array, t: Array, min_new_tokens: Array, eos_id: int) -> Array:
-    """Forbids EOS at step ``t`` while fewer than ``min_new_tokens`` were generated.
-
-    ``min_new_tokens`` is traced, not compiled in: scoring (0) and fixed-length
-    timing (``max_new_tokens``) of one model share one program.
+    EOS while fewer than ``min_new_tokens`` were generated; ``min_new_tokens``
+    is traced, not compiled in, so scoring (0) and fixed-length timing
+    (``max_new_tokens``) of one model share one program. And the ids at or
+    above ``vocab_limit`` (rows the tokenizer has no piece for), when set.
     """
+    if vocab_limit and vocab_limit < logits.shape[-1]:
+        ids = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+        logits = jnp.where(ids < vocab_limit, logits, -jnp.inf)
     early = t < min_new_tokens
     return logits.at[..., eos_id].set(jnp.where(early, -jnp.inf, logits[..., eos_id]))
 
@@ -343,8 +342,8 @@ def _sample_loop(
     def emit(state, logits):
         t, out, lengths, scores, done, rng = state
         rng, sub = jax.random.split(rng)
-        logits = _limit_vocab(logits, config.vocab_limit)
-        token, logp = _choose(_suppress_eos(logits, t, min_new_tokens, eos_id), sub, config)
+        logits = _allowed(logits, t, min_new_tokens, eos_id, config.vocab_limit)
+        token, logp = _choose(logits, sub, config)
         token = jnp.where(done, pad_id, token)
         out = out.at[:, t].set(token)
         scores = scores + jnp.where(done, 0.0, logp)
@@ -440,8 +439,8 @@ def _beam_search(
     def body(s):
         t = s["t"]
         last = t == total - 1
-        logits = _limit_vocab(s["logits"].astype(jnp.float32), config.vocab_limit)
-        logits = _suppress_eos(logits, t, min_new_tokens, eos_id)
+        logits = s["logits"].astype(jnp.float32)
+        logits = _allowed(logits, t, min_new_tokens, eos_id, config.vocab_limit)
         scores, beam, token, seqs = _top_candidates(logits, s["alive_logp"], s["alive_seq"], t)
         is_eos = token == eos_id
         alive_logp, alive_seq, alive_beam, alive_token = _best_alive(

@@ -1,13 +1,21 @@
 """KV-cached decoding: it must equal the full forward pass, and the decoding
 methods must agree where they coincide (beam 1 = greedy = top-k 1)."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from flaxtune.transformer import DecodeConfig, generate
-from flaxtune.transformer.decoding import _gather_beams, _runner, filter_logits, first_argmax
+from flaxtune.transformer.decoding import (
+    _gather_beams,
+    _runner,
+    filter_logits,
+    first_argmax,
+    limited_to_tokenizer,
+)
 from tests.transformer.util import cached_logits, random_tokens, tiny_model
 
 POSITION_VARIANTS = [
@@ -290,23 +298,18 @@ def test_vocab_limit_never_generates_the_ids_above_it(method):
     limit = int(np.max(np.asarray(free.tokens)))  # the largest id generated without a limit
     assert limit > config.eos_id + 1
     capped = generate(
-        model, params, inputs, DecodeConfig(**{**base.__dict__, "vocab_limit": limit}),
-        rng=jax.random.key(0),
-    )  # fmt: skip
+        model, params, inputs, dataclasses.replace(base, vocab_limit=limit), rng=jax.random.key(0)
+    )
     assert int(np.max(np.asarray(capped.tokens))) < limit
     # A limit at or above the vocabulary changes nothing.
-    same = generate(
-        model, params, inputs, DecodeConfig(**{**base.__dict__, "vocab_limit": config.vocab_size}),
-        rng=jax.random.key(0),
-    )  # fmt: skip
+    unlimited = dataclasses.replace(base, vocab_limit=config.vocab_size)
+    same = generate(model, params, inputs, unlimited, rng=jax.random.key(0))
     np.testing.assert_array_equal(same.tokens, free.tokens)
     with pytest.raises(ValueError, match="vocab_limit"):
         DecodeConfig(vocab_limit=-1)
 
 
 def test_limited_to_tokenizer_caps_only_a_larger_model_vocabulary():
-    from flaxtune.transformer.decoding import limited_to_tokenizer
-
     base = DecodeConfig()
     assert limited_to_tokenizer(base, 700, 720).vocab_limit == 700
     assert limited_to_tokenizer(base, 720, 720) == base  # no padding rows: unchanged
