@@ -5,7 +5,10 @@ medians over repeated runs after warm-up (compilation excluded), each run
 ending with ``jax.block_until_ready``. Alongside each figure we record how
 busy the rest of the machine was (``other_cores``): on a shared 2-core
 machine a busy neighbour can slow a step several times, so a figure is only
-trusted when ``other_cores`` is small. Ratios against the Hugging Face peer
+trusted when ``other_cores`` is small. ``steal_cores`` is the time the
+hypervisor ran someone else on this VM's cores, and the per-step page
+faults and context switches tell a process that waited on the kernel or its
+own threads from one whose instructions simply ran slower. Ratios against the Hugging Face peer
 (``../shared/bench/peer_hf.py``) are taken from runs made back to back in the
 same invocation.
 """
@@ -46,9 +49,25 @@ def machine_busy_seconds() -> float:
     return (sum(vals) - vals[3] - vals[4]) / CLK_TCK
 
 
-def _cpu_snapshot() -> tuple[float, float, float]:
+def machine_steal_seconds() -> float:
+    """CPU seconds the hypervisor gave this VM's cores to other guests since boot."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()[1:]
+    return int(fields[7]) / CLK_TCK if len(fields) > 7 else 0.0
+
+
+def _cpu_snapshot() -> tuple[float, ...]:
     ru = resource.getrusage(resource.RUSAGE_SELF)
-    return time.perf_counter(), machine_busy_seconds(), ru.ru_utime + ru.ru_stime
+    return (
+        time.perf_counter(),
+        machine_busy_seconds(),
+        ru.ru_utime + ru.ru_stime,
+        machine_steal_seconds(),
+        ru.ru_minflt,
+        ru.ru_nvcsw,
+        ru.ru_nivcsw,
+        ru.ru_stime,
+    )
 
 
 def time_fn(fn: Callable[[], Any], *, warmup: int, steps: int) -> dict[str, Any]:
@@ -64,6 +83,7 @@ def time_fn(fn: Callable[[], Any], *, warmup: int, steps: int) -> dict[str, Any]
     end = _cpu_snapshot()
     wall = max(end[0] - start[0], 1e-9)
     own = end[2] - start[2]
+    delta = [b - a for a, b in zip(start, end, strict=True)]
     return {
         "median_s": statistics.median(times),
         "min_s": min(times),
@@ -71,6 +91,13 @@ def time_fn(fn: Callable[[], Any], *, warmup: int, steps: int) -> dict[str, Any]
         "times_s": [round(t, 5) for t in times],
         "self_cores": round(own / wall, 3),
         "other_cores": round(max(0.0, (end[1] - start[1]) - own) / wall, 3),
+        "steal_cores": round(delta[3] / wall, 3),
+        "per_step": {
+            "minor_faults": round(delta[4] / steps, 1),
+            "voluntary_switches": round(delta[5] / steps, 1),
+            "involuntary_switches": round(delta[6] / steps, 1),
+            "system_s": round(delta[7] / steps, 4),
+        },
     }
 
 
