@@ -7,6 +7,7 @@ the same number of tokens), fp32 — the shape of the Hugging Face peer's
 invocation and reports as a ratio.
 
     python -m benchmarks.decode [--peer] [--method beam --num-beams 4]
+        [--dtype bfloat16] [--param-dtype bfloat16]
 
 Where the time goes: the same call with one new token is timed too
 (``first_token_median_s``: the prefill, i.e. the encoder and the
@@ -14,13 +15,16 @@ cross-attention keys and values, or the whole prompt, plus the first token),
 and ``ms_per_new_token`` is the difference spread over the other new tokens.
 The peer reports the same split (``encoder_only_median_s``,
 ``ms_per_decode_step_median``; its per-token figure also carries the
-cross-attention projections).
+cross-attention projections). ``--dtype`` is the compute dtype;
+``--param-dtype`` the dtype the weights are stored in, and so the bytes
+each new token reads (``benchmarks.decode_profile`` splits that cost).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -32,7 +36,7 @@ from flaxtune.train import retain_freed_host_memory
 from flaxtune.transformer import DecodeConfig, build_model, generate, get_config
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--preset", default="t5-small")
     p.add_argument("--batch", type=int, default=8)
@@ -41,13 +45,43 @@ def main() -> None:
     p.add_argument("--method", default="greedy", choices=["greedy", "sample", "beam"])
     p.add_argument("--num-beams", type=int, default=4)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument(
+        "--param-dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="dtype the weights are stored (and read) in during decoding",
+    )
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--peer", action="store_true", help="also run the HF peer's t5_generate")
-    args = p.parse_args()
-    retain_freed_host_memory()  # as the training entry point does
+    return p.parse_args(argv)
 
-    config = get_config(args.preset, dtype=args.dtype, dropout_rate=0.0)
+
+@dataclasses.dataclass(frozen=True)
+class PreparedDecode:
+    """A random-weight model, its inputs and the decoding settings of ``args``."""
+
+    model: nn.Module
+    params: Any
+    src: jax.Array
+    config: DecodeConfig
+    key: jax.Array
+
+    def run(self, new_tokens: int | None = None) -> None:
+        """One ``generate`` call (``new_tokens`` overrides the configured count)."""
+        config = self.config
+        if new_tokens is not None:
+            config = dataclasses.replace(
+                config, max_new_tokens=new_tokens, min_new_tokens=new_tokens
+            )
+        out = generate(self.model, self.params, self.src, config, rng=self.key)
+        jax.block_until_ready(out.tokens)
+
+
+def prepare(args: argparse.Namespace) -> PreparedDecode:
+    config = get_config(
+        args.preset, dtype=args.dtype, param_dtype=args.param_dtype, dropout_rate=0.0
+    )
     model = build_model(config)
     rng = np.random.RandomState(0)
     # ids >= 2 so that pad (0) and EOS (1) never appear inside the inputs.
@@ -56,7 +90,6 @@ def main() -> None:
         variables = jax.jit(model.init)(jax.random.key(0), src[:1, :8], src[:1, :4])
     else:
         variables = jax.jit(model.init)(jax.random.key(0), src[:1, :8])
-    params = nn.meta.unbox(variables["params"])
     decode_config = DecodeConfig(
         method=args.method,
         max_new_tokens=args.new_tokens,
@@ -64,23 +97,24 @@ def main() -> None:
         num_beams=args.num_beams,
         top_k=50,
     )
-    key = jax.random.key(1)
-    out = generate(model, params, src, decode_config, rng=key)
-    generated = int(jnp.max(out.lengths))
+    params = nn.meta.unbox(variables["params"])
+    return PreparedDecode(model, params, src, decode_config, jax.random.key(1))
 
-    def run():
-        jax.block_until_ready(generate(model, params, src, decode_config, rng=key).tokens)
+
+def main() -> None:
+    args = parse_args()
+    retain_freed_host_memory()  # as the training entry point does
+    prepared = prepare(args)
+    model, params, src = prepared.model, prepared.params, prepared.src
+    out = generate(model, params, src, prepared.config, rng=prepared.key)
+    generated = int(jnp.max(out.lengths))
+    run = prepared.run
 
     timing = time_fn(run, warmup=args.warmup, steps=args.steps)
     new_tokens = args.batch * args.new_tokens
     split = {}
     if args.new_tokens > 1:
-        first_config = dataclasses.replace(decode_config, max_new_tokens=1, min_new_tokens=1)
-
-        def run_first():
-            jax.block_until_ready(generate(model, params, src, first_config, rng=key).tokens)
-
-        first = time_fn(run_first, warmup=max(args.warmup, 1), steps=args.steps)
+        first = time_fn(lambda: prepared.run(1), warmup=max(args.warmup, 1), steps=args.steps)
         rest = (timing["median_s"] - first["median_s"]) / (args.new_tokens - 1)
         split = {
             "first_token_median_s": first["median_s"],
@@ -94,6 +128,7 @@ def main() -> None:
         "method": args.method,
         "num_beams": args.num_beams if args.method == "beam" else 1,
         "dtype": args.dtype,
+        "param_dtype": args.param_dtype,
         "batch": args.batch,
         "src_len": args.src_len,
         "new_tokens_per_seq": args.new_tokens,

@@ -50,14 +50,18 @@ from benchmarks.train_step import parse_args as train_step_args
 from benchmarks.train_step import prepare_step
 from flaxtune.train import retain_freed_host_memory
 
-# Executor bookkeeping that encloses or waits for kernels; not a kernel itself.
-CONTAINERS = ("ThunkExecutor::", "SlinkyThreadPool::")
+# Executor bookkeeping that encloses or waits for kernels, or marks a kernel's
+# end; not a kernel itself.
+CONTAINERS = ("ThunkExecutor::", "SlinkyThreadPool::", "end: ")
+# Control flow whose event encloses the kernels of its body (a scanned layer
+# stack's or generation's while loop).
+CONTROL_FLOW = re.compile(r"^(while|conditional|call)(\.\d+)*$")
 MATMUL = re.compile(r"ynn_fusion|(^|[._])(dot|convolution)($|[._])")
 
 
 def kernel_kind(name: str) -> str | None:
     """``"matmul"``, ``"other"`` or None (executor bookkeeping) for a trace event's name."""
-    if name.startswith(CONTAINERS):
+    if name.startswith(CONTAINERS) or CONTROL_FLOW.match(name):
         return None
     return "matmul" if MATMUL.search(name) else "other"
 

@@ -4,7 +4,7 @@ Every method is one jit-compiled program: a prefill call (encode the source,
 or run the whole prompt through the decoder) followed by a ``lax.while_loop``
 of single-token steps that stops as soon as every sequence has produced EOS
 (or ``max_new_tokens`` is reached). The model-specific part is two functions,
-``prefill`` and ``step``, built by :func:`_runner` for either model kind::
+``prefill`` and ``step``, built by :func:`prefill_and_step` for either model kind::
 
     prefill(params, inputs, prompt_lengths) -> (logits of the first new token [b, vocab],
                                                 cache, offsets)
@@ -133,7 +133,7 @@ def _zeros_cache(fn: Callable[[], Any]) -> Any:
     return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
-def _runner(model: nn.Module, max_new_tokens: int):
+def prefill_and_step(model: nn.Module, max_new_tokens: int):
     """``(prefill, step)`` of ``model`` (see the module docstring)."""
     if isinstance(model, EncoderDecoder):
         return _encoder_decoder_runner(model, max_new_tokens)
@@ -581,7 +581,7 @@ def _beams_settled(fin_score: Array, alive_logp: Array, total: int, alpha: float
 @functools.lru_cache(maxsize=64)
 def _compiled(model: nn.Module, config: DecodeConfig):
     """The jitted program of ``config``; its ``min_new_tokens`` is an argument."""
-    prefill, step = _runner(model, config.max_new_tokens)
+    prefill, step = prefill_and_step(model, config.max_new_tokens)
     cfg = model.config
 
     def run(params, inputs, prompt_lengths, rng, min_new_tokens):

@@ -17,6 +17,11 @@ from benchmarks import step_profile
         ("dotted_fusion", "other"),  # "dot" only as a whole word of the name
         ("ThunkExecutor::Execute", None),
         ("SlinkyThreadPool::Await", None),
+        ("end: ynn_fusion", None),  # the marker at a kernel's end
+        ("while.3", None),  # encloses its body's kernels
+        ("while", None),
+        ("conditional.1", None),
+        ("while_select_fusion", "other"),
     ],
 )
 def test_kernel_kind(name, kind):

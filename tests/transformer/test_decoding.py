@@ -11,10 +11,10 @@ import pytest
 from flaxtune.transformer import DecodeConfig, generate
 from flaxtune.transformer.decoding import (
     _gather_beams,
-    _runner,
     filter_logits,
     first_argmax,
     limited_to_tokenizer,
+    prefill_and_step,
 )
 from tests.transformer.util import cached_logits, random_tokens, tiny_model
 
@@ -272,7 +272,7 @@ def test_min_new_tokens_is_an_argument_not_another_program():
 def test_beam_reordering_leaves_the_cross_attention_cache_and_equals_a_full_gather():
     config, model, params = tiny_model("tiny-t5")
     inputs = random_tokens(np.random.RandomState(5), (3, 5), config.vocab_size)
-    prefill, _ = _runner(model, 4)
+    prefill, _ = prefill_and_step(model, 4)
     _, cache, _ = prefill(params, inputs, None)
     k = 2
     cache = jax.tree_util.tree_map(lambda x: jnp.repeat(x, k, 0) if x.ndim else x, cache)
