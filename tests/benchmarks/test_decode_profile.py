@@ -1,8 +1,10 @@
 """benchmarks.decode_profile: its kernel classes, its arithmetic, and one traced tiny model."""
 
+import jax
 import pytest
 
 from benchmarks import decode_profile
+from flaxtune.transformer import decoding
 
 
 @pytest.mark.parametrize(
@@ -69,8 +71,32 @@ def test_profile_of_a_tiny_model():
     # The whole generation is one program: no host round trip per token.
     assert record["launches_per_call"] == 1.0
     assert record["prefill"]["matmul_core_s"] > 0
-    assert record["bytes_per_token"] > 0 and record["weight_stream"]["gb_per_s"] > 0
-    assert record["weight_stream"]["weight_mib"] == 256.0
+    assert record["weight_stream"]["gb_per_s"] > 0
+    assert record["weight_stream"]["shape"] == [24, 101]  # tiny-t5: d_model, vocabulary
+
+
+def nbytes(tree) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree))
+
+
+def test_step_reads_count_the_decoder_weights_the_step_uses_and_the_cache():
+    args = decode_profile.parse_args(["--preset", "tiny-t5", "--batch", "2", "--src-len", "12",
+                                      "--new-tokens", "5"])  # fmt: skip
+    prepared = decode_profile.decode.prepare(args)
+    reads = decode_profile.step_reads(prepared)
+    params = prepared.params
+    cross_kv = sum(
+        nbytes(layer["cross_attention"][name])
+        for layer in (params["decoder"][k] for k in params["decoder"] if k.startswith("layers"))
+        for name in ("key", "value")
+    )
+    # Not the encoder, not the cross-attention key/value projections (cached),
+    # but the tied embedding as the output layer.
+    assert reads["weights"] == nbytes(params["decoder"]) - cross_kv + nbytes(params["token_embed"])
+    prefill, _ = decoding.prefill_and_step(prepared.model, 5)
+    cache = jax.eval_shape(prefill, params, prepared.src, None)[1]
+    assert reads["cache"] == nbytes(cache)
+    assert reads["xla_bytes_accessed"] > reads["weights"]
 
 
 @pytest.mark.parametrize(
