@@ -273,8 +273,16 @@ def dot_product_attention(
     if dropout is not None:
         weights = dropout(weights, deterministic=deterministic)
     probs = weights.astype(dtype).reshape(b, kv, h // kv, q_len, s_len)
-    out = float_einsum(f"bkgls,{kv_spec}->blkgd", probs, v, compute_dtype=dtype)
-    return out.reshape(b, q_len, h, d), weights
+    value_dtype = dtype
+    if heads_major and jnp.dtype(dtype).itemsize < 4 and jax.default_backend() == "cpu":
+        # XLA:CPU may lay this batched product of a 16-bit KV cache out as a
+        # dot its runtime cannot run ("DotThunk: BF16 x BF16 = F32"; LLaMA-
+        # style decoders, grouped heads or not). In float32 the product is
+        # exact for 16-bit operands and accumulates in float32, as the 16-bit
+        # one would.
+        value_dtype = jnp.float32
+    out = float_einsum(f"bkgls,{kv_spec}->blkgd", probs, v, compute_dtype=value_dtype)
+    return out.astype(dtype).reshape(b, q_len, h, d), weights
 
 
 class MultiHeadAttention(nn.Module):

@@ -81,6 +81,38 @@ def test_greedy_generation_equals_full_forward_argmax(name, overrides):
     np.testing.assert_array_equal(np.where(generated, 0, out.tokens), 0)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", pytest.param("float16", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "name, overrides", [("tiny-t5", {}), ("tiny-llama", {}), ("tiny-llama", {"num_kv_heads": 6})]
+)
+def test_16_bit_cached_decoding_runs_and_equals_the_16_bit_forward(name, overrides, dtype):
+    # LLaMA-style cached attention in 16 bits is a product XLA:CPU cannot run
+    # as it lays it out (attention.py), with grouped heads (6 query, 2
+    # key/value) or without.
+    config, model, params = tiny_model(name, dtype=dtype, param_dtype=dtype, **overrides)
+    params = jax.tree_util.tree_map(lambda x: x.astype(dtype), params)
+    rng = np.random.RandomState(3)
+    enc = random_tokens(rng, (2, 6), config.vocab_size).at[1, 4:].set(config.pad_id)
+    dec = random_tokens(rng, (2, 7), config.vocab_size)
+    if config.is_encoder_decoder:
+        full = model.apply({"params": params}, enc, dec)
+    else:
+        full = model.apply({"params": params}, dec)
+    full = np.asarray(full, np.float32)
+    cached = np.asarray(cached_logits(config, model, params, enc, dec, (3, 1, 1, 2)), np.float32)
+    # Within one unit in the last place of the largest logit (the 16-bit model
+    # itself is several units from the float32 one).
+    ulp = float(np.spacing(jnp.asarray(np.abs(full).max(), dtype)).astype(np.float32))
+    np.testing.assert_allclose(cached, full, rtol=0, atol=ulp)
+    inputs = enc if config.is_encoder_decoder else dec
+    out = generate(model, params, inputs, DecodeConfig(max_new_tokens=4))
+    expected = teacher_forced_argmax(config, model, params, inputs, out.tokens)
+    generated = np.arange(4)[None] < np.asarray(out.lengths)[:, None]
+    np.testing.assert_array_equal(
+        np.where(generated, out.tokens, -1), np.where(generated, expected, -1)
+    )
+
+
 @pytest.mark.parametrize("name", ["tiny-t5", "tiny-llama"])
 def test_beam_one_and_top_k_one_equal_greedy(name):
     config, model, params = tiny_model(name)
