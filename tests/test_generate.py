@@ -230,6 +230,41 @@ def test_an_adapter_is_merged_into_the_base(run, tmp_path, tokenizer):
         )
 
 
+def test_dtype_casts_after_the_adapter_merge_and_the_model_computes_in_it(
+    run, tmp_path, tokenizer, capsys
+):
+    config, params, directory = run
+    flat = traverse_util.flatten_dict(params, sep="/")
+    base = traverse_util.unflatten_dict({p: v for p, v in flat.items() if "/lora_" not in p}, "/")
+    base_dir = save_flaxtune(
+        tmp_path / "base", config.replace(peft=None), base, tokenizer_path=directory / "tokenizer"
+    )
+    export_adapter(params, config, tmp_path / "adapter")
+    merged = load(base_dir, adapter=tmp_path / "adapter")
+    half = load(base_dir, adapter=tmp_path / "adapter", dtype="bfloat16")
+    assert half.config == merged.config.replace(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    # Merged in float32, then rounded once: not merged from rounded factors.
+    got = traverse_util.flatten_dict(half.params, sep="/")
+    for path, value in traverse_util.flatten_dict(merged.params, sep="/").items():
+        assert got[path].dtype == jnp.bfloat16, path
+        np.testing.assert_array_equal(
+            np.asarray(got[path]), np.asarray(value.astype(jnp.bfloat16)), err_msg=path
+        )
+    # Decoding runs the bfloat16 model: the command line, the Python path and
+    # generate() on the rounded weights give the same tokens.
+    outputs = generate_texts(half, PROMPTS, GREEDY, BATCH)
+    rows = [reference_ids(config, tokenizer, p) for p in PROMPTS]
+    assert [o.token_ids for o in outputs] == direct_greedy(half.config, half.params, rows)
+    prompts = [arg for p in PROMPTS for arg in ("--prompt", p)]
+    argv = ["--model", str(base_dir), "--adapter", str(tmp_path / "adapter"), "--dtype",
+            "bfloat16", "--max-new-tokens", "6", "--batch-size", str(BATCH)]  # fmt: skip
+    assert main([*argv, *prompts]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["output_ids"] for r in records] == [o.token_ids for o in outputs]
+    with pytest.raises(GenerateError, match="param_dtype or dtype, not both"):
+        load(base_dir, param_dtype="bfloat16", dtype="bfloat16")
+
+
 def test_prefix_mlp_is_folded_once_at_load(tokenizer, tmp_path):
     peft = PeftConfig(prefix_tuning=PrefixTuningConfig(num_virtual_tokens=3, reparameterize=True))
     config = model_config("llama", tokenizer, peft=peft)

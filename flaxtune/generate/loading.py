@@ -2,7 +2,7 @@
 
 ::
 
-    load(path, adapter=None) -> Loaded(model, params, tokenizer, config)
+    load(path, adapter=None, dtype=None) -> Loaded(model, params, tokenizer, config)
 
 ``path`` is any of the three directories flaxtune reads models from:
 
@@ -23,6 +23,14 @@ refused rather than stacked with it.
 Prefix tuning's reparameterization MLP is evaluated here, once
 (``flaxtune.peft.fold_prefix``), and the config switched to plain prefixes:
 otherwise every decode step would run the MLP again for the same values.
+
+``dtype`` runs the model in another floating-point dtype: its float
+parameters are cast to it after the adapter is merged (so the merge happens
+in the stored precision) and its activations and matmuls use it. Each new
+token reads every decoder weight once, so on a CPU greedy decoding is bound
+by memory traffic and 16-bit weights make it faster
+(``benchmarks.decode_profile``); attention logits and softmax stay float32
+(``float32_attention_logits``).
 """
 
 from __future__ import annotations
@@ -34,6 +42,8 @@ from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
 from flax import traverse_util
 
 from flaxtune.data import Tokenizer
@@ -111,11 +121,26 @@ def _folded(config: TransformerConfig, params: Any) -> tuple[TransformerConfig, 
     return config.replace(peft=peft), params
 
 
+def _in_dtype(config: TransformerConfig, params: Any, dtype: Any) -> tuple[TransformerConfig, Any]:
+    """``params``' floating-point leaves cast to ``dtype``, and a config that computes in it.
+
+    Integer leaves (quantized kernels) stay as they are.
+    """
+    dtype = jnp.dtype(dtype)
+
+    def cast(x: jax.Array) -> jax.Array:
+        return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+
+    params = jax.tree_util.tree_map(cast, nn.meta.unbox(params))
+    return config.replace(dtype=dtype, param_dtype=dtype), params
+
+
 def load(
     path: str | os.PathLike,
     adapter: str | os.PathLike | None = None,
     *,
     param_dtype: Any = None,
+    dtype: Any = None,
 ) -> Loaded:
     """The model, parameters, tokenizer and config stored at ``path``.
 
@@ -123,10 +148,19 @@ def load(
       path: a run directory, an import directory or a Hugging Face model
         directory (see the module docstring).
       adapter: a PEFT LoRA adapter directory, merged into the base kernels.
-      param_dtype: cast the parameters to this dtype (default: as stored).
+      param_dtype: cast the parameters to this dtype as they are read (default:
+        as stored); the model still computes in its configured dtype.
+      dtype: run the model in this dtype, parameters and computation (see the
+        module docstring); applied after the adapter is merged.
     """
+    if param_dtype is not None and dtype is not None:
+        raise GenerateError(
+            "give param_dtype or dtype, not both: dtype sets the parameters' dtype too."
+        )
     config, params, tokenizer = load_pretrained(path, param_dtype=param_dtype)
     if adapter is not None:
         config, params = _with_adapter(config, params, adapter)
     config, params = _folded(config, params)
+    if dtype is not None:
+        config, params = _in_dtype(config, params, dtype)
     return Loaded(build_model(config), params, tokenizer, config)
