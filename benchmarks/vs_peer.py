@@ -18,6 +18,10 @@ t5_full_bf16    full fine-tuning under ``mixed_bf16``       ``t5_full_bf16``
 llama_full      the peer's LLaMA-style decoder, full, fp32  ``llama_full``
 llama_lora      the same with LoRA r=8 on q, v              ``llama_lora``
 generate        t5-small greedy generation, 32 new tokens   ``t5_generate``
+generate_bf16   the same with bfloat16 weights              ``t5_generate``
+                (``--dtype bfloat16 --param-dtype           (float32: the peer
+                bfloat16``)                                 script has no
+                                                            16-bit generation)
 ==============  ==========================================  ==================
 
 Why it is built this way:
@@ -113,6 +117,15 @@ PAIRS = {
         Pair("llama_full", "llama_full", "train", "float32", ("--method", "full")),
         Pair("llama_lora", "llama_lora", "train", "float32", ("--method", "lora")),
         Pair("generate", "t5_generate", "generate", "float32", ()),
+        # Not like for like: flaxtune's bfloat16 weights against the peer's
+        # float32 ones (what a user of either stack gets for greedy decoding).
+        Pair(
+            "generate_bf16",
+            "t5_generate",
+            "generate",
+            "bfloat16",
+            ("--dtype", "bfloat16", "--param-dtype", "bfloat16"),
+        ),
     )
 }
 
@@ -161,7 +174,7 @@ def ours_command(pair: Pair, args: argparse.Namespace) -> list[str]:
     if pair.kind == "generate":
         shape = ["--preset", args.preset, "--batch", str(args.batch)]
         shape += ["--src-len", str(args.src_len), "--new-tokens", str(args.new_tokens)]
-        return [sys.executable, "-m", "benchmarks.decode", *shape, *timing]
+        return [sys.executable, "-m", "benchmarks.decode", *pair.ours, *shape, *timing]
     if pair.name.startswith("llama"):
         shape = ["--preset", "peer-llama", "--seq-len", str(args.dec_seq)]
     else:

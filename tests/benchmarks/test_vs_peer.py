@@ -73,6 +73,10 @@ def test_commands_match_the_pairs_shapes():
     assert bf16[bf16.index("--policy") + 1] == "mixed_bf16"
     gen = vs_peer.ours_command(vs_peer.PAIRS["generate"], args)
     assert gen[2] == "benchmarks.decode" and gen[gen.index("--new-tokens") + 1] == "3"
+    assert "--param-dtype" not in gen
+    half = vs_peer.ours_command(vs_peer.PAIRS["generate_bf16"], args)
+    assert half[half.index("--param-dtype") + 1] == half[half.index("--dtype") + 1] == "bfloat16"
+    assert vs_peer.PAIRS["generate_bf16"].peer == "t5_generate"
     peer = vs_peer.peer_command("t5_generate", args)
     assert peer[2:4] == ["--child", "t5_generate"]
     assert peer[peer.index("--threads") + 1] == "1"  # as many threads as pinned CPUs
