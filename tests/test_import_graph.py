@@ -22,7 +22,7 @@ The intended graph, bottom to top (an arrow is "may import")::
                                         (interop: init_from reads imported and
                                         Hugging Face checkpoints)
     interop      -> transformer, peft
-    generate     -> transformer, peft, data, eval, train, interop
+    generate     -> transformer, peft, quant, data, eval, train, interop
     flaxtune     -> peft, transformer, version, generate   (the package's own __init__)
 
 A package's ``__main__`` module (its command line) is a node of its own,
@@ -67,7 +67,7 @@ INTENDED: dict[str, set[str]] = {
     # peft: a merged export folds LoRA/DoRA with peft.merge and prefixes with fold_prefix.
     "interop": {"transformer", "peft"},
     # generate: loads run dirs (train), import and HF dirs (interop), scores with eval.
-    "generate": {"transformer", "peft", "data", "eval", "train", "interop"},
+    "generate": {"transformer", "peft", "quant", "data", "eval", "train", "interop"},
     # flaxtune.load and generate_texts are the top-level entry points.
     "flaxtune": {"peft", "transformer", "version", "generate"},
     # Command lines (see the module docstring): nothing imports them.

@@ -42,14 +42,13 @@ from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
-import jax
-import jax.numpy as jnp
 from flax import traverse_util
 
 from flaxtune.data import Tokenizer
 from flaxtune.errors import FlaxtuneError
 from flaxtune.interop.peft_export import import_lora_adapter
 from flaxtune.peft import LoraConfig, fold_prefix, merge
+from flaxtune.quant import cast_floating
 from flaxtune.train.pretrained import load_pretrained
 from flaxtune.transformer import TransformerConfig, build_model
 
@@ -121,20 +120,6 @@ def _folded(config: TransformerConfig, params: Any) -> tuple[TransformerConfig, 
     return config.replace(peft=peft), params
 
 
-def _in_dtype(config: TransformerConfig, params: Any, dtype: Any) -> tuple[TransformerConfig, Any]:
-    """``params``' floating-point leaves cast to ``dtype``, and a config that computes in it.
-
-    Integer leaves (quantized kernels) stay as they are.
-    """
-    dtype = jnp.dtype(dtype)
-
-    def cast(x: jax.Array) -> jax.Array:
-        return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
-
-    params = jax.tree_util.tree_map(cast, nn.meta.unbox(params))
-    return config.replace(dtype=dtype, param_dtype=dtype), params
-
-
 def load(
     path: str | os.PathLike,
     adapter: str | os.PathLike | None = None,
@@ -162,5 +147,6 @@ def load(
         config, params = _with_adapter(config, params, adapter)
     config, params = _folded(config, params)
     if dtype is not None:
-        config, params = _in_dtype(config, params, dtype)
+        params = cast_floating(nn.meta.unbox(params), dtype)
+        config = config.replace(dtype=dtype, param_dtype=dtype)
     return Loaded(build_model(config), params, tokenizer, config)
