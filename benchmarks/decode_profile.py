@@ -42,7 +42,6 @@ import os
 import re
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +50,7 @@ import jax.numpy as jnp
 
 from benchmarks import decode
 from benchmarks.common import emit, environment, time_fn
-from benchmarks.step_profile import base_name, kernel_kind
+from benchmarks.step_profile import base_name, kernel_kind, trace_events
 from flaxtune.matmul import float_dot
 from flaxtune.train import retain_freed_host_memory
 from flaxtune.transformer import decoding
@@ -67,28 +66,6 @@ def decode_kind(name: str) -> str | None:
     if kind == "other" and CACHE_UPDATE.search(name):
         return "cache_update"
     return kind
-
-
-def trace(run: Any, calls: int, trace_dir: Path) -> tuple[list[tuple[str, str, int, int]], float]:
-    """Traces ``calls`` calls of ``run``: every XLA thread's ``(line, name, start, ns)``
-    events and seconds per call."""
-    start = time.perf_counter()
-    with jax.profiler.trace(str(trace_dir)):
-        for _ in range(calls):
-            run()
-    traced_s = (time.perf_counter() - start) / calls
-    paths = sorted(trace_dir.rglob("*.xplane.pb"))
-    if not paths:
-        raise RuntimeError(f"jax.profiler.trace wrote no *.xplane.pb under {trace_dir}.")
-    data = jax.profiler.ProfileData.from_file(str(paths[-1]))
-    events = [
-        (line.name, event.name, event.start_ns, event.duration_ns)
-        for plane in data.planes
-        for line in plane.lines
-        if line.name.startswith("tf_XLA")
-        for event in line.events
-    ]
-    return events, traced_s
 
 
 def launches(events: list[tuple[str, str, int, int]]) -> int:
@@ -201,9 +178,9 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
     long = time_fn(prepared.run, warmup=args.warmup, steps=args.steps)
     short = time_fn(lambda: prepared.run(1), warmup=args.warmup, steps=args.steps)
     with tempfile.TemporaryDirectory() as tmp:
-        events, traced_long = trace(prepared.run, args.steps, Path(tmp, "long"))
+        events, traced_long = trace_events(prepared.run, args.steps, Path(tmp, "long"))
         long_split = split(events, args.steps, long["median_s"], cores)
-        events, traced_short = trace(lambda: prepared.run(1), args.steps, Path(tmp, "short"))
+        events, traced_short = trace_events(lambda: prepared.run(1), args.steps, Path(tmp, "short"))
         short_split = split(events, args.steps, short["median_s"], cores)
     token = per_token(long_split, short_split, args.new_tokens)
     reads = step_reads(prepared)

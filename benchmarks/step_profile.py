@@ -99,25 +99,32 @@ def breakdown(events: list[tuple[str, str, int]], steps: int, step_s: float, top
     }
 
 
-def trace_events(run: Any, steps: int, trace_dir: Path) -> tuple[list[tuple[str, str, int]], float]:
-    """Traces ``steps`` calls of ``run``; returns the XLA worker threads' events and s/step."""
+def trace_events(
+    run: Any, calls: int, trace_dir: Path
+) -> tuple[list[tuple[str, str, int, int]], float]:
+    """Traces ``calls`` calls of ``run``; returns every XLA thread's events as
+    ``(thread, name, start ns, duration ns)`` and seconds per call.
+
+    The threads are XLA:CPU's workers (``tf_XLAEigen...``) and the callers
+    that start programs (``tf_XLAPjRtCpuClient...``).
+    """
     start = time.perf_counter()
     with jax.profiler.trace(str(trace_dir)):
-        for _ in range(steps):
+        for _ in range(calls):
             run()
-    traced_step_s = (time.perf_counter() - start) / steps
+    traced_s = (time.perf_counter() - start) / calls
     paths = sorted(trace_dir.rglob("*.xplane.pb"))
     if not paths:
         raise RuntimeError(f"jax.profiler.trace wrote no *.xplane.pb under {trace_dir}.")
     data = jax.profiler.ProfileData.from_file(str(paths[-1]))
     events = [
-        (line.name, event.name, event.duration_ns)
+        (line.name, event.name, event.start_ns, event.duration_ns)
         for plane in data.planes
         for line in plane.lines
-        if line.name.startswith("tf_XLA") and "PjRtCpuClient" not in line.name
+        if line.name.startswith("tf_XLA")
         for event in line.events
     ]
-    return events, traced_step_s
+    return events, traced_s
 
 
 def profile(method: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -125,6 +132,8 @@ def profile(method: str, args: argparse.Namespace) -> dict[str, Any]:
     timing = time_fn(p.run, warmup=args.warmup, steps=args.steps)
     with tempfile.TemporaryDirectory() as tmp:
         events, traced_step_s = trace_events(p.run, args.steps, Path(tmp))
+    # The worker threads only: a train step's kernels run there.
+    events = [(t, name, ns) for t, name, _, ns in events if "PjRtCpuClient" not in t]
     if not events:
         raise RuntimeError(
             "The trace holds no XLA:CPU worker-thread events (lines named tf_XLA...); "
