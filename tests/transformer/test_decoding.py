@@ -30,17 +30,21 @@ POSITION_VARIANTS = [
 ]
 
 
+def inputs_and_full_forward(config, model, params, seed):
+    """Random encoder (one row padded) and decoder tokens, and the full forward's logits."""
+    rng = np.random.RandomState(seed)
+    enc = random_tokens(rng, (2, 6), config.vocab_size).at[1, 4:].set(config.pad_id)
+    dec = random_tokens(rng, (2, 7), config.vocab_size)
+    if config.is_encoder_decoder:
+        return enc, dec, model.apply({"params": params}, enc, dec)
+    return enc, dec, model.apply({"params": params}, dec)
+
+
 @pytest.mark.parametrize("name, overrides", POSITION_VARIANTS)
 @pytest.mark.parametrize("chunks", [(1,) * 7, (3, 1, 1, 2)])
 def test_cached_decoding_equals_full_forward(name, overrides, chunks):
     config, model, params = tiny_model(name, **overrides)
-    rng = np.random.RandomState(0)
-    enc = random_tokens(rng, (2, 6), config.vocab_size).at[1, 4:].set(config.pad_id)
-    dec = random_tokens(rng, (2, 7), config.vocab_size)
-    if config.is_encoder_decoder:
-        full = model.apply({"params": params}, enc, dec)
-    else:
-        full = model.apply({"params": params}, dec)
+    enc, dec, full = inputs_and_full_forward(config, model, params, seed=0)
     cached = cached_logits(config, model, params, enc, dec, chunks)
     np.testing.assert_allclose(cached, full, rtol=1e-5, atol=2e-5)
 
@@ -60,6 +64,16 @@ def teacher_forced_argmax(config, model, params, inputs, generated, prompt_lengt
     return jnp.concatenate(rows, axis=0)
 
 
+def assert_generated_equal(out, expected):
+    """``out.tokens`` equal ``expected`` up to each row's length; returns that mask."""
+    steps = out.tokens.shape[1]
+    generated = np.arange(steps)[None] < np.asarray(out.lengths)[:, None]
+    np.testing.assert_array_equal(
+        np.where(generated, out.tokens, -1), np.where(generated, expected, -1)
+    )
+    return generated
+
+
 @pytest.mark.parametrize("name, overrides", POSITION_VARIANTS)
 def test_greedy_generation_equals_full_forward_argmax(name, overrides):
     config, model, params = tiny_model(name, **overrides)
@@ -73,10 +87,7 @@ def test_greedy_generation_equals_full_forward_argmax(name, overrides):
     out = generate(model, params, inputs, DecodeConfig(max_new_tokens=8), prompt_lengths=lengths)
     assert out.tokens.shape == (3, 8)
     expected = teacher_forced_argmax(config, model, params, inputs, out.tokens, lengths)
-    generated = np.arange(8)[None] < np.asarray(out.lengths)[:, None]
-    np.testing.assert_array_equal(
-        np.where(generated, out.tokens, -1), np.where(generated, expected, -1)
-    )
+    generated = assert_generated_equal(out, expected)
     # After EOS every token is padding.
     np.testing.assert_array_equal(np.where(generated, 0, out.tokens), 0)
 
@@ -91,13 +102,7 @@ def test_16_bit_cached_decoding_runs_and_equals_the_16_bit_forward(name, overrid
     # key/value) or without.
     config, model, params = tiny_model(name, dtype=dtype, param_dtype=dtype, **overrides)
     params = jax.tree_util.tree_map(lambda x: x.astype(dtype), params)
-    rng = np.random.RandomState(3)
-    enc = random_tokens(rng, (2, 6), config.vocab_size).at[1, 4:].set(config.pad_id)
-    dec = random_tokens(rng, (2, 7), config.vocab_size)
-    if config.is_encoder_decoder:
-        full = model.apply({"params": params}, enc, dec)
-    else:
-        full = model.apply({"params": params}, dec)
+    enc, dec, full = inputs_and_full_forward(config, model, params, seed=3)
     full = np.asarray(full, np.float32)
     cached = np.asarray(cached_logits(config, model, params, enc, dec, (3, 1, 1, 2)), np.float32)
     # Within one unit in the last place of the largest logit (the 16-bit model
@@ -106,11 +111,7 @@ def test_16_bit_cached_decoding_runs_and_equals_the_16_bit_forward(name, overrid
     np.testing.assert_allclose(cached, full, rtol=0, atol=ulp)
     inputs = enc if config.is_encoder_decoder else dec
     out = generate(model, params, inputs, DecodeConfig(max_new_tokens=4))
-    expected = teacher_forced_argmax(config, model, params, inputs, out.tokens)
-    generated = np.arange(4)[None] < np.asarray(out.lengths)[:, None]
-    np.testing.assert_array_equal(
-        np.where(generated, out.tokens, -1), np.where(generated, expected, -1)
-    )
+    assert_generated_equal(out, teacher_forced_argmax(config, model, params, inputs, out.tokens))
 
 
 @pytest.mark.parametrize("name", ["tiny-t5", "tiny-llama"])
