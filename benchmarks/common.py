@@ -25,7 +25,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -56,18 +56,31 @@ def machine_steal_seconds() -> float:
     return int(fields[7]) / CLK_TCK if len(fields) > 7 else 0.0
 
 
-def _cpu_snapshot() -> tuple[float, ...]:
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    return (
-        time.perf_counter(),
-        machine_busy_seconds(),
-        ru.ru_utime + ru.ru_stime,
-        machine_steal_seconds(),
-        ru.ru_minflt,
-        ru.ru_nvcsw,
-        ru.ru_nivcsw,
-        ru.ru_stime,
-    )
+class _Counters(NamedTuple):
+    """What ``time_fn`` reads before and after the timed steps."""
+
+    wall: float
+    machine_busy: float  # every process's CPU seconds
+    own_cpu: float  # this process's user + system seconds
+    steal: float
+    minor_faults: int
+    voluntary_switches: int
+    involuntary_switches: int
+    system: float
+
+    @classmethod
+    def now(cls) -> _Counters:
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        return cls(
+            time.perf_counter(),
+            machine_busy_seconds(),
+            ru.ru_utime + ru.ru_stime,
+            machine_steal_seconds(),
+            ru.ru_minflt,
+            ru.ru_nvcsw,
+            ru.ru_nivcsw,
+            ru.ru_stime,
+        )
 
 
 def time_fn(fn: Callable[[], Any], *, warmup: int, steps: int) -> dict[str, Any]:
@@ -75,28 +88,26 @@ def time_fn(fn: Callable[[], Any], *, warmup: int, steps: int) -> dict[str, Any]
     for _ in range(warmup):
         fn()
     times = []
-    start = _cpu_snapshot()
+    start = _Counters.now()
     for _ in range(steps):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    end = _cpu_snapshot()
-    wall = max(end[0] - start[0], 1e-9)
-    own = end[2] - start[2]
-    delta = [b - a for a, b in zip(start, end, strict=True)]
+    d = _Counters(*(b - a for a, b in zip(start, _Counters.now(), strict=True)))
+    wall = max(d.wall, 1e-9)
     return {
         "median_s": statistics.median(times),
         "min_s": min(times),
         "n_timed": steps,
         "times_s": [round(t, 5) for t in times],
-        "self_cores": round(own / wall, 3),
-        "other_cores": round(max(0.0, (end[1] - start[1]) - own) / wall, 3),
-        "steal_cores": round(delta[3] / wall, 3),
+        "self_cores": round(d.own_cpu / wall, 3),
+        "other_cores": round(max(0.0, d.machine_busy - d.own_cpu) / wall, 3),
+        "steal_cores": round(d.steal / wall, 3),
         "per_step": {
-            "minor_faults": round(delta[4] / steps, 1),
-            "voluntary_switches": round(delta[5] / steps, 1),
-            "involuntary_switches": round(delta[6] / steps, 1),
-            "system_s": round(delta[7] / steps, 4),
+            "minor_faults": round(d.minor_faults / steps, 1),
+            "voluntary_switches": round(d.voluntary_switches / steps, 1),
+            "involuntary_switches": round(d.involuntary_switches / steps, 1),
+            "system_s": round(d.system / steps, 4),
         },
     }
 
